@@ -1,0 +1,54 @@
+-- flux_entitlements: privileges and documentation of the functions.
+-- Runs last, once every Rust function exists.
+
+-- The admin role: created when missing, never dropped (other objects may
+-- depend on it after the extension is gone).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'flux_admin') THEN
+        CREATE ROLE flux_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+-- Reads: anyone may look at the catalogue and decide.
+GRANT USAGE ON SCHEMA flux TO PUBLIC;
+GRANT SELECT ON flux.features, flux.plans, flux.grants, flux.tenants, flux.addons,
+    flux.addon_grants, flux.tenant_addons, flux.overrides TO PUBLIC;
+-- Writes: flux_admin (and the owner) only.
+GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, flux.tenants,
+    flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides TO flux_admin;
+
+REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
+    flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
+    flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon
+    TO flux_admin;
+
+COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
+COMMENT ON FUNCTION flux_check(text) IS 'flux_check for the session''s tenant, flux_current_tenant(); NULL when there is none';
+COMMENT ON FUNCTION flux_decide(text, text, text) IS 'The decision with its reason (unknown_feature, unknown_tenant, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a message to show, the plan, limit and upgrade_plans';
+COMMENT ON FUNCTION flux_entitlements(text) IS 'One decision per feature for the tenant, ordered by feature key';
+COMMENT ON FUNCTION flux_value(text, text) IS 'The effective grant value (override, else plan, else addon) when the tenant is entitled, else NULL';
+COMMENT ON FUNCTION flux_current_tenant() IS 'The session''s tenant: setting flux.tenant, else the claim flux.jwt_tenant_claim (default tenant_id) of request.jwt.claims, else NULL';
+COMMENT ON FUNCTION flux_define_feature(text, text, text) IS 'Admin: define or redefine a feature (kind boolean, limit, metered or rate); a NULL description keeps the current one';
+COMMENT ON FUNCTION flux_define_plan(text, text, integer, boolean, interval) IS 'Admin: define or redefine a plan (rank orders plans cheapest first; at most one is_default); NULL name or grace_period keeps the current one';
+COMMENT ON FUNCTION flux_grant(text, text, bigint, text, jsonb) IS 'Admin: grant a feature on a plan with a limit (NULL = unlimited), a period (metered: minute..billing_period; rate: an interval) and a value';
+COMMENT ON FUNCTION flux_revoke(text, text) IS 'Admin: remove a feature from a plan';
+COMMENT ON FUNCTION flux_subscribe(text, text, text, timestamptz, timestamptz, timestamptz, boolean) IS 'Admin: set a tenant''s plan and subscription status, creating the tenant when new';
+COMMENT ON FUNCTION flux_override(text, text, boolean, bigint, timestamptz, timestamptz, text, jsonb) IS 'Admin: grant (enabled true), revoke (enabled false) or change the limit of one feature for one tenant, between starts_at and expires_at';
+COMMENT ON FUNCTION flux_define_addon(text, text) IS 'Admin: define an addon';
+COMMENT ON FUNCTION flux_grant_addon(text, text, bigint, jsonb) IS 'Admin: what one unit of an addon grants (limits add up: quantity x limit)';
+COMMENT ON FUNCTION flux_attach_addon(text, text, integer) IS 'Admin: set a tenant''s quantity of an addon; 0 detaches it';
+COMMENT ON FUNCTION flux._clock() IS 'The clock of every time rule: setting flux.now when set, else the transaction start';
+COMMENT ON FUNCTION flux._check_feature(text, text, text) IS 'Validator used by the features trigger';
+COMMENT ON FUNCTION flux._check_plan(text, boolean, interval, text) IS 'Validator used by the plans trigger';
+COMMENT ON FUNCTION flux._check_plan_unused(text) IS 'Refuses to delete a plan that tenants are on';
+COMMENT ON FUNCTION flux._check_grant(text, text, bigint, text) IS 'Validator used by the grants trigger; returns the period to store';
+COMMENT ON FUNCTION flux._check_tenant(text, text, text, timestamptz, timestamptz, timestamptz, text) IS 'Validator used by the tenants trigger';
+COMMENT ON FUNCTION flux._check_addon(text) IS 'Validator used by the addons trigger';
+COMMENT ON FUNCTION flux._check_addon_unused(text) IS 'Refuses to delete an addon that tenants hold';
+COMMENT ON FUNCTION flux._check_addon_grant(text, text, bigint) IS 'Validator used by the addon_grants trigger';
+COMMENT ON FUNCTION flux._check_tenant_addon(text, text, integer) IS 'Validator used by the tenant_addons trigger';
+COMMENT ON FUNCTION flux._check_override(text, text, bigint, timestamptz, timestamptz) IS 'Validator used by the overrides trigger';

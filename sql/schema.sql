@@ -1,0 +1,267 @@
+-- flux_entitlements: the catalogue schema.
+--
+-- Loaded first (bootstrap) so the type and tables exist before the Rust
+-- functions that use them. The tables are the source of truth; the admin
+-- functions are upserts on them, and plain INSERT / UPDATE / DELETE in psql go
+-- through the same triggers, which call the validators in src/validate.rs so
+-- that both paths give the same errors.
+
+CREATE SCHEMA flux;
+COMMENT ON SCHEMA flux IS 'flux_entitlements: features, plans, grants, tenants, addons and overrides; the flux_* functions live in the extension''s schema';
+
+-- The answer to "may this tenant use this feature?".
+CREATE TYPE flux.decision AS (
+    allowed boolean,
+    reason text,
+    message text,
+    tenant text,
+    feature text,
+    plan text,
+    "limit" bigint,
+    used bigint,
+    remaining bigint,
+    resets_at timestamptz,
+    retry_after interval,
+    upgrade_plans text[],
+    kind text,
+    subject text
+);
+COMMENT ON TYPE flux.decision IS 'A decision: allowed, a typed reason (unknown_feature, unknown_tenant, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a sentence to show, and the figures behind it';
+
+CREATE TABLE flux.features (
+    key         text PRIMARY KEY,
+    kind        text NOT NULL DEFAULT 'boolean'
+                CONSTRAINT features_kind_check CHECK (kind IN ('boolean', 'limit', 'metered', 'rate')),
+    description text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE flux.features IS 'Capabilities the application gates, by key; application code checks these, never plan names';
+COMMENT ON COLUMN flux.features.key IS 'Stable key used by flux_check (e.g. export, seats, api_calls)';
+COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period) or rate (calls per sliding window)';
+
+CREATE TABLE flux.plans (
+    key          text PRIMARY KEY,
+    name         text,
+    rank         integer NOT NULL DEFAULT 0,
+    is_default   boolean NOT NULL DEFAULT false,
+    grace_period interval
+                 CONSTRAINT plans_grace_period_check CHECK (grace_period IS NULL OR grace_period >= interval '0'),
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+-- At most one default plan: the free tier that tenants fall back to.
+CREATE UNIQUE INDEX plans_one_default ON flux.plans (is_default) WHERE is_default;
+COMMENT ON TABLE flux.plans IS 'Named bundles of grants; rank orders them cheapest first; at most one is_default plan applies to tenants with no live subscription';
+COMMENT ON COLUMN flux.plans.rank IS 'Order of plans, cheapest first; upgrade_plans lists plans by rank';
+COMMENT ON COLUMN flux.plans.is_default IS 'The fallback (free) plan for tenants whose subscription is not live; at most one plan';
+COMMENT ON COLUMN flux.plans.grace_period IS 'How long a past_due subscription stays live; NULL uses the setting flux.default_grace_period';
+COMMENT ON INDEX flux.plans_one_default IS 'Enforces at most one default plan';
+
+CREATE TABLE flux.grants (
+    plan    text NOT NULL REFERENCES flux.plans (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    enabled boolean NOT NULL DEFAULT true,
+    "limit" bigint CONSTRAINT grants_limit_check CHECK ("limit" >= 0),
+    period  text,
+    value   jsonb,
+    PRIMARY KEY (plan, feature)
+);
+CREATE INDEX grants_feature ON flux.grants (feature);
+COMMENT ON TABLE flux.grants IS 'What a plan grants: plan x feature, with a limit, a period and a value. Deleting the plan or the feature deletes its grants';
+COMMENT ON COLUMN flux.grants.enabled IS 'false keeps the row but grants nothing';
+COMMENT ON COLUMN flux.grants."limit" IS 'limit / metered / rate features: the allowance; NULL = unlimited';
+COMMENT ON COLUMN flux.grants.period IS 'metered: minute, hour, day, week, month or billing_period (default month); rate: the window as an interval such as 1 hour';
+COMMENT ON COLUMN flux.grants.value IS 'Configuration the application reads with flux_value (e.g. ["csv","pdf"])';
+
+CREATE TABLE flux.tenants (
+    id                   text PRIMARY KEY,
+    plan                 text REFERENCES flux.plans (key) ON UPDATE CASCADE ON DELETE RESTRICT,
+    status               text NOT NULL DEFAULT 'active'
+                         CONSTRAINT tenants_status_check CHECK (status IN ('trialing', 'active', 'past_due', 'canceled', 'paused')),
+    trial_ends_at        timestamptz,
+    current_period_start timestamptz,
+    current_period_end   timestamptz,
+    cancel_at_period_end boolean NOT NULL DEFAULT false,
+    past_due_since       timestamptz,
+    grace_until          timestamptz,
+    created_at           timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX tenants_plan ON flux.tenants (plan);
+COMMENT ON TABLE flux.tenants IS 'Accounts that pay, by id, each with one subscription: plan, status, trial and period timestamps';
+COMMENT ON COLUMN flux.tenants.plan IS 'The subscribed plan; NULL means no subscription (the default plan applies). A plan with tenants cannot be deleted';
+COMMENT ON COLUMN flux.tenants.status IS 'trialing, active, past_due, canceled or paused; see flux_decide for when each is live';
+COMMENT ON COLUMN flux.tenants.trial_ends_at IS 'trialing: the subscription is live until this moment (required while trialing)';
+COMMENT ON COLUMN flux.tenants.current_period_start IS 'Start of the current billing period (anchors billing_period quotas)';
+COMMENT ON COLUMN flux.tenants.current_period_end IS 'End of the current billing period; with cancel_at_period_end the subscription ends here';
+COMMENT ON COLUMN flux.tenants.cancel_at_period_end IS 'true: an active subscription stops being live at current_period_end';
+COMMENT ON COLUMN flux.tenants.past_due_since IS 'Set from the clock when status becomes past_due, cleared when it leaves it';
+COMMENT ON COLUMN flux.tenants.grace_until IS 'past_due: live until this moment; NULL means past_due_since + the plan''s grace period';
+
+CREATE TABLE flux.addons (
+    key        text PRIMARY KEY,
+    name       text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE flux.addons IS 'Bundles of grants bought in a quantity on top of a plan (extra seats, more API calls)';
+
+CREATE TABLE flux.addon_grants (
+    addon   text NOT NULL REFERENCES flux.addons (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    "limit" bigint CONSTRAINT addon_grants_limit_check CHECK ("limit" >= 0),
+    value   jsonb,
+    PRIMARY KEY (addon, feature)
+);
+CREATE INDEX addon_grants_feature ON flux.addon_grants (feature);
+COMMENT ON TABLE flux.addon_grants IS 'What one unit of an addon grants; limits add up (quantity x limit), NULL = unlimited';
+COMMENT ON COLUMN flux.addon_grants."limit" IS 'Per unit of the addon; NULL = unlimited';
+
+CREATE TABLE flux.tenant_addons (
+    tenant   text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    addon    text NOT NULL REFERENCES flux.addons (key) ON UPDATE CASCADE ON DELETE RESTRICT,
+    quantity integer NOT NULL DEFAULT 1 CONSTRAINT tenant_addons_quantity_check CHECK (quantity > 0),
+    PRIMARY KEY (tenant, addon)
+);
+CREATE INDEX tenant_addons_addon ON flux.tenant_addons (addon);
+COMMENT ON TABLE flux.tenant_addons IS 'Addons a tenant has bought, with quantities; an addon that tenants hold cannot be deleted';
+
+CREATE TABLE flux.overrides (
+    tenant     text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature    text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    enabled    boolean NOT NULL DEFAULT true,
+    "limit"    bigint CONSTRAINT overrides_limit_check CHECK ("limit" >= 0),
+    starts_at  timestamptz,
+    expires_at timestamptz,
+    reason     text,
+    value      jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, feature),
+    CONSTRAINT overrides_window_check CHECK (starts_at IS NULL OR expires_at IS NULL OR expires_at > starts_at)
+);
+CREATE INDEX overrides_feature ON flux.overrides (feature);
+COMMENT ON TABLE flux.overrides IS 'Per-tenant grants, limit changes and revocations of one feature (promotions, single-feature trials, enterprise deals); they apply whatever the subscription state';
+COMMENT ON COLUMN flux.overrides.enabled IS 'true grants the feature; false revokes it';
+COMMENT ON COLUMN flux.overrides."limit" IS 'Replaces the limit computed from plan and addons; NULL = unlimited';
+COMMENT ON COLUMN flux.overrides.starts_at IS 'The override applies from this moment (NULL: at once)';
+COMMENT ON COLUMN flux.overrides.expires_at IS 'The override stops applying at this moment (NULL: never)';
+COMMENT ON COLUMN flux.overrides.reason IS 'Why it was given, for people (e.g. "enterprise deal #42")';
+COMMENT ON COLUMN flux.overrides.value IS 'Replaces the grant value when not NULL';
+
+-- Validation triggers: thin wrappers that hand the row to the Rust validators
+-- (src/validate.rs), so psql DML gets the same errors as the admin functions.
+
+CREATE FUNCTION flux._features_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_feature(NEW.key, NEW.kind, CASE WHEN TG_OP = 'UPDATE' THEN OLD.key END);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER features_validate BEFORE INSERT OR UPDATE ON flux.features
+    FOR EACH ROW EXECUTE FUNCTION flux._features_validate();
+
+CREATE FUNCTION flux._plans_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_plan(NEW.key, NEW.is_default, NEW.grace_period, CASE WHEN TG_OP = 'UPDATE' THEN OLD.key END);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER plans_validate BEFORE INSERT OR UPDATE ON flux.plans
+    FOR EACH ROW EXECUTE FUNCTION flux._plans_validate();
+
+CREATE FUNCTION flux._plans_guard_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_plan_unused(OLD.key);
+    RETURN OLD;
+END $$;
+CREATE TRIGGER plans_guard_delete BEFORE DELETE ON flux.plans
+    FOR EACH ROW EXECUTE FUNCTION flux._plans_guard_delete();
+
+CREATE FUNCTION flux._grants_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.period := flux._check_grant(NEW.plan, NEW.feature, NEW."limit", NEW.period);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER grants_validate BEFORE INSERT OR UPDATE ON flux.grants
+    FOR EACH ROW EXECUTE FUNCTION flux._grants_validate();
+
+CREATE FUNCTION flux._tenants_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- past_due_since follows the status: set from the clock when it becomes
+    -- past_due (unless this statement sets it), cleared when it leaves.
+    IF NEW.status = 'past_due' THEN
+        IF TG_OP = 'INSERT' THEN
+            NEW.past_due_since := coalesce(NEW.past_due_since, flux._clock());
+        ELSIF OLD.status IS DISTINCT FROM 'past_due'
+              AND NEW.past_due_since IS NOT DISTINCT FROM OLD.past_due_since THEN
+            NEW.past_due_since := flux._clock();
+        ELSIF NEW.past_due_since IS NULL THEN
+            NEW.past_due_since := flux._clock();
+        END IF;
+    ELSE
+        NEW.past_due_since := NULL;
+        NEW.grace_until := NULL;
+    END IF;
+    PERFORM flux._check_tenant(NEW.id, NEW.plan, NEW.status, NEW.trial_ends_at,
+                               NEW.current_period_start, NEW.current_period_end,
+                               CASE WHEN TG_OP = 'UPDATE' THEN OLD.id END);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER tenants_validate BEFORE INSERT OR UPDATE ON flux.tenants
+    FOR EACH ROW EXECUTE FUNCTION flux._tenants_validate();
+
+CREATE FUNCTION flux._addons_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_addon(NEW.key);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER addons_validate BEFORE INSERT OR UPDATE ON flux.addons
+    FOR EACH ROW EXECUTE FUNCTION flux._addons_validate();
+
+CREATE FUNCTION flux._addons_guard_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_addon_unused(OLD.key);
+    RETURN OLD;
+END $$;
+CREATE TRIGGER addons_guard_delete BEFORE DELETE ON flux.addons
+    FOR EACH ROW EXECUTE FUNCTION flux._addons_guard_delete();
+
+CREATE FUNCTION flux._addon_grants_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_addon_grant(NEW.addon, NEW.feature, NEW."limit");
+    RETURN NEW;
+END $$;
+CREATE TRIGGER addon_grants_validate BEFORE INSERT OR UPDATE ON flux.addon_grants
+    FOR EACH ROW EXECUTE FUNCTION flux._addon_grants_validate();
+
+CREATE FUNCTION flux._tenant_addons_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_tenant_addon(NEW.tenant, NEW.addon, NEW.quantity);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER tenant_addons_validate BEFORE INSERT OR UPDATE ON flux.tenant_addons
+    FOR EACH ROW EXECUTE FUNCTION flux._tenant_addons_validate();
+
+CREATE FUNCTION flux._overrides_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_override(NEW.tenant, NEW.feature, NEW."limit", NEW.starts_at, NEW.expires_at);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER overrides_validate BEFORE INSERT OR UPDATE ON flux.overrides
+    FOR EACH ROW EXECUTE FUNCTION flux._overrides_validate();
+
+COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature row (flux._check_feature)';
+COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';
+COMMENT ON FUNCTION flux._plans_guard_delete() IS 'Trigger: refuses to delete a plan that tenants are on';
+COMMENT ON FUNCTION flux._grants_validate() IS 'Trigger: validates a grant and normalises its period (flux._check_grant)';
+COMMENT ON FUNCTION flux._tenants_validate() IS 'Trigger: keeps past_due_since in step with status and validates the subscription (flux._check_tenant)';
+COMMENT ON FUNCTION flux._addons_validate() IS 'Trigger: validates an addon row';
+COMMENT ON FUNCTION flux._addons_guard_delete() IS 'Trigger: refuses to delete an addon that tenants hold';
+COMMENT ON FUNCTION flux._addon_grants_validate() IS 'Trigger: validates an addon grant';
+COMMENT ON FUNCTION flux._tenant_addons_validate() IS 'Trigger: validates a tenant''s addon quantity';
+COMMENT ON FUNCTION flux._overrides_validate() IS 'Trigger: validates an override';
+
+-- pg_dump / pg_restore carry every row of these tables.
+SELECT pg_catalog.pg_extension_config_dump('flux.features', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.plans', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.grants', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.tenants', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.addons', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.addon_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.tenant_addons', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.overrides', '');

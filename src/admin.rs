@@ -1,0 +1,253 @@
+//! Admin functions (psql): idempotent upserts on the flux tables. The
+//! tables' triggers validate every row (src/validate.rs), so these functions
+//! only say what to write; a bad value fails the whole call and nothing is
+//! half-written.
+
+use crate::error::{FluxError, FluxResult, OrRaise};
+use crate::validate::{feature_kind, need, require_addon, require_plan, require_tenant};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+fn write(sql: &str, args: &[DatumWithOid]) -> FluxResult<()> {
+    Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()))?;
+    Ok(())
+}
+
+/// Define (or redefine) a feature. A NULL description keeps the current one.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_define_feature(
+    key: Option<&str>,
+    kind: default!(Option<&str>, "'boolean'"),
+    description: default!(Option<&str>, "NULL"),
+) {
+    (|| {
+        let key = need(key, "feature key")?;
+        let kind = need(kind, "kind")?;
+        write(
+            "INSERT INTO flux.features AS f (key, kind, description) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET kind = EXCLUDED.kind, \
+                 description = coalesce(EXCLUDED.description, f.description)",
+            &[key.into(), kind.into(), description.into()],
+        )
+    })()
+    .or_raise()
+}
+
+/// Define (or redefine) a plan. A NULL name or grace_period keeps the current one.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_define_plan(
+    key: Option<&str>,
+    name: default!(Option<&str>, "NULL"),
+    rank: default!(Option<i32>, "0"),
+    is_default: default!(Option<bool>, "false"),
+    grace_period: default!(Option<Interval>, "NULL"),
+) {
+    (|| {
+        let key = need(key, "plan key")?;
+        let rank = need(rank, "rank")?;
+        let is_default = need(is_default, "is_default")?;
+        write(
+            "INSERT INTO flux.plans AS p (key, name, rank, is_default, grace_period) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (key) DO UPDATE SET name = coalesce(EXCLUDED.name, p.name), \
+                 rank = EXCLUDED.rank, is_default = EXCLUDED.is_default, \
+                 grace_period = coalesce(EXCLUDED.grace_period, p.grace_period)",
+            &[
+                key.into(),
+                name.into(),
+                rank.into(),
+                is_default.into(),
+                grace_period.into(),
+            ],
+        )
+    })()
+    .or_raise()
+}
+
+/// Grant a feature on a plan, replacing any earlier grant of it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_grant(
+    plan: Option<&str>,
+    feature: Option<&str>,
+    limit: default!(Option<i64>, "NULL"),
+    period: default!(Option<&str>, "NULL"),
+    value: default!(Option<JsonB>, "NULL"),
+) {
+    (|| {
+        let plan = need(plan, "plan")?;
+        let feature = need(feature, "feature")?;
+        write(
+            "INSERT INTO flux.grants (plan, feature, enabled, \"limit\", period, value) \
+             VALUES ($1, $2, true, $3, $4, $5) \
+             ON CONFLICT (plan, feature) DO UPDATE SET enabled = true, \"limit\" = EXCLUDED.\"limit\", \
+                 period = EXCLUDED.period, value = EXCLUDED.value",
+            &[plan.into(), feature.into(), limit.into(), period.into(), value.into()],
+        )
+    })()
+    .or_raise()
+}
+
+/// Remove a feature from a plan. Revoking what was not granted does nothing;
+/// an unknown plan or feature is an error (a typo should not pass silently).
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_revoke(plan: Option<&str>, feature: Option<&str>) {
+    (|| {
+        let plan = need(plan, "plan")?;
+        let feature = need(feature, "feature")?;
+        require_plan(plan)?;
+        feature_kind(feature)?;
+        write(
+            "DELETE FROM flux.grants WHERE plan = $1 AND feature = $2",
+            &[plan.into(), feature.into()],
+        )
+    })()
+    .or_raise()
+}
+
+/// Set a tenant's subscription, creating the tenant when new.
+/// current_period_start defaults to the clock for a new tenant and is kept
+/// otherwise; cancel_at_period_end is set as given (default false).
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)]
+fn flux_subscribe(
+    tenant: Option<&str>,
+    plan: Option<&str>,
+    status: default!(Option<&str>, "'active'"),
+    current_period_end: default!(Option<TimestampWithTimeZone>, "NULL"),
+    trial_ends_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    current_period_start: default!(Option<TimestampWithTimeZone>, "NULL"),
+    cancel_at_period_end: default!(Option<bool>, "false"),
+) {
+    (|| {
+        let tenant = need(tenant, "tenant")?;
+        let status = need(status, "status")?;
+        let cancel = need(cancel_at_period_end, "cancel_at_period_end")?;
+        write(
+            "INSERT INTO flux.tenants AS t (id, plan, status, current_period_end, trial_ends_at, \
+                 current_period_start, cancel_at_period_end) \
+             VALUES ($1, $2, $3, $4, $5, coalesce($6, flux._clock()), $7) \
+             ON CONFLICT (id) DO UPDATE SET plan = EXCLUDED.plan, status = EXCLUDED.status, \
+                 current_period_end = EXCLUDED.current_period_end, \
+                 trial_ends_at = EXCLUDED.trial_ends_at, \
+                 current_period_start = coalesce($6, t.current_period_start), \
+                 cancel_at_period_end = EXCLUDED.cancel_at_period_end",
+            &[
+                tenant.into(),
+                plan.into(),
+                status.into(),
+                current_period_end.into(),
+                trial_ends_at.into(),
+                current_period_start.into(),
+                cancel.into(),
+            ],
+        )
+    })()
+    .or_raise()
+}
+
+/// Give, change or revoke one feature for one tenant, optionally within a
+/// time window. Replaces the tenant's earlier override of that feature.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)]
+fn flux_override(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    enabled: default!(Option<bool>, "true"),
+    limit: default!(Option<i64>, "NULL"),
+    starts_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    reason: default!(Option<&str>, "NULL"),
+    value: default!(Option<JsonB>, "NULL"),
+) {
+    (|| {
+        let tenant = need(tenant, "tenant")?;
+        let feature = need(feature, "feature")?;
+        let enabled = need(enabled, "enabled")?;
+        write(
+            "INSERT INTO flux.overrides (tenant, feature, enabled, \"limit\", starts_at, expires_at, reason, value) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (tenant, feature) DO UPDATE SET enabled = EXCLUDED.enabled, \
+                 \"limit\" = EXCLUDED.\"limit\", starts_at = EXCLUDED.starts_at, \
+                 expires_at = EXCLUDED.expires_at, reason = EXCLUDED.reason, value = EXCLUDED.value",
+            &[
+                tenant.into(),
+                feature.into(),
+                enabled.into(),
+                limit.into(),
+                starts_at.into(),
+                expires_at.into(),
+                reason.into(),
+                value.into(),
+            ],
+        )
+    })()
+    .or_raise()
+}
+
+/// Define (or rename) an addon. A NULL name keeps the current one.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_define_addon(key: Option<&str>, name: default!(Option<&str>, "NULL")) {
+    (|| {
+        let key = need(key, "addon key")?;
+        write(
+            "INSERT INTO flux.addons AS a (key, name) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET name = coalesce(EXCLUDED.name, a.name)",
+            &[key.into(), name.into()],
+        )
+    })()
+    .or_raise()
+}
+
+/// What one unit of an addon grants.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_grant_addon(
+    addon: Option<&str>,
+    feature: Option<&str>,
+    limit: default!(Option<i64>, "NULL"),
+    value: default!(Option<JsonB>, "NULL"),
+) {
+    (|| {
+        let addon = need(addon, "addon")?;
+        let feature = need(feature, "feature")?;
+        write(
+            "INSERT INTO flux.addon_grants (addon, feature, \"limit\", value) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (addon, feature) DO UPDATE SET \"limit\" = EXCLUDED.\"limit\", value = EXCLUDED.value",
+            &[addon.into(), feature.into(), limit.into(), value.into()],
+        )
+    })()
+    .or_raise()
+}
+
+/// Set how many units of an addon a tenant has; 0 detaches it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_attach_addon(
+    tenant: Option<&str>,
+    addon: Option<&str>,
+    quantity: default!(Option<i32>, "1"),
+) {
+    (|| {
+        let tenant = need(tenant, "tenant")?;
+        let addon = need(addon, "addon")?;
+        let quantity = need(quantity, "quantity")?;
+        if quantity < 0 {
+            return Err(FluxError::InvalidValue(format!(
+                "quantity {quantity} of addon \"{addon}\" must be >= 0 (0 detaches it)"
+            )));
+        }
+        if quantity == 0 {
+            require_tenant(tenant)?;
+            require_addon(addon)?;
+            return write(
+                "DELETE FROM flux.tenant_addons WHERE tenant = $1 AND addon = $2",
+                &[tenant.into(), addon.into()],
+            );
+        }
+        write(
+            "INSERT INTO flux.tenant_addons (tenant, addon, quantity) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant, addon) DO UPDATE SET quantity = EXCLUDED.quantity",
+            &[tenant.into(), addon.into(), quantity.into()],
+        )
+    })()
+    .or_raise()
+}

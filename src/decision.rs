@@ -1,0 +1,535 @@
+//! The entitlement decision: the one place that owns the order of reasons.
+//!
+//! Pure Rust over `model` facts, so every rule is unit-tested without a
+//! backend. The store decides where the facts come from.
+
+use crate::model::*;
+use crate::timeutil::{add_span, format_date, format_minute, Span};
+
+/// Everything outside the catalogue that a decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// The clock: `flux.now` when set, else the transaction time.
+    pub now: i64,
+    /// `flux.default_grace_period`.
+    pub default_grace: Span,
+}
+
+/// Why a subscription is not live, as a sentence fragment; None when live.
+pub fn not_live_because(t: &TenantFacts, ctx: &Context) -> Option<String> {
+    let id = &t.id;
+    if t.plan.is_none() {
+        return Some(format!("{id} has no subscription"));
+    }
+    match t.status {
+        Status::Trialing => match t.trial_ends_at {
+            Some(end) if ctx.now < end => None,
+            Some(end) => Some(format!("{id}'s trial ended {}", format_minute(end))),
+            None => Some(format!("{id}'s trial has no end date")),
+        },
+        Status::Active => match t.current_period_end {
+            Some(end) if t.cancel_at_period_end && ctx.now >= end => Some(format!(
+                "{id}'s subscription was canceled at the end of its period on {}",
+                format_date(end)
+            )),
+            _ => None,
+        },
+        Status::PastDue => {
+            let until = grace_deadline(t, ctx);
+            match until {
+                Some(u) if ctx.now < u => None,
+                Some(u) => Some(format!(
+                    "{id}'s subscription is past_due and its grace period ended {}",
+                    format_minute(u)
+                )),
+                None => Some(format!("{id}'s subscription is past_due")),
+            }
+        }
+        Status::Canceled => Some(format!("{id}'s subscription is canceled")),
+        Status::Paused => Some(format!("{id}'s subscription is paused")),
+    }
+}
+
+/// When a past_due subscription stops being live: `grace_until`, else
+/// `past_due_since` + the plan's grace period (else the setting).
+pub fn grace_deadline(t: &TenantFacts, ctx: &Context) -> Option<i64> {
+    t.grace_until.or_else(|| {
+        t.past_due_since
+            .map(|since| add_span(since, t.plan_grace.unwrap_or(ctx.default_grace)))
+    })
+}
+
+/// The allowance computed from plan, addons and override.
+#[derive(Debug, Clone, PartialEq)]
+enum Allowance {
+    /// Nothing grants it.
+    None,
+    /// A live override with enabled = false.
+    Revoked(Option<String>),
+    /// Granted, with a limit (None = unlimited) and a value.
+    Granted {
+        limit: Option<i64>,
+        value: Option<serde_json::Value>,
+        via_override: bool,
+    },
+}
+
+/// Add two limits where None means unlimited (unlimited wins).
+fn add_limits(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    Some(a?.saturating_add(b?))
+}
+
+fn allowance(
+    f: &FeatureFacts,
+    t: &TenantFacts,
+    plan: Option<&str>,
+    live: bool,
+    now: i64,
+) -> Allowance {
+    let mut limit: Option<Option<i64>> = None;
+    let mut value = None;
+    if let Some(g) = plan.and_then(|p| f.grant_of(p)) {
+        limit = Some(g.limit);
+        value = g.value.clone();
+    }
+    if live {
+        for a in &t.addons {
+            let units = a.limit.map(|l| l.saturating_mul(a.quantity as i64));
+            limit = Some(match limit {
+                None => units,
+                Some(l) => add_limits(l, units),
+            });
+            if value.is_none() {
+                value = a.value.clone();
+            }
+        }
+    }
+    if let Some(o) = t.override_.as_ref().filter(|o| o.is_live(now)) {
+        if !o.enabled {
+            return Allowance::Revoked(o.reason.clone());
+        }
+        return Allowance::Granted {
+            limit: o.limit,
+            value: o.value.clone().or(value),
+            via_override: true,
+        };
+    }
+    match limit {
+        None => Allowance::None,
+        Some(limit) => Allowance::Granted {
+            limit,
+            value,
+            via_override: false,
+        },
+    }
+}
+
+/// "the pro plan", "the pro or enterprise plan", "the starter, pro or enterprise plan".
+fn plans_phrase(plans: &[String]) -> String {
+    match plans {
+        [] => String::new(),
+        [one] => format!("the {one} plan"),
+        [init @ .., last] => format!("the {} or {last} plan", init.join(", ")),
+    }
+}
+
+fn blank(tenant: &str, feature: &str, subject: Option<&str>) -> Decision {
+    Decision {
+        allowed: false,
+        reason: Reason::Ok,
+        message: String::new(),
+        tenant: tenant.to_string(),
+        feature: feature.to_string(),
+        plan: None,
+        limit: None,
+        used: None,
+        remaining: None,
+        resets_at: None,
+        retry_after: None,
+        upgrade_plans: None,
+        kind: None,
+        subject: subject.map(str::to_string),
+        value: None,
+    }
+}
+
+/// Decide whether `tenant` may use `feature`. The first reason that applies
+/// wins, in the contract's order.
+pub fn decide(
+    tenant_id: &str,
+    feature_key: &str,
+    subject: Option<&str>,
+    feature: Option<&FeatureFacts>,
+    tenant: Option<&TenantFacts>,
+    ctx: &Context,
+) -> Decision {
+    let mut d = blank(tenant_id, feature_key, subject);
+
+    let Some(f) = feature else {
+        d.reason = Reason::UnknownFeature;
+        d.message = format!("unknown feature \"{feature_key}\"");
+        return d;
+    };
+    d.kind = Some(f.kind);
+    let Some(t) = tenant else {
+        d.reason = Reason::UnknownTenant;
+        d.message = format!("unknown tenant \"{tenant_id}\"");
+        return d;
+    };
+
+    // feature_disabled and not_in_rollout belong here, before the
+    // subscription: they are decided by flags, which have their own module.
+
+    let why_not_live = not_live_because(t, ctx);
+    let live = why_not_live.is_none();
+    let plan = if live {
+        t.plan.as_deref()
+    } else {
+        f.default_plan.as_deref()
+    };
+    d.plan = plan.map(str::to_string);
+    let granting: Vec<String> = f.grants.iter().map(|g| g.plan.clone()).collect();
+
+    match allowance(f, t, plan, live, ctx.now) {
+        Allowance::Granted {
+            limit,
+            value,
+            via_override,
+        } => {
+            d.allowed = true;
+            d.reason = Reason::Ok;
+            d.value = value;
+            if f.kind.has_limit() {
+                d.limit = limit;
+            }
+            let source = match (via_override, plan) {
+                (true, _) => format!("through an override for {tenant_id}"),
+                (false, Some(p)) => format!("on the {p} plan"),
+                (false, None) => "through an addon".to_string(),
+            };
+            d.message = match (f.kind.has_limit(), limit) {
+                (false, _) => format!("{tenant_id} may use {feature_key} {source}"),
+                (true, None) => format!("{feature_key}: unlimited {source}"),
+                (true, Some(l)) => format!("{feature_key}: up to {l} {source}"),
+            };
+        }
+        Allowance::Revoked(reason) => {
+            let default_grants = f
+                .default_plan
+                .as_deref()
+                .is_some_and(|p| f.grant_of(p).is_some());
+            if let (Some(why), false) = (&why_not_live, default_grants) {
+                d.reason = Reason::SubscriptionInactive;
+                d.message = format!("{why}; {feature_key} is turned off for {tenant_id}");
+            } else {
+                d.reason = Reason::NotInPlan;
+                d.message = match reason {
+                    Some(r) => format!("{feature_key} is turned off for {tenant_id} ({r})"),
+                    None => format!("{feature_key} is turned off for {tenant_id}"),
+                };
+            }
+            d.upgrade_plans = Some(Vec::new());
+        }
+        Allowance::None => {
+            d.reason = if live {
+                Reason::NotInPlan
+            } else {
+                Reason::SubscriptionInactive
+            };
+            let needs = if granting.is_empty() {
+                format!("{feature_key} is not included in any plan")
+            } else {
+                format!("{feature_key} requires {}", plans_phrase(&granting))
+            };
+            d.message = match why_not_live {
+                Some(why) => format!("{why}; {needs}"),
+                None => needs,
+            };
+            d.upgrade_plans = Some(granting);
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timeutil::{from_civil, USECS_PER_DAY};
+    use serde_json::json;
+
+    fn day(d: u32) -> i64 {
+        from_civil(2026, 11, d, 0)
+    }
+
+    fn ctx(now: i64) -> Context {
+        Context {
+            now,
+            default_grace: Span::days(7),
+        }
+    }
+
+    fn grant(plan: &str, rank: i32, limit: Option<i64>) -> PlanGrant {
+        PlanGrant {
+            plan: plan.into(),
+            rank,
+            limit,
+            period: None,
+            value: None,
+        }
+    }
+
+    fn export() -> FeatureFacts {
+        FeatureFacts {
+            key: "export".into(),
+            kind: Kind::Boolean,
+            grants: vec![grant("pro", 2, None), grant("enterprise", 3, None)],
+            default_plan: Some("free".into()),
+        }
+    }
+
+    fn seats() -> FeatureFacts {
+        FeatureFacts {
+            key: "seats".into(),
+            kind: Kind::Limit,
+            grants: vec![
+                grant("free", 0, Some(1)),
+                grant("pro", 2, Some(10)),
+                grant("enterprise", 3, None),
+            ],
+            default_plan: Some("free".into()),
+        }
+    }
+
+    fn tenant(plan: &str, status: Status) -> TenantFacts {
+        TenantFacts {
+            id: "acme".into(),
+            plan: Some(plan.into()),
+            status,
+            trial_ends_at: None,
+            current_period_start: None,
+            current_period_end: None,
+            cancel_at_period_end: false,
+            past_due_since: None,
+            grace_until: None,
+            plan_grace: None,
+            addons: vec![],
+            override_: None,
+        }
+    }
+
+    fn run(f: &FeatureFacts, t: &TenantFacts, now: i64) -> Decision {
+        decide(&t.id, &f.key, None, Some(f), Some(t), &ctx(now))
+    }
+
+    #[test]
+    fn plan_gating_names_the_plans_to_upgrade_to() {
+        let d = run(&export(), &tenant("starter", Status::Active), day(1));
+        assert_eq!(d.reason, Reason::NotInPlan);
+        assert!(!d.allowed);
+        assert_eq!(d.message, "export requires the pro or enterprise plan");
+        assert_eq!(
+            d.upgrade_plans,
+            Some(vec!["pro".to_string(), "enterprise".to_string()])
+        );
+        let d = run(&export(), &tenant("pro", Status::Active), day(1));
+        assert_eq!((d.allowed, d.reason), (true, Reason::Ok));
+        assert_eq!(d.plan.as_deref(), Some("pro"));
+    }
+
+    #[test]
+    fn unknown_feature_wins_over_unknown_tenant() {
+        let d = decide("nobody", "nothing", None, None, None, &ctx(0));
+        assert_eq!(d.reason, Reason::UnknownFeature);
+        let d = decide("nobody", "export", None, Some(&export()), None, &ctx(0));
+        assert_eq!(d.reason, Reason::UnknownTenant);
+        assert_eq!(d.message, "unknown tenant \"nobody\"");
+    }
+
+    #[test]
+    fn trial_is_live_until_its_end() {
+        let mut t = tenant("pro", Status::Trialing);
+        t.trial_ends_at = Some(day(10));
+        assert!(run(&export(), &t, day(9)).allowed);
+        let d = run(&export(), &t, day(10));
+        assert_eq!(d.reason, Reason::SubscriptionInactive);
+        assert_eq!(d.plan.as_deref(), Some("free"));
+        assert!(
+            d.message
+                .starts_with("acme's trial ended 2026-11-10 00:00 UTC;"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn cancel_at_period_end_keeps_access_until_the_end() {
+        let mut t = tenant("pro", Status::Active);
+        t.cancel_at_period_end = true;
+        t.current_period_end = Some(day(15));
+        assert!(run(&export(), &t, day(15) - 1).allowed);
+        assert_eq!(
+            run(&export(), &t, day(15)).reason,
+            Reason::SubscriptionInactive
+        );
+        t.cancel_at_period_end = false;
+        assert!(
+            run(&export(), &t, day(20)).allowed,
+            "a period end alone does not end access"
+        );
+    }
+
+    #[test]
+    fn past_due_grace_from_plan_then_setting_then_grace_until() {
+        let mut t = tenant("pro", Status::PastDue);
+        t.past_due_since = Some(day(1));
+        assert!(run(&export(), &t, day(8) - 1).allowed);
+        assert_eq!(
+            run(&export(), &t, day(8)).reason,
+            Reason::SubscriptionInactive
+        );
+        t.plan_grace = Some(Span::days(3));
+        assert_eq!(
+            run(&export(), &t, day(4)).reason,
+            Reason::SubscriptionInactive
+        );
+        t.grace_until = Some(day(20));
+        assert!(run(&export(), &t, day(19)).allowed);
+    }
+
+    #[test]
+    fn canceled_and_paused_fall_back_to_the_default_plan() {
+        for status in [Status::Canceled, Status::Paused] {
+            let t = tenant("pro", status);
+            let d = run(&seats(), &t, day(1));
+            assert!(d.allowed);
+            assert_eq!((d.plan.as_deref(), d.limit), (Some("free"), Some(1)));
+            assert_eq!(
+                run(&export(), &t, day(1)).reason,
+                Reason::SubscriptionInactive
+            );
+        }
+    }
+
+    #[test]
+    fn addons_add_and_unlimited_wins() {
+        let mut t = tenant("pro", Status::Active);
+        t.addons = vec![AddonGrant {
+            addon: "seat_pack".into(),
+            quantity: 3,
+            limit: Some(5),
+            value: None,
+        }];
+        assert_eq!(run(&seats(), &t, day(1)).limit, Some(25));
+        t.addons.push(AddonGrant {
+            addon: "unlimited".into(),
+            quantity: 1,
+            limit: None,
+            value: None,
+        });
+        let d = run(&seats(), &t, day(1));
+        assert_eq!((d.allowed, d.limit), (true, None));
+        // Addons grant even what the plan does not.
+        let mut t = tenant("starter", Status::Active);
+        t.addons = vec![AddonGrant {
+            addon: "x".into(),
+            quantity: 2,
+            limit: Some(5),
+            value: Some(json!(1)),
+        }];
+        let d = run(&seats(), &t, day(1));
+        assert_eq!(
+            (d.allowed, d.limit, d.value),
+            (true, Some(10), Some(json!(1)))
+        );
+        // ...but not when the subscription is not live.
+        t.status = Status::Canceled;
+        assert_eq!(run(&seats(), &t, day(1)).limit, Some(1));
+    }
+
+    #[test]
+    fn overrides_replace_revoke_and_respect_their_window() {
+        let mut t = tenant("starter", Status::Active);
+        t.override_ = Some(Override {
+            enabled: true,
+            limit: Some(3),
+            value: None,
+            starts_at: Some(day(5)),
+            expires_at: Some(day(10)),
+            reason: Some("promo".into()),
+        });
+        assert_eq!(run(&export(), &t, day(4)).reason, Reason::NotInPlan);
+        let d = run(&export(), &t, day(5));
+        assert!(d.allowed);
+        assert_eq!(
+            d.message,
+            "acme may use export through an override for acme"
+        );
+        assert_eq!(run(&export(), &t, day(10)).reason, Reason::NotInPlan);
+        assert_eq!(run(&seats(), &t, day(6)).limit, Some(3));
+
+        let mut t = tenant("enterprise", Status::Active);
+        t.override_ = Some(Override {
+            enabled: false,
+            limit: None,
+            value: None,
+            starts_at: None,
+            expires_at: None,
+            reason: Some("abuse".into()),
+        });
+        let d = run(&export(), &t, day(1));
+        assert_eq!(d.reason, Reason::NotInPlan);
+        assert_eq!(d.message, "export is turned off for acme (abuse)");
+        assert_eq!(d.upgrade_plans, Some(vec![]));
+    }
+
+    #[test]
+    fn overrides_apply_whatever_the_subscription_state() {
+        let mut t = tenant("pro", Status::Canceled);
+        t.override_ = Some(Override {
+            enabled: true,
+            limit: None,
+            value: None,
+            starts_at: None,
+            expires_at: None,
+            reason: None,
+        });
+        assert!(run(&export(), &t, day(1)).allowed);
+    }
+
+    #[test]
+    fn limits_are_only_reported_for_limited_kinds() {
+        let t = tenant("pro", Status::Active);
+        let d = run(&seats(), &t, day(1));
+        assert_eq!(
+            (d.limit, d.message.as_str()),
+            (Some(10), "seats: up to 10 on the pro plan")
+        );
+        assert_eq!(run(&export(), &t, day(1)).limit, None);
+    }
+
+    #[test]
+    fn no_subscription_means_the_default_plan() {
+        let mut t = tenant("pro", Status::Active);
+        t.plan = None;
+        let d = run(&seats(), &t, day(1));
+        assert_eq!(
+            (d.allowed, d.plan.as_deref(), d.limit),
+            (true, Some("free"), Some(1))
+        );
+        let d = run(&export(), &t, day(1));
+        assert_eq!(
+            d.message,
+            "acme has no subscription; export requires the pro or enterprise plan"
+        );
+    }
+
+    #[test]
+    fn phrases() {
+        assert_eq!(plans_phrase(&["a".into()]), "the a plan");
+        assert_eq!(
+            plans_phrase(&["a".into(), "b".into(), "c".into()]),
+            "the a, b or c plan"
+        );
+        let _ = USECS_PER_DAY;
+    }
+}

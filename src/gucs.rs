@@ -1,0 +1,107 @@
+//! Settings (`flux.*`) and the clock they drive.
+
+use crate::error::{shown, FluxError, FluxResult};
+use crate::timeutil::Span;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use std::ffi::CString;
+use std::str::FromStr;
+
+pub static NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static DEFAULT_GRACE_PERIOD: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"7 days"));
+pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static JWT_TENANT_CLAIM: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"flux.now",
+        c"When set, the clock flux_entitlements uses instead of the transaction time.",
+        c"For tests, simulations and what-if questions (\"what will this tenant have on the 1st?\"). Any timestamptz literal; empty or unset means the transaction start time.",
+        &NOW,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"flux.default_grace_period",
+        c"How long a past_due subscription stays live when its plan sets no grace_period.",
+        c"An interval, default 7 days.",
+        &DEFAULT_GRACE_PERIOD,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"flux.tenant",
+        c"The current tenant, as returned by flux_current_tenant().",
+        c"Set by trusted application connections (SET LOCAL flux.tenant = 'acme') or by flux_authenticate().",
+        &TENANT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"flux.jwt_tenant_claim",
+        c"The claim in request.jwt.claims that names the tenant when flux.tenant is not set.",
+        c"PostgREST sets request.jwt.claims on every request; default tenant_id.",
+        &JWT_TENANT_CLAIM,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+pub fn string_setting(g: &GucSetting<Option<CString>>) -> Option<String> {
+    g.get()
+        .and_then(|c| c.into_string().ok())
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// The clock every time-dependent rule uses: `flux.now` when set, else the
+/// start of the current transaction (so one transaction sees one instant).
+pub fn clock() -> FluxResult<i64> {
+    match string_setting(&NOW) {
+        None => {
+            // SAFETY: reads a backend-local variable set at transaction start.
+            Ok(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() })
+        }
+        Some(s) => {
+            let ts = TimestampWithTimeZone::from_str(&s).map_err(|_| {
+                FluxError::BadDatetime(format!(
+                    "invalid flux.now {}: expected a timestamptz such as '2026-12-01 00:00+00', or empty for the transaction time",
+                    shown(&s)
+                ))
+            })?;
+            if !ts.is_finite() {
+                return Err(FluxError::BadDatetime(format!(
+                    "invalid flux.now {}: the clock must be a finite time",
+                    shown(&s)
+                )));
+            }
+            Ok(ts.into_inner())
+        }
+    }
+}
+
+/// Parse an interval literal into a Span.
+pub fn parse_span(s: &str) -> Option<Span> {
+    Interval::from_str(s).ok().map(span_of)
+}
+
+pub fn span_of(iv: Interval) -> Span {
+    Span {
+        months: iv.months(),
+        days: iv.days(),
+        micros: iv.micros(),
+    }
+}
+
+pub fn default_grace() -> FluxResult<Span> {
+    let s = string_setting(&DEFAULT_GRACE_PERIOD).unwrap_or_else(|| "7 days".to_string());
+    match parse_span(&s) {
+        Some(span) if span.months >= 0 && span.days >= 0 && span.micros >= 0 => Ok(span),
+        _ => Err(FluxError::BadDatetime(format!(
+            "invalid flux.default_grace_period {}: expected a non-negative interval such as '7 days'",
+            shown(&s)
+        ))),
+    }
+}

@@ -1,0 +1,151 @@
+//! flux_entitlements: can this tenant use this feature, at this rate, right now?
+//!
+//! Where things are:
+//! - `decision`: the decision and the order of its reasons (pure Rust);
+//! - `model`: the facts a decision is made from;
+//! - `store`: reading those facts from the `flux` tables;
+//! - `reads`: flux_check / flux_decide / flux_entitlements / flux_value;
+//! - `admin`: the define / grant / subscribe / override / addon upserts;
+//! - `validate`: the rules every row must meet (admin functions and psql DML);
+//! - `identity`: flux_current_tenant;
+//! - `gucs`: the flux.* settings and the clock;
+//! - `error`: the error type and its SQLSTATEs;
+//! - `timeutil`: calendar arithmetic in UTC.
+
+use pgrx::prelude::*;
+
+pub mod admin;
+pub mod decision;
+pub mod error;
+pub mod gucs;
+pub mod identity;
+pub mod model;
+pub mod reads;
+pub mod store;
+pub mod timeutil;
+pub mod validate;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn setup() {
+        Spi::run(
+            "SELECT flux_define_feature('export');
+             SELECT flux_define_feature('seats', 'limit');
+             SELECT flux_define_plan('free', rank => 0, is_default => true);
+             SELECT flux_define_plan('starter', rank => 1);
+             SELECT flux_define_plan('pro', rank => 2);
+             SELECT flux_define_plan('enterprise', rank => 3);
+             SELECT flux_grant('pro', 'export');
+             SELECT flux_grant('enterprise', 'export');
+             SELECT flux_grant('free', 'seats', 1);
+             SELECT flux_grant('pro', 'seats', 10);
+             SELECT flux_subscribe('acme', 'starter');
+             SELECT flux_subscribe('globex', 'pro');",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn starter_is_told_which_plans_have_export() {
+        setup();
+        let (reason, message) = Spi::get_two::<String, String>(
+            "SELECT reason, message FROM flux_decide('acme', 'export')",
+        )
+        .unwrap();
+        assert_eq!(reason.as_deref(), Some("not_in_plan"));
+        assert_eq!(
+            message.as_deref(),
+            Some("export requires the pro or enterprise plan")
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT flux_check('globex', 'export')").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT flux_check('nobody', 'export')").unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT flux_check(NULL, 'export')").unwrap(),
+            None
+        );
+    }
+
+    #[pg_test]
+    fn plain_update_upgrades_at_once() {
+        setup();
+        Spi::run("UPDATE flux.tenants SET plan = 'pro' WHERE id = 'acme'").unwrap();
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT flux_check('acme', 'export')").unwrap(),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn past_due_since_follows_the_clock() {
+        setup();
+        Spi::run("SET flux.now = '2026-11-01 00:00+00'").unwrap();
+        Spi::run("UPDATE flux.tenants SET status = 'past_due' WHERE id = 'globex'").unwrap();
+        let since = Spi::get_one::<String>(
+            "SELECT to_char(past_due_since AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM flux.tenants WHERE id = 'globex'",
+        )
+        .unwrap();
+        assert_eq!(since.as_deref(), Some("2026-11-01"));
+        Spi::run("SET flux.now = '2026-11-09 00:00+00'").unwrap();
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT flux_check('globex', 'export')").unwrap(),
+            Some(false)
+        );
+        Spi::run("UPDATE flux.tenants SET status = 'active' WHERE id = 'globex'").unwrap();
+        assert_eq!(
+            Spi::get_one::<bool>(
+                "SELECT past_due_since IS NULL FROM flux.tenants WHERE id = 'globex'"
+            )
+            .unwrap(),
+            Some(true)
+        );
+        Spi::run("RESET flux.now").unwrap();
+    }
+
+    #[pg_test(
+        error = "unknown period \"fortnight\" for metered feature \"api\": expected minute, hour, day, week, month or billing_period"
+    )]
+    fn bad_period_is_named() {
+        setup();
+        Spi::run("SELECT flux_define_feature('api', 'metered')").unwrap();
+        Spi::run("SELECT flux_grant('pro', 'api', 10, 'fortnight')").unwrap();
+    }
+
+    #[pg_test]
+    fn decision_has_every_field() {
+        setup();
+        let limit =
+            Spi::get_one::<i64>("SELECT \"limit\" FROM flux_decide('globex', 'seats')").unwrap();
+        assert_eq!(limit, Some(10));
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM flux_entitlements('globex')").unwrap();
+        assert_eq!(n, Some(2));
+    }
+}
+
+/// Used by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

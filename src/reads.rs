@@ -1,0 +1,118 @@
+//! The read functions of the contract: flux_check, flux_decide,
+//! flux_entitlements and flux_value. They gather facts from the store and
+//! hand them to `decision::decide`; they never write.
+
+use crate::decision::{decide, Context};
+use crate::error::{FluxResult, OrRaise};
+use crate::model::Decision;
+use crate::{gucs, identity, store};
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+fn context() -> FluxResult<Context> {
+    Ok(Context {
+        now: gucs::clock()?,
+        default_grace: gucs::default_grace()?,
+    })
+}
+
+/// Decide for one tenant and feature.
+pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Decision> {
+    let ctx = context()?;
+    let f = store::load_feature(feature)?;
+    let t = match f {
+        Some(_) => store::load_tenant(tenant, feature)?,
+        None => None,
+    };
+    Ok(decide(
+        tenant,
+        feature,
+        subject,
+        f.as_ref(),
+        t.as_ref(),
+        &ctx,
+    ))
+}
+
+fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decision") {
+    let mut row = PgHeapTuple::new_composite_type("flux.decision")
+        .unwrap_or_else(|e| crate::error::FluxError::Internal(e.to_string()).raise());
+    let ts = |t: Option<i64>| t.and_then(|v| TimestampWithTimeZone::try_from(v).ok());
+    let set = (|| -> Result<(), pgrx::datum::TryFromDatumError> {
+        row.set_by_name("allowed", d.allowed)?;
+        row.set_by_name("reason", d.reason.as_str())?;
+        row.set_by_name("message", d.message)?;
+        row.set_by_name("tenant", d.tenant)?;
+        row.set_by_name("feature", d.feature)?;
+        row.set_by_name("plan", d.plan)?;
+        row.set_by_name("limit", d.limit)?;
+        row.set_by_name("used", d.used)?;
+        row.set_by_name("remaining", d.remaining)?;
+        row.set_by_name("resets_at", ts(d.resets_at))?;
+        row.set_by_name(
+            "retry_after",
+            d.retry_after
+                .and_then(|s| Interval::new(s.months, s.days, s.micros).ok()),
+        )?;
+        row.set_by_name("upgrade_plans", d.upgrade_plans)?;
+        row.set_by_name("kind", d.kind.map(|k| k.as_str()))?;
+        row.set_by_name("subject", d.subject)?;
+        Ok(())
+    })();
+    if let Err(e) = set {
+        crate::error::FluxError::Internal(e.to_string()).raise();
+    }
+    row
+}
+
+/// May `tenant` use `feature` right now? Never raises for unknown keys.
+#[pg_extern(stable, strict, parallel_safe)]
+fn flux_check(tenant: &str, feature: &str) -> bool {
+    decide_one(tenant, feature, None).or_raise().allowed
+}
+
+/// flux_check for the session's tenant (flux_current_tenant()).
+#[pg_extern(name = "flux_check", stable, strict, parallel_safe)]
+fn flux_check_current(feature: &str) -> Option<bool> {
+    let tenant = identity::current_tenant()?;
+    Some(decide_one(&tenant, feature, None).or_raise().allowed)
+}
+
+/// The full decision: allowed, reason, message and the figures behind it.
+#[pg_extern(stable, parallel_safe)]
+fn flux_decide(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    subject: default!(Option<&str>, "NULL"),
+) -> Option<pgrx::composite_type!('static, "flux.decision")> {
+    let (tenant, feature) = (tenant?, feature?);
+    Some(to_composite(
+        decide_one(tenant, feature, subject).or_raise(),
+    ))
+}
+
+/// One decision per feature, ordered by feature key.
+#[pg_extern(stable, strict, parallel_safe)]
+fn flux_entitlements(
+    tenant: &str,
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "flux.decision")> {
+    let keys = store::feature_keys().or_raise();
+    let rows: Vec<_> = keys
+        .iter()
+        .map(|k| to_composite(decide_one(tenant, k, None).or_raise()))
+        .collect();
+    SetOfIterator::new(rows)
+}
+
+/// The effective grant value (override, else plan, else addon); NULL when
+/// the tenant is not entitled.
+#[pg_extern(stable, strict, parallel_safe)]
+fn flux_value(tenant: &str, feature: &str) -> Option<JsonB> {
+    let d = decide_one(tenant, feature, None).or_raise();
+    if d.allowed {
+        d.value.map(JsonB)
+    } else {
+        None
+    }
+}

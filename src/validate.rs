@@ -1,0 +1,492 @@
+//! Validation shared by the admin functions and plain DML: the tables'
+//! triggers (sql/schema.sql) call the `flux._check_*` functions below, so a
+//! psql INSERT and `flux_grant` give the same error for the same bad value.
+
+use crate::error::{shown, FluxError, FluxResult, OrRaise};
+use crate::gucs;
+use crate::model::Kind;
+use crate::timeutil::Span;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+
+pub const METERED_PERIODS: [&str; 6] = ["minute", "hour", "day", "week", "month", "billing_period"];
+const MAX_KEY_CHARS: usize = 200;
+
+/// Keys and ids: non-empty, at most 200 characters, no surrounding
+/// whitespace and no control characters (they end up in messages and URLs).
+pub fn check_key(what: &str, key: &str) -> FluxResult<()> {
+    let problem = if key.is_empty() {
+        Some("must not be empty")
+    } else if key.chars().count() > MAX_KEY_CHARS {
+        Some("is longer than 200 characters")
+    } else if key.trim() != key {
+        Some("has leading or trailing whitespace")
+    } else if key.chars().any(char::is_control) {
+        Some("contains control characters")
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(FluxError::InvalidValue(format!(
+            "{what} {} {p}",
+            shown(key)
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub fn need<'a, T>(v: Option<T>, what: &str) -> FluxResult<T> {
+    v.ok_or_else(|| FluxError::InvalidValue(format!("{what} must not be NULL")))
+}
+
+/// Validate a grant's period for the feature's kind; returns the period to
+/// store (metered features default to month).
+/// `parse_interval` reads a rate window (PostgreSQL's interval syntax in the
+/// backend; injected so the rules stay testable as plain Rust).
+pub fn check_period(
+    feature: &str,
+    kind: Kind,
+    period: Option<&str>,
+    parse_interval: impl Fn(&str) -> Option<Span>,
+) -> FluxResult<Option<String>> {
+    match (kind, period) {
+        (Kind::Boolean | Kind::Limit, None) => Ok(None),
+        (Kind::Boolean | Kind::Limit, Some(p)) => Err(FluxError::InvalidValue(format!(
+            "period {} does not apply to {} feature \"{feature}\": only metered and rate features have a period",
+            shown(p),
+            kind.as_str()
+        ))),
+        (Kind::Metered, None) => Ok(Some("month".to_string())),
+        (Kind::Metered, Some(p)) if METERED_PERIODS.contains(&p) => Ok(Some(p.to_string())),
+        (Kind::Metered, Some(p)) => Err(FluxError::InvalidValue(format!(
+            "unknown period {} for metered feature \"{feature}\": expected minute, hour, day, week, month or billing_period",
+            shown(p)
+        ))),
+        (Kind::Rate, None) => Err(FluxError::InvalidValue(format!(
+            "rate feature \"{feature}\" needs a window as its period, such as '1 hour'"
+        ))),
+        (Kind::Rate, Some(p)) => match parse_interval(p) {
+            Some(s) if s.months == 0 && s.days >= 0 && s.micros >= 0 && (s.days > 0 || s.micros > 0) => {
+                Ok(Some(p.trim().to_string()))
+            }
+            _ => Err(FluxError::InvalidValue(format!(
+                "invalid window {} for rate feature \"{feature}\": expected a positive fixed interval such as '1 second', '1 hour' or '1 day' (not months)",
+                shown(p)
+            ))),
+        },
+    }
+}
+
+/// A limit must be >= 0, and only limited kinds have one.
+pub fn check_limit(feature: &str, kind: Kind, limit: Option<i64>) -> FluxResult<()> {
+    match limit {
+        Some(l) if l < 0 => Err(FluxError::InvalidValue(format!(
+            "limit {l} for feature \"{feature}\" must be >= 0 (NULL means unlimited)"
+        ))),
+        Some(l) if !kind.has_limit() => Err(FluxError::InvalidValue(format!(
+            "limit {l} does not apply to boolean feature \"{feature}\": grant it without a limit, or define it as kind limit, metered or rate"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn exists(sql: &str, key: &str) -> FluxResult<bool> {
+    Ok(Spi::connect(|c| {
+        c.select(sql, Some(1), &[key.into()]).map(|t| !t.is_empty())
+    })?)
+}
+
+pub fn feature_kind(key: &str) -> FluxResult<Kind> {
+    let kind: Option<String> = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT kind FROM flux.features WHERE key = $1",
+            Some(1),
+            &[key.into()],
+        )?;
+        if t.is_empty() {
+            Ok::<_, pgrx::spi::SpiError>(None)
+        } else {
+            t.first().get_one::<String>()
+        }
+    })?;
+    match kind {
+        Some(k) => Kind::parse(&k),
+        None => Err(FluxError::UnknownReference(format!(
+            "unknown feature {}: define it first with flux_define_feature",
+            shown(key)
+        ))),
+    }
+}
+
+pub fn require_plan(key: &str) -> FluxResult<()> {
+    if exists("SELECT 1 FROM flux.plans WHERE key = $1", key)? {
+        Ok(())
+    } else {
+        Err(FluxError::UnknownReference(format!(
+            "unknown plan {}: define it first with flux_define_plan",
+            shown(key)
+        )))
+    }
+}
+
+pub fn require_tenant(id: &str) -> FluxResult<()> {
+    if exists("SELECT 1 FROM flux.tenants WHERE id = $1", id)? {
+        Ok(())
+    } else {
+        Err(FluxError::UnknownReference(format!(
+            "unknown tenant {}: create it first with flux_subscribe",
+            shown(id)
+        )))
+    }
+}
+
+pub fn require_addon(key: &str) -> FluxResult<()> {
+    if exists("SELECT 1 FROM flux.addons WHERE key = $1", key)? {
+        Ok(())
+    } else {
+        Err(FluxError::UnknownReference(format!(
+            "unknown addon {}: define it first with flux_define_addon",
+            shown(key)
+        )))
+    }
+}
+
+fn ts(v: Option<TimestampWithTimeZone>) -> Option<i64> {
+    v.map(|t| t.into_inner())
+}
+
+// The trigger entry points, in schema flux (internal: prefixed with _).
+#[pg_schema]
+mod flux {
+    use super::*;
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_feature(key: Option<&str>, kind: Option<&str>, old_key: Option<&str>) {
+        (|| -> FluxResult<()> {
+            let key = need(key, "feature key")?;
+            check_key("feature key", key)?;
+            let kind = Kind::parse(need(kind, "feature kind")?)?;
+            // A kind change must keep every existing grant valid.
+            if let Some(old) = old_key {
+                let rows: Vec<(String, Option<i64>, Option<String>)> = Spi::connect(|c| {
+                    let t = c.select(
+                        "SELECT 'plan ' || plan, \"limit\", period FROM flux.grants WHERE feature = $1 \
+                         UNION ALL SELECT 'addon ' || addon, \"limit\", NULL FROM flux.addon_grants WHERE feature = $1 \
+                         UNION ALL SELECT 'override for tenant ' || tenant, \"limit\", NULL FROM flux.overrides WHERE feature = $1",
+                        None,
+                        &[old.into()],
+                    )?;
+                    let mut v = Vec::new();
+                    for r in t {
+                        v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?, r.get::<String>(3)?));
+                    }
+                    Ok::<_, pgrx::spi::SpiError>(v)
+                })?;
+                for (owner, limit, period) in rows {
+                    let ok = check_limit(key, kind, limit).and_then(|_| {
+                        if owner.starts_with("plan ") {
+                            check_period(key, kind, period.as_deref(), gucs::parse_span).map(|_| ())
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    if let Err(e) = ok {
+                        return Err(FluxError::InvalidValue(format!(
+                            "feature \"{key}\" cannot become kind {}: its {owner} does not fit ({e})",
+                            kind.as_str()
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_plan(
+        key: Option<&str>,
+        is_default: Option<bool>,
+        grace_period: Option<Interval>,
+        old_key: Option<&str>,
+    ) {
+        (|| -> FluxResult<()> {
+            let key = need(key, "plan key")?;
+            check_key("plan key", key)?;
+            if let Some(g) = grace_period.map(gucs::span_of) {
+                if g.months < 0 || g.days < 0 || g.micros < 0 {
+                    return Err(FluxError::InvalidValue(format!(
+                        "grace_period of plan \"{key}\" must not be negative"
+                    )));
+                }
+            }
+            if is_default == Some(true) {
+                let me = old_key.unwrap_or(key);
+                let other: Option<String> = Spi::connect(|c| {
+                    let t = c.select(
+                        "SELECT key FROM flux.plans WHERE is_default AND key <> $1",
+                        Some(1),
+                        &[me.into()],
+                    )?;
+                    if t.is_empty() {
+                        Ok::<_, pgrx::spi::SpiError>(None)
+                    } else {
+                        t.first().get_one::<String>()
+                    }
+                })?;
+                if let Some(other) = other {
+                    return Err(FluxError::Conflict(format!(
+                        "plan \"{other}\" is already the default plan: set its is_default to false before making \"{key}\" the default (at most one plan is the default)"
+                    )));
+                }
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_plan_unused(key: &str) {
+        (|| -> FluxResult<()> {
+            let (n, example) = Spi::connect(|c| {
+                let t = c.select(
+                    "SELECT count(*), min(id) FROM flux.tenants WHERE plan = $1",
+                    Some(1),
+                    &[key.into()],
+                )?;
+                t.first().get_two::<i64, String>()
+            })?;
+            let n = n.unwrap_or(0);
+            if n > 0 {
+                return Err(FluxError::InUse(format!(
+                    "plan \"{key}\" cannot be deleted: {n} tenant{} on it (e.g. \"{}\"); move them to another plan with flux_subscribe first",
+                    if n == 1 { " is" } else { "s are" },
+                    example.unwrap_or_default()
+                )));
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_grant(
+        plan: Option<&str>,
+        feature: Option<&str>,
+        limit: Option<i64>,
+        period: Option<&str>,
+    ) -> Option<String> {
+        (|| -> FluxResult<Option<String>> {
+            let plan = need(plan, "plan")?;
+            let feature = need(feature, "feature")?;
+            require_plan(plan)?;
+            let kind = feature_kind(feature)?;
+            check_limit(feature, kind, limit)?;
+            check_period(feature, kind, period, gucs::parse_span)
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_tenant(
+        id: Option<&str>,
+        plan: Option<&str>,
+        status: Option<&str>,
+        trial_ends_at: Option<TimestampWithTimeZone>,
+        current_period_start: Option<TimestampWithTimeZone>,
+        current_period_end: Option<TimestampWithTimeZone>,
+        _old_id: Option<&str>,
+    ) {
+        (|| -> FluxResult<()> {
+            let id = need(id, "tenant id")?;
+            check_key("tenant id", id)?;
+            if let Some(p) = plan {
+                require_plan(p)?;
+            }
+            let status = crate::model::Status::parse(need(status, "status")?)?;
+            if status == crate::model::Status::Trialing && trial_ends_at.is_none() {
+                return Err(FluxError::InvalidValue(format!(
+                    "tenant \"{id}\" is trialing but has no trial_ends_at: say when the trial ends"
+                )));
+            }
+            if let (Some(s), Some(e)) = (ts(current_period_start), ts(current_period_end)) {
+                if e <= s {
+                    return Err(FluxError::InvalidValue(format!(
+                        "tenant \"{id}\": current_period_end must be after current_period_start"
+                    )));
+                }
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_addon(key: Option<&str>) {
+        (|| check_key("addon key", need(key, "addon key")?))().or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_addon_unused(key: &str) {
+        (|| -> FluxResult<()> {
+            let n = Spi::connect(|c| {
+                c.select("SELECT count(*) FROM flux.tenant_addons WHERE addon = $1", Some(1), &[key.into()])?
+                    .first()
+                    .get_one::<i64>()
+            })?
+            .unwrap_or(0);
+            if n > 0 {
+                return Err(FluxError::InUse(format!(
+                    "addon \"{key}\" cannot be deleted: {n} tenant{} it; detach it with flux_attach_addon(tenant, '{key}', 0) first",
+                    if n == 1 { " holds" } else { "s hold" }
+                )));
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_addon_grant(addon: Option<&str>, feature: Option<&str>, limit: Option<i64>) {
+        (|| -> FluxResult<()> {
+            require_addon(need(addon, "addon")?)?;
+            let feature = need(feature, "feature")?;
+            let kind = feature_kind(feature)?;
+            check_limit(feature, kind, limit)
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_tenant_addon(tenant: Option<&str>, addon: Option<&str>, quantity: Option<i32>) {
+        (|| -> FluxResult<()> {
+            let tenant = need(tenant, "tenant")?;
+            let addon = need(addon, "addon")?;
+            require_tenant(tenant)?;
+            require_addon(addon)?;
+            let q = need(quantity, "quantity")?;
+            if q <= 0 {
+                return Err(FluxError::InvalidValue(format!(
+                    "quantity {q} of addon \"{addon}\" for tenant \"{tenant}\" must be > 0 (flux_attach_addon with 0 detaches it)"
+                )));
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_override(
+        tenant: Option<&str>,
+        feature: Option<&str>,
+        limit: Option<i64>,
+        starts_at: Option<TimestampWithTimeZone>,
+        expires_at: Option<TimestampWithTimeZone>,
+    ) {
+        (|| -> FluxResult<()> {
+            let tenant = need(tenant, "tenant")?;
+            let feature = need(feature, "feature")?;
+            require_tenant(tenant)?;
+            let kind = feature_kind(feature)?;
+            check_limit(feature, kind, limit)?;
+            if let (Some(s), Some(e)) = (ts(starts_at), ts(expires_at)) {
+                if e <= s {
+                    return Err(FluxError::InvalidValue(format!(
+                        "override of \"{feature}\" for tenant \"{tenant}\": expires_at must be after starts_at"
+                    )));
+                }
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    /// The clock as a timestamptz, for triggers (past_due_since) and SQL.
+    #[pg_extern(stable, parallel_safe)]
+    fn _clock() -> TimestampWithTimeZone {
+        let t = gucs::clock().or_raise();
+        TimestampWithTimeZone::try_from(t)
+            .unwrap_or_else(|_| FluxError::BadDatetime("flux.now is out of range".into()).raise())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert!(check_key("k", "export").is_ok());
+        assert!(check_key("k", "").is_err());
+        assert!(check_key("k", " x").is_err());
+        assert!(check_key("k", &"x".repeat(201)).is_err());
+        assert!(check_key("k", "a\u{0}b").is_err());
+        assert!(check_key("k", "日本語").is_ok());
+        let e = check_key("tenant id", &"y".repeat(1_000_000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.len() < 200,
+            "message must not echo a huge value: {}",
+            e.len()
+        );
+    }
+
+    #[test]
+    fn periods() {
+        let hour = |s: &str| {
+            (s == "1 hour").then_some(Span {
+                months: 0,
+                days: 0,
+                micros: 3_600_000_000,
+            })
+        };
+        let month = |_: &str| {
+            Some(Span {
+                months: 1,
+                days: 0,
+                micros: 0,
+            })
+        };
+        assert_eq!(
+            check_period("q", Kind::Metered, None, hour)
+                .unwrap()
+                .as_deref(),
+            Some("month")
+        );
+        assert_eq!(
+            check_period("q", Kind::Metered, Some("day"), hour)
+                .unwrap()
+                .as_deref(),
+            Some("day")
+        );
+        let e = check_period("q", Kind::Metered, Some("fortnight"), hour)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"fortnight\"") && e.contains("billing_period"),
+            "{e}"
+        );
+        assert!(check_period("b", Kind::Boolean, Some("day"), hour).is_err());
+        assert!(check_period("r", Kind::Rate, None, hour).is_err());
+        assert_eq!(
+            check_period("r", Kind::Rate, Some("1 hour"), hour)
+                .unwrap()
+                .as_deref(),
+            Some("1 hour")
+        );
+        assert!(check_period("r", Kind::Rate, Some("1 month"), month).is_err());
+        assert!(check_period("r", Kind::Rate, Some("soon"), hour).is_err());
+    }
+
+    #[test]
+    fn limits() {
+        assert!(check_limit("s", Kind::Limit, Some(0)).is_ok());
+        assert!(check_limit("s", Kind::Limit, None).is_ok());
+        assert!(check_limit("s", Kind::Limit, Some(-1))
+            .unwrap_err()
+            .to_string()
+            .contains("-1"));
+        assert!(check_limit("b", Kind::Boolean, Some(3)).is_err());
+    }
+}
