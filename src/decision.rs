@@ -3,6 +3,7 @@
 //! Pure Rust over `model` facts, so every rule is unit-tested without a
 //! backend. The store decides where the facts come from.
 
+use crate::error::shown;
 use crate::model::*;
 use crate::timeutil::{add_span, format_date, format_minute, Span};
 
@@ -167,13 +168,13 @@ pub fn decide(
 
     let Some(f) = feature else {
         d.reason = Reason::UnknownFeature;
-        d.message = format!("unknown feature \"{feature_key}\"");
+        d.message = format!("unknown feature {}", shown(feature_key));
         return d;
     };
     d.kind = Some(f.kind);
     let Some(t) = tenant else {
         d.reason = Reason::UnknownTenant;
-        d.message = format!("unknown tenant \"{tenant_id}\"");
+        d.message = format!("unknown tenant {}", shown(tenant_id));
         return d;
     };
 
@@ -203,7 +204,7 @@ pub fn decide(
                 d.limit = limit;
             }
             let source = match (via_override, plan) {
-                (true, _) => format!("through an override for {tenant_id}"),
+                (true, _) => "through an override".to_string(),
                 (false, Some(p)) => format!("on the {p} plan"),
                 (false, None) => "through an addon".to_string(),
             };

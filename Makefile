@@ -1,0 +1,76 @@
+# flux_entitlements: the two commands of the README, and their parts.
+#
+#   make demo   set up what is missing, build, install, start a throwaway
+#               cluster with the example SaaS catalogue and print decisions
+#   make test   fmt, clippy, #[pg_test]s, pg_regress scenarios, integration tests
+
+PG_CONFIG  ?= /usr/lib/postgresql/15/bin/pg_config
+PG_BIN     := /usr/lib/postgresql/15/bin
+PGX_ROOT   ?= /tmp/flux-pg
+DEMO_DIR   := $(PGX_ROOT)/demo
+DEMO_PORT  ?= 5499
+TEST_DIR   := $(PGX_ROOT)/regress
+TEST_PORT  ?= 5498
+REGRESS    := $(shell ls tests/pg_regress/sql 2>/dev/null | sed 's/\.sql$$//' | sort)
+PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs))/../test/regress/pg_regress
+RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_ROOT)/pgrx-test,)
+
+.PHONY: demo test deps build install fmt-check clippy pgtest regress integration unit bench clean-clusters
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	cargo build --release
+
+install: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG) >/dev/null
+	@echo "== installed flux_entitlements into $$($(PG_CONFIG) --pkglibdir)"
+
+demo: install
+	@scripts/pg.sh start $(DEMO_DIR) $(DEMO_PORT)
+	@$(PG_BIN)/psql -X -q -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres -d postgres \
+	    -c "DROP DATABASE IF EXISTS flux_demo" -c "CREATE DATABASE flux_demo"
+	@$(PG_BIN)/psql -X -q -v ON_ERROR_STOP=1 -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres -d flux_demo \
+	    -f examples/saas.sql -o /dev/null
+	@echo "== loaded examples/saas.sql: 4 plans, 6 features, 10 tenants in every subscription state"
+	@$(PG_BIN)/psql -X -q -v ON_ERROR_STOP=1 -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres -d flux_demo \
+	    -f examples/decisions.sql
+	@echo
+	@echo "The demo cluster is running. Explore it with:"
+	@echo "    $(PG_BIN)/psql -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres flux_demo"
+	@echo "Stop it with: scripts/pg.sh stop $(DEMO_DIR)"
+
+fmt-check:
+	cargo fmt --check
+
+clippy:
+	cargo clippy --all-targets -- -D warnings
+
+# In-database #[pg_test]s and the plain Rust unit tests.
+pgtest:
+	@mkdir -p $(PGX_ROOT) && { [ "$$(id -u)" != 0 ] || chown postgres $(PGX_ROOT); }
+	cargo pgrx test pg15 $(RUNAS)
+
+# SQL scenarios through PostgreSQL's own pg_regress (cargo pgrx regress
+# cannot run as root), against a throwaway cluster.
+regress: install
+	@scripts/pg.sh start $(TEST_DIR) $(TEST_PORT)
+	@rm -rf tests/pg_regress/results
+	$(PG_REGRESS) --inputdir=tests/pg_regress --outputdir=tests/pg_regress \
+	    --host=$(TEST_DIR) --port=$(TEST_PORT) --user=postgres --dbname=flux_regress \
+	    $(REGRESS) || { cat tests/pg_regress/regression.diffs; exit 1; }
+
+# Several real connections: cross-session visibility, rollback, dump/restore,
+# and the README's SQL.
+integration: install
+	@scripts/pg.sh start $(TEST_DIR) $(TEST_PORT)
+	FLUX_PGHOST=$(TEST_DIR) FLUX_PGPORT=$(TEST_PORT) python3 -m pytest -q tests/integration
+
+test: deps fmt-check clippy pgtest regress integration
+	@scripts/pg.sh stop $(TEST_DIR)
+	@echo "== make test: all passed"
+
+clean-clusters:
+	scripts/pg.sh destroy $(DEMO_DIR)
+	scripts/pg.sh destroy $(TEST_DIR)

@@ -1,0 +1,21 @@
+-- Real decisions from the example catalogue.
+\pset footer off
+\echo
+\echo '== Who may export? (export: Pro 50/day, Enterprise unlimited)'
+SELECT t.id AS tenant, t.plan, t.status, d.allowed, d.reason, d.message
+  FROM flux.tenants t, flux_decide(t.id, 'export') d
+ ORDER BY t.id;
+
+\echo '== Seats, with addons and the free fallback'
+SELECT t.id AS tenant, d.plan AS applied_plan, d."limit" AS seats, d.message
+  FROM flux.tenants t, flux_decide(t.id, 'seats') d
+ ORDER BY t.id;
+
+\echo '== Everything initech has (starter + an SSO promotion)'
+SELECT feature, allowed, reason, "limit", message FROM flux_entitlements('initech');
+
+\echo '== Configuration values and unknown keys'
+SELECT flux_value('acme', 'reports') AS acme_report_formats,
+       flux_check('acme', 'sso') AS acme_sso,
+       flux_check('nobody', 'export') AS unknown_tenant,
+       (flux_decide('acme', 'exprot')).message AS typo;
