@@ -32,6 +32,13 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // Every ERROR raised from Rust unwinds through pgrx's panic hook, which
+    // appends a Rust backtrace to the error's DETAIL when RUST_BACKTRACE is
+    // set in the server's environment. Users must see our message, never
+    // stack frames: RUST_LIB_BACKTRACE=0 takes precedence for captures.
+    // SAFETY: a backend runs one thread, and _PG_init runs before any
+    // backtrace is captured in it, so nothing reads the environment concurrently.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     gucs::init();
 }
 

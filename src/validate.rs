@@ -35,7 +35,7 @@ pub fn check_key(what: &str, key: &str) -> FluxResult<()> {
     }
 }
 
-pub fn need<'a, T>(v: Option<T>, what: &str) -> FluxResult<T> {
+pub fn need<T>(v: Option<T>, what: &str) -> FluxResult<T> {
     v.ok_or_else(|| FluxError::InvalidValue(format!("{what} must not be NULL")))
 }
 
