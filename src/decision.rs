@@ -461,10 +461,7 @@ mod tests {
         assert_eq!(run(&export(), &t, day(4)).reason, Reason::NotInPlan);
         let d = run(&export(), &t, day(5));
         assert!(d.allowed);
-        assert_eq!(
-            d.message,
-            "acme may use export through an override for acme"
-        );
+        assert_eq!(d.message, "acme may use export through an override");
         assert_eq!(run(&export(), &t, day(10)).reason, Reason::NotInPlan);
         assert_eq!(run(&seats(), &t, day(6)).limit, Some(3));
 
