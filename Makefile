@@ -33,7 +33,7 @@ demo: install
 	    -c "DROP DATABASE IF EXISTS flux_demo" -c "CREATE DATABASE flux_demo"
 	@$(PG_BIN)/psql -X -q -v ON_ERROR_STOP=1 -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres -d flux_demo \
 	    -f examples/saas.sql -o /dev/null
-	@echo "== loaded examples/saas.sql: 4 plans, 6 features, 10 tenants in every subscription state"
+	@echo "== loaded examples/saas.sql: 4 plans, 7 features, 10 tenants in every subscription state"
 	@$(PG_BIN)/psql -X -q -v ON_ERROR_STOP=1 -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres -d flux_demo \
 	    -f examples/decisions.sql
 	@echo

@@ -11,6 +11,11 @@ SELECT t.id AS tenant, d.plan AS applied_plan, d."limit" AS seats, d.message
   FROM flux.tenants t, flux_decide(t.id, 'seats') d
  ORDER BY t.id;
 
+\echo '== The analytics dashboard: Pro and Enterprise only, rolled out to 20%, acme allow-listed'
+SELECT t.id AS tenant, t.plan, d.allowed, d.reason, d.message
+  FROM flux.tenants t, flux_decide(t.id, 'analytics') d
+ WHERE t.plan IN ('pro', 'enterprise') ORDER BY t.id;
+
 \echo '== Everything initech has (starter + an SSO promotion)'
 SELECT feature, allowed, reason, "limit", message FROM flux_entitlements('initech');
 

@@ -11,6 +11,7 @@ SELECT flux_define_feature('reports',   'boolean', 'Scheduled reports; value = a
 SELECT flux_define_feature('seats',     'limit',   'Members in the workspace');
 SELECT flux_define_feature('api_calls', 'metered', 'API calls per month');
 SELECT flux_define_feature('api_rate',  'rate',    'API requests per minute');
+SELECT flux_define_feature('analytics', 'boolean', 'The new analytics dashboard (rolling out)');
 
 -- Plans, cheapest first; free is the fallback for tenants with no live subscription.
 SELECT flux_define_plan('free',       'Free',       rank => 0, is_default => true);
@@ -37,6 +38,13 @@ SELECT flux_grant('free',       'api_rate', 10,   '1 minute');
 SELECT flux_grant('starter',    'api_rate', 60,   '1 minute');
 SELECT flux_grant('pro',        'api_rate', 600,  '1 minute');
 SELECT flux_grant('enterprise', 'api_rate', 6000, '1 minute');
+
+-- analytics: only on Pro and Enterprise, and rolled out to 20% of tenants;
+-- acme is a design partner.
+SELECT flux_grant('pro',        'analytics');
+SELECT flux_grant('enterprise', 'analytics');
+SELECT flux_set_flag('analytics', rollout_percent => 20);
+SELECT flux_flag_allow('analytics', 'acme');
 
 -- An addon: five more seats per pack.
 SELECT flux_define_addon('seat_pack', 'Five extra seats');

@@ -14,16 +14,19 @@ $$;
 -- Reads: anyone may look at the catalogue and decide.
 GRANT USAGE ON SCHEMA flux TO PUBLIC;
 GRANT SELECT ON flux.features, flux.plans, flux.grants, flux.tenants, flux.addons,
-    flux.addon_grants, flux.tenant_addons, flux.overrides TO PUBLIC;
+    flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists TO PUBLIC;
 -- Writes: flux_admin (and the owner) only.
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, flux.tenants,
-    flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides TO flux_admin;
+    flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists
+    TO flux_admin;
 
 REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
-    flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon
+    flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
+    flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
-    flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon
+    flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
+    flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -52,3 +55,9 @@ COMMENT ON FUNCTION flux._check_addon_unused(text) IS 'Refuses to delete an addo
 COMMENT ON FUNCTION flux._check_addon_grant(text, text, bigint) IS 'Validator used by the addon_grants trigger';
 COMMENT ON FUNCTION flux._check_tenant_addon(text, text, integer) IS 'Validator used by the tenant_addons trigger';
 COMMENT ON FUNCTION flux._check_override(text, text, bigint, timestamptz, timestamptz) IS 'Validator used by the overrides trigger';
+COMMENT ON FUNCTION flux_set_flag(text, boolean, numeric, text) IS 'Admin: set a feature''s flag: kill switch (enabled) and rollout percentage (0..100, up to 4 decimals); NULL salt keeps the current one (default: the feature key)';
+COMMENT ON FUNCTION flux_flag_allow(text, text) IS 'Admin: let a tenant or subject id in whatever the rollout percentage (the deny list and the kill switch still win)';
+COMMENT ON FUNCTION flux_flag_deny(text, text) IS 'Admin: keep a tenant or subject id out whatever the percentage and the allow list';
+COMMENT ON FUNCTION flux_flag_clear(text, text) IS 'Admin: take an id off both lists of a flag';
+COMMENT ON FUNCTION flux._check_flag(text, numeric, text) IS 'Validator used by the flags trigger';
+COMMENT ON FUNCTION flux._check_flag_list(text, text, text) IS 'Validator used by the flag_lists trigger';

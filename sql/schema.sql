@@ -145,6 +145,29 @@ COMMENT ON COLUMN flux.overrides.expires_at IS 'The override stops applying at t
 COMMENT ON COLUMN flux.overrides.reason IS 'Why it was given, for people (e.g. "enterprise deal #42")';
 COMMENT ON COLUMN flux.overrides.value IS 'Replaces the grant value when not NULL';
 
+CREATE TABLE flux.flags (
+    feature         text PRIMARY KEY REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    enabled         boolean NOT NULL DEFAULT true,
+    rollout_percent numeric NOT NULL DEFAULT 100
+                    CONSTRAINT flags_rollout_percent_check CHECK (rollout_percent >= 0 AND rollout_percent <= 100),
+    salt            text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE flux.flags IS 'Rollout gates on features: a kill switch and a deterministic percentage; a feature with no flag is enabled at 100%. Checked before entitlement';
+COMMENT ON COLUMN flux.flags.enabled IS 'false is the kill switch: nobody passes, not even the allow list';
+COMMENT ON COLUMN flux.flags.rollout_percent IS '0 to 100, up to 4 decimal places; an id is in when xxh3_64(salt || 0x00 || id) mod 1000000 < rollout_percent x 10000';
+COMMENT ON COLUMN flux.flags.salt IS 'Hash salt for bucketing; NULL means the feature key, so flags roll out independently';
+
+CREATE TABLE flux.flag_lists (
+    feature text NOT NULL REFERENCES flux.flags (feature) ON UPDATE CASCADE ON DELETE CASCADE,
+    id      text NOT NULL,
+    list    text NOT NULL CONSTRAINT flag_lists_list_check CHECK (list IN ('allow', 'deny')),
+    PRIMARY KEY (feature, id, list)
+);
+COMMENT ON TABLE flux.flag_lists IS 'Allow and deny lists of a flag, by tenant id or subject id; deny wins over allow, the kill switch over both';
+COMMENT ON COLUMN flux.flag_lists.id IS 'A tenant id or a subject (user) id';
+COMMENT ON COLUMN flux.flag_lists.list IS 'allow: in whatever the percentage; deny: out whatever the percentage';
+
 -- Validation triggers: thin wrappers that hand the row to the Rust validators
 -- (src/validate.rs), so psql DML gets the same errors as the admin functions.
 
@@ -245,6 +268,22 @@ END $$;
 CREATE TRIGGER overrides_validate BEFORE INSERT OR UPDATE ON flux.overrides
     FOR EACH ROW EXECUTE FUNCTION flux._overrides_validate();
 
+CREATE FUNCTION flux._flags_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_flag(NEW.feature, NEW.rollout_percent, NEW.salt);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER flags_validate BEFORE INSERT OR UPDATE ON flux.flags
+    FOR EACH ROW EXECUTE FUNCTION flux._flags_validate();
+
+CREATE FUNCTION flux._flag_lists_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM flux._check_flag_list(NEW.feature, NEW.id, NEW.list);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER flag_lists_validate BEFORE INSERT OR UPDATE ON flux.flag_lists
+    FOR EACH ROW EXECUTE FUNCTION flux._flag_lists_validate();
+
 COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature row (flux._check_feature)';
 COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';
 COMMENT ON FUNCTION flux._plans_guard_delete() IS 'Trigger: refuses to delete a plan that tenants are on';
@@ -255,6 +294,8 @@ COMMENT ON FUNCTION flux._addons_guard_delete() IS 'Trigger: refuses to delete a
 COMMENT ON FUNCTION flux._addon_grants_validate() IS 'Trigger: validates an addon grant';
 COMMENT ON FUNCTION flux._tenant_addons_validate() IS 'Trigger: validates a tenant''s addon quantity';
 COMMENT ON FUNCTION flux._overrides_validate() IS 'Trigger: validates an override';
+COMMENT ON FUNCTION flux._flags_validate() IS 'Trigger: validates a flag (flux._check_flag)';
+COMMENT ON FUNCTION flux._flag_lists_validate() IS 'Trigger: validates an allow / deny list entry';
 
 -- pg_dump / pg_restore carry every row of these tables.
 SELECT pg_catalog.pg_extension_config_dump('flux.features', '');
@@ -265,3 +306,5 @@ SELECT pg_catalog.pg_extension_config_dump('flux.addons', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.addon_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.tenant_addons', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.overrides', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.flags', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.flag_lists', '');

@@ -5,7 +5,7 @@
 
 use crate::error::{FluxError, FluxResult, OrRaise};
 use crate::validate::{feature_kind, need, require_addon, require_plan, require_tenant};
-use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::datum::{AnyNumeric, DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
@@ -247,6 +247,74 @@ fn flux_attach_addon(
             "INSERT INTO flux.tenant_addons (tenant, addon, quantity) VALUES ($1, $2, $3) \
              ON CONFLICT (tenant, addon) DO UPDATE SET quantity = EXCLUDED.quantity",
             &[tenant.into(), addon.into(), quantity.into()],
+        )
+    })()
+    .or_raise()
+}
+
+/// Set a feature's flag: the kill switch (enabled) and the rollout
+/// percentage (0..100, up to 4 decimals). A NULL salt keeps the current one
+/// (the feature key by default).
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_set_flag(
+    feature: Option<&str>,
+    enabled: default!(Option<bool>, "true"),
+    rollout_percent: default!(Option<AnyNumeric>, "100"),
+    salt: default!(Option<&str>, "NULL"),
+) {
+    (|| {
+        let feature = need(feature, "feature")?;
+        let enabled = need(enabled, "enabled")?;
+        let percent = need(rollout_percent, "rollout_percent")?;
+        // Validate here too, so an overflowing value is named before the row is built.
+        crate::rollout::threshold(&percent.to_string())?;
+        write(
+            "INSERT INTO flux.flags AS f (feature, enabled, rollout_percent, salt) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (feature) DO UPDATE SET enabled = EXCLUDED.enabled, \
+                 rollout_percent = EXCLUDED.rollout_percent, salt = coalesce(EXCLUDED.salt, f.salt)",
+            &[feature.into(), enabled.into(), percent.into(), salt.into()],
+        )
+    })()
+    .or_raise()
+}
+
+/// Put `id` (a tenant or subject id) on a flag's allow or deny list,
+/// creating the flag (enabled, 100%) when the feature has none.
+fn flag_list(feature: Option<&str>, id: Option<&str>, list: &str) -> FluxResult<()> {
+    let feature = need(feature, "feature")?;
+    let id = need(id, "id")?;
+    write(
+        "INSERT INTO flux.flags (feature) VALUES ($1) ON CONFLICT (feature) DO NOTHING",
+        &[feature.into()],
+    )?;
+    write(
+        "INSERT INTO flux.flag_lists (feature, id, list) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        &[feature.into(), id.into(), list.into()],
+    )
+}
+
+/// Let `id` in whatever the rollout percentage (the deny list still wins).
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_flag_allow(feature: Option<&str>, id: Option<&str>) {
+    flag_list(feature, id, "allow").or_raise()
+}
+
+/// Keep `id` out whatever the percentage and the allow list.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_flag_deny(feature: Option<&str>, id: Option<&str>) {
+    flag_list(feature, id, "deny").or_raise()
+}
+
+/// Take `id` off both lists of the flag.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_flag_clear(feature: Option<&str>, id: Option<&str>) {
+    (|| {
+        let feature = need(feature, "feature")?;
+        let id = need(id, "id")?;
+        feature_kind(feature)?;
+        write(
+            "DELETE FROM flux.flag_lists WHERE feature = $1 AND id = $2",
+            &[feature.into(), id.into()],
         )
     })()
     .or_raise()

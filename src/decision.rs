@@ -5,6 +5,7 @@
 
 use crate::error::shown;
 use crate::model::*;
+use crate::rollout::in_rollout;
 use crate::timeutil::{add_span, format_date, format_minute, Span};
 
 /// Everything outside the catalogue that a decision depends on.
@@ -162,6 +163,7 @@ pub fn decide(
     subject: Option<&str>,
     feature: Option<&FeatureFacts>,
     tenant: Option<&TenantFacts>,
+    flag: Option<&FlagFacts>,
     ctx: &Context,
 ) -> Decision {
     let mut d = blank(tenant_id, feature_key, subject);
@@ -178,8 +180,24 @@ pub fn decide(
         return d;
     };
 
-    // feature_disabled and not_in_rollout belong here, before the
-    // subscription: they are decided by flags, which have their own module.
+    // Flags come before entitlement: a kill switch or a rollout gate says
+    // "not yet", whatever the plan.
+    if let Some(flag) = flag {
+        if !flag.enabled {
+            d.reason = Reason::FeatureDisabled;
+            d.message = format!("{feature_key} is turned off");
+            return d;
+        }
+        let who = subject.unwrap_or(tenant_id);
+        if flag.denied || (!flag.allowed && !in_rollout(&flag.salt, who, flag.threshold)) {
+            d.reason = Reason::NotInRollout;
+            d.message = match subject {
+                Some(s) => format!("{feature_key} is not yet available to {s} of {tenant_id}"),
+                None => format!("{feature_key} is not yet available to {tenant_id}"),
+            };
+            return d;
+        }
+    }
 
     let why_not_live = not_live_because(t, ctx);
     let live = why_not_live.is_none();
@@ -319,7 +337,7 @@ mod tests {
     }
 
     fn run(f: &FeatureFacts, t: &TenantFacts, now: i64) -> Decision {
-        decide(&t.id, &f.key, None, Some(f), Some(t), &ctx(now))
+        decide(&t.id, &f.key, None, Some(f), Some(t), None, &ctx(now))
     }
 
     #[test]
@@ -339,9 +357,17 @@ mod tests {
 
     #[test]
     fn unknown_feature_wins_over_unknown_tenant() {
-        let d = decide("nobody", "nothing", None, None, None, &ctx(0));
+        let d = decide("nobody", "nothing", None, None, None, None, &ctx(0));
         assert_eq!(d.reason, Reason::UnknownFeature);
-        let d = decide("nobody", "export", None, Some(&export()), None, &ctx(0));
+        let d = decide(
+            "nobody",
+            "export",
+            None,
+            Some(&export()),
+            None,
+            None,
+            &ctx(0),
+        );
         assert_eq!(d.reason, Reason::UnknownTenant);
         assert_eq!(d.message, "unknown tenant \"nobody\"");
     }
@@ -519,6 +545,89 @@ mod tests {
             d.message,
             "acme has no subscription; export requires the pro or enterprise plan"
         );
+    }
+
+    fn flag(enabled: bool, percent: &str, allowed: bool, denied: bool) -> FlagFacts {
+        FlagFacts {
+            enabled,
+            threshold: crate::rollout::threshold(percent).unwrap(),
+            salt: "export".into(),
+            allowed,
+            denied,
+        }
+    }
+
+    fn with_flag(t: &TenantFacts, f: &FlagFacts, subject: Option<&str>) -> Decision {
+        decide(
+            &t.id,
+            "export",
+            subject,
+            Some(&export()),
+            Some(t),
+            Some(f),
+            &ctx(day(1)),
+        )
+    }
+
+    #[test]
+    fn flags_come_first_and_deny_beats_allow_and_kill_beats_all() {
+        let starter = tenant("starter", Status::Active);
+        let pro = tenant("pro", Status::Active);
+        // The kill switch wins over the allow list and the plan.
+        assert_eq!(
+            with_flag(&pro, &flag(false, "100", true, false), None).reason,
+            Reason::FeatureDisabled
+        );
+        // The deny list wins over the allow list.
+        assert_eq!(
+            with_flag(&pro, &flag(true, "100", true, true), None).reason,
+            Reason::NotInRollout
+        );
+        // The allow list lets in at 0%.
+        assert_eq!(
+            with_flag(&pro, &flag(true, "0", true, false), None).reason,
+            Reason::Ok
+        );
+        assert_eq!(
+            with_flag(&pro, &flag(true, "0", false, false), None).reason,
+            Reason::NotInRollout
+        );
+        // Rollout before the plan: a starter tenant outside the rollout hears "not yet".
+        assert_eq!(
+            with_flag(&starter, &flag(true, "0", false, false), None).reason,
+            Reason::NotInRollout
+        );
+        assert_eq!(
+            with_flag(&starter, &flag(true, "100", false, false), None).reason,
+            Reason::NotInPlan
+        );
+        // Unknown tenants are reported before flags.
+        let d = decide(
+            "x",
+            "export",
+            None,
+            Some(&export()),
+            None,
+            Some(&flag(false, "0", false, false)),
+            &ctx(0),
+        );
+        assert_eq!(d.reason, Reason::UnknownTenant);
+    }
+
+    #[test]
+    fn subject_buckets_per_user_inside_a_tenant() {
+        let pro = tenant("pro", Status::Active);
+        let f = flag(true, "50", false, false);
+        let answers: Vec<bool> = (0..200)
+            .map(|i| with_flag(&pro, &f, Some(&format!("user-{i}"))).allowed)
+            .collect();
+        let inside = answers.iter().filter(|a| **a).count();
+        assert!(
+            (60..=140).contains(&inside),
+            "about half of the users: {inside}"
+        );
+        let d = with_flag(&pro, &flag(true, "0", false, false), Some("user-9"));
+        assert_eq!(d.message, "export is not yet available to user-9 of acme");
     }
 
     #[test]

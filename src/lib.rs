@@ -21,6 +21,7 @@ pub mod gucs;
 pub mod identity;
 pub mod model;
 pub mod reads;
+pub mod rollout;
 pub mod store;
 pub mod timeutil;
 pub mod validate;

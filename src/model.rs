@@ -134,6 +134,21 @@ impl FeatureFacts {
     }
 }
 
+/// The feature's flag, with the list entries that concern this decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagFacts {
+    /// false: the kill switch is off, for everyone.
+    pub enabled: bool,
+    /// Buckets (of rollout::BUCKETS) that are in: rollout_percent x 10,000.
+    pub threshold: u32,
+    /// Hash salt; the feature key unless set.
+    pub salt: String,
+    /// The tenant or the subject is on the allow list.
+    pub allowed: bool,
+    /// The tenant or the subject is on the deny list.
+    pub denied: bool,
+}
+
 /// One addon the tenant holds that grants the feature.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AddonGrant {

@@ -25,12 +25,17 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
         Some(_) => store::load_tenant(tenant, feature)?,
         None => None,
     };
+    let flag = match t {
+        Some(_) => store::load_flag(feature, tenant, subject)?,
+        None => None,
+    };
     Ok(decide(
         tenant,
         feature,
         subject,
         f.as_ref(),
         t.as_ref(),
+        flag.as_ref(),
         &ctx,
     ))
 }

@@ -145,3 +145,35 @@ pub fn feature_keys() -> FluxResult<Vec<String>> {
         Ok(keys)
     })
 }
+
+/// The feature's flag and whether the tenant or subject is on its lists;
+/// None when the feature has no flag.
+pub fn load_flag(
+    feature: &str,
+    tenant: &str,
+    subject: Option<&str>,
+) -> FluxResult<Option<FlagFacts>> {
+    Spi::connect(|client| {
+        let mut rows = client.select(
+            "SELECT f.enabled, f.rollout_percent::text, coalesce(f.salt, f.feature), \
+                    EXISTS (SELECT 1 FROM flux.flag_lists l WHERE l.feature = f.feature \
+                            AND l.list = 'allow' AND l.id IN ($2, $3)), \
+                    EXISTS (SELECT 1 FROM flux.flag_lists l WHERE l.feature = f.feature \
+                            AND l.list = 'deny' AND l.id IN ($2, $3)) \
+             FROM flux.flags f WHERE f.feature = $1",
+            Some(1),
+            &[feature.into(), tenant.into(), subject.into()],
+        )?;
+        if let Some(row) = rows.next() {
+            let percent = required(text(&row, 2)?, "flags.rollout_percent")?;
+            return Ok(Some(FlagFacts {
+                enabled: row.get::<bool>(1)?.unwrap_or(true),
+                threshold: crate::rollout::threshold(&percent)?,
+                salt: required(text(&row, 3)?, "flags.salt")?,
+                allowed: row.get::<bool>(4)?.unwrap_or(false),
+                denied: row.get::<bool>(5)?.unwrap_or(false),
+            }));
+        }
+        Ok(None)
+    })
+}

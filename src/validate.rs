@@ -6,7 +6,7 @@ use crate::error::{shown, FluxError, FluxResult, OrRaise};
 use crate::gucs;
 use crate::model::Kind;
 use crate::timeutil::Span;
-use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::datum::{AnyNumeric, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
 pub const METERED_PERIODS: [&str; 6] = ["minute", "hour", "day", "week", "month", "billing_period"];
@@ -395,6 +395,50 @@ mod flux {
                         "override of \"{feature}\" for tenant \"{tenant}\": expires_at must be after starts_at"
                     )));
                 }
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_flag(feature: Option<&str>, rollout_percent: Option<AnyNumeric>, salt: Option<&str>) {
+        (|| -> FluxResult<()> {
+            feature_kind(need(feature, "feature")?)?;
+            crate::rollout::threshold(&need(rollout_percent, "rollout_percent")?.to_string())?;
+            if let Some(s) = salt {
+                check_key("salt", s)?;
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_flag_list(feature: Option<&str>, id: Option<&str>, list: Option<&str>) {
+        (|| -> FluxResult<()> {
+            let feature = need(feature, "feature")?;
+            check_key("id", need(id, "id")?)?;
+            let list = need(list, "list")?;
+            if list != "allow" && list != "deny" {
+                return Err(FluxError::InvalidValue(format!(
+                    "unknown list {}: expected allow or deny",
+                    shown(list)
+                )));
+            }
+            let has_flag = Spi::connect(|c| {
+                c.select(
+                    "SELECT 1 FROM flux.flags WHERE feature = $1",
+                    Some(1),
+                    &[feature.into()],
+                )
+                .map(|t| !t.is_empty())
+            })?;
+            if !has_flag {
+                feature_kind(feature)?;
+                return Err(FluxError::UnknownReference(format!(
+                    "feature \"{feature}\" has no flag: create it with flux_set_flag first"
+                )));
             }
             Ok(())
         })()

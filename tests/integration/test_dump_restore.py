@@ -13,7 +13,7 @@ SELECT t.id, d.feature, d.allowed, d.reason, d.plan, d."limit", d.message, d.upg
        flux_value(t.id, d.feature)::text
   FROM flux.tenants t, flux_entitlements(t.id) d ORDER BY 1, 2;
 """
-TABLES = ["features", "plans", "grants", "tenants", "addons", "addon_grants", "tenant_addons", "overrides"]
+TABLES = ["features", "plans", "grants", "tenants", "addons", "addon_grants", "tenant_addons", "overrides", "flags", "flag_lists"]
 
 
 def snapshot(db):
@@ -34,7 +34,7 @@ def test_dump_and_restore_keep_every_row_and_decision(fresh_db):
     with connect(fresh_db) as c:
         c.execute(sql)
     before = snapshot(fresh_db)
-    assert len(before["tenants"]) == 10 and len(before["decisions"]) == 60
+    assert len(before["tenants"]) == 10 and len(before["flags"]) == 1 and len(before["decisions"]) == 70
     target = "flux_restored_" + uuid.uuid4().hex[:8]
     conn_args = ["-h", HOST, "-p", str(PORT), "-U", "postgres"]
     with tempfile.TemporaryDirectory() as tmp:
