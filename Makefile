@@ -15,7 +15,7 @@ REGRESS    := $(shell ls tests/pg_regress/sql 2>/dev/null | sed 's/\.sql$$//' | 
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs))/../test/regress/pg_regress
 RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_ROOT)/pgrx-test,)
 
-.PHONY: demo test deps build install fmt-check clippy pgtest regress integration unit bench clean-clusters
+.PHONY: demo test deps build install fmt-check clippy pgtest regress integration bench clean-clusters
 
 deps:
 	@scripts/deps.sh
@@ -71,6 +71,12 @@ test: deps fmt-check clippy pgtest regress integration
 	@scripts/pg.sh stop $(TEST_DIR)
 	@echo "== make test: all passed"
 
+# Ratios to baselines measured interleaved in the same run (benches/run.sh).
+bench: install
+	benches/run.sh
+	@scripts/pg.sh stop $(PGX_ROOT)/bench
+
 clean-clusters:
 	scripts/pg.sh destroy $(DEMO_DIR)
 	scripts/pg.sh destroy $(TEST_DIR)
+	scripts/pg.sh destroy $(PGX_ROOT)/bench

@@ -19,6 +19,12 @@ SELECT t.id AS tenant, t.plan, d.allowed, d.reason, d.message
 \echo '== Everything initech has (starter + an SSO promotion)'
 SELECT feature, allowed, reason, "limit", message FROM flux_entitlements('initech');
 
+\echo '== Metering: consume checks and records in one step'
+SELECT tenant, feature, allowed, reason, used, remaining, resets_at, message
+  FROM (VALUES ('globex', 'export', 1), ('soylent', 'export', 1), ('oscorp', 'seats', 1),
+               ('initech', 'api_calls', 5), ('initech', 'api_calls', 10)) AS r(t, f, n),
+       LATERAL flux_consume(t, f, n);
+
 \echo '== Configuration values and unknown keys'
 SELECT flux_value('acme', 'reports') AS acme_report_formats,
        flux_check('acme', 'sso') AS acme_sso,

@@ -70,3 +70,10 @@ SELECT flux_subscribe('piedpiper', NULL);                         -- no subscrip
 SELECT flux_override('initech', 'sso', starts_at => now() - interval '1 day',
                      expires_at => now() + interval '30 days', reason => 'SSO trial for the security review');
 SELECT flux_override('acme', 'export', enabled => false, reason => 'export abuse under review');
+
+-- Some usage: exports today, seats held, API calls this month.
+SELECT flux_consume('globex',  'export', 12);
+SELECT flux_consume('soylent', 'export', 50);
+SELECT flux_consume('acme',    'seats', 4);
+SELECT flux_consume('oscorp',  'seats', 13);
+SELECT flux_consume('initech', 'api_calls', 9990);

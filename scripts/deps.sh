@@ -8,7 +8,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
 missing=""
-for pkg in postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo; do
+for pkg in postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo bc; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then

@@ -11,22 +11,33 @@ BEGIN
 END
 $$;
 
+-- flux_enforce_limit takes regclass and name as the contract says; the
+-- work is in Rust (src/limits.rs).
+CREATE FUNCTION flux_enforce_limit(tbl regclass, feature text, tenant_column name DEFAULT 'tenant_id')
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._enforce_limit_setup(tbl::oid, feature, tenant_column::text) $$;
+
 -- Reads: anyone may look at the catalogue and decide.
 GRANT USAGE ON SCHEMA flux TO PUBLIC;
 GRANT SELECT ON flux.features, flux.plans, flux.grants, flux.tenants, flux.addons,
-    flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists TO PUBLIC;
+    flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
+    flux.usage, flux.rate_state TO PUBLIC;
 -- Writes: flux_admin (and the owner) only.
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, flux.tenants,
-    flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists
-    TO flux_admin;
+    flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
+    flux.usage, flux.rate_state, flux.usage_keys TO flux_admin;
+-- flux_consume and flux_release write usage as the tables' owner (src/usage.rs),
+-- so PUBLIC needs no write grant on any flux table.
 
 REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
-    flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear
+    flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
+    flux_prune_usage_keys, flux._enforce_limit_setup
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
-    flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear
+    flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
+    flux_prune_usage_keys, flux._enforce_limit_setup
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -61,3 +72,10 @@ COMMENT ON FUNCTION flux_flag_deny(text, text) IS 'Admin: keep a tenant or subje
 COMMENT ON FUNCTION flux_flag_clear(text, text) IS 'Admin: take an id off both lists of a flag';
 COMMENT ON FUNCTION flux._check_flag(text, numeric, text) IS 'Validator used by the flags trigger';
 COMMENT ON FUNCTION flux._check_flag_list(text, text, text) IS 'Validator used by the flag_lists trigger';
+COMMENT ON FUNCTION flux_consume(text, text, bigint, text) IS 'Atomically check and record usage: allowed records amount and returns the new used / remaining; denied records nothing; a repeated idempotency_key returns the first decision; rolls back with the caller''s transaction';
+COMMENT ON FUNCTION flux_release(text, text, bigint) IS 'Give units of a limit feature back (a seat freed); returns the new used (never below 0)';
+COMMENT ON FUNCTION flux_usage(text, text) IS 'Units used in the current period (limit: held now; rate: calls in the window); NULL for unknown keys and boolean features';
+COMMENT ON FUNCTION flux_prune_usage_keys() IS 'Admin: delete idempotency keys older than flux.idempotency_ttl; returns how many';
+COMMENT ON FUNCTION flux_enforce_limit(regclass, text, name) IS 'Admin: refuse INSERTs (and tenant changes) that would take a tenant''s row count in tbl past its limit of feature; existing rows are never touched';
+COMMENT ON FUNCTION flux._enforce_limit_setup(oid, text, text) IS 'The body of flux_enforce_limit';
+COMMENT ON FUNCTION flux._check_row_limit(oid, text, text, text) IS 'Called by the flux_enforce_limit trigger: counts the tenant''s rows under an advisory lock';

@@ -168,6 +168,41 @@ COMMENT ON TABLE flux.flag_lists IS 'Allow and deny lists of a flag, by tenant i
 COMMENT ON COLUMN flux.flag_lists.id IS 'A tenant id or a subject (user) id';
 COMMENT ON COLUMN flux.flag_lists.list IS 'allow: in whatever the percentage; deny: out whatever the percentage';
 
+-- Usage: written by flux_consume / flux_release, one row per tenant, feature
+-- and period; history is kept (it is billing data).
+CREATE TABLE flux.usage (
+    tenant       text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature      text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    period_start timestamptz NOT NULL,
+    used         bigint NOT NULL DEFAULT 0 CONSTRAINT usage_used_check CHECK (used >= 0),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, feature, period_start)
+);
+CREATE INDEX usage_feature ON flux.usage (feature);
+COMMENT ON TABLE flux.usage IS 'Recorded usage of limit and metered features: one row per tenant, feature and period, kept as billing history; the current period is one primary-key probe';
+COMMENT ON COLUMN flux.usage.period_start IS 'metered: the start of the period (UTC calendar, or the billing period); limit: -infinity (never resets)';
+COMMENT ON COLUMN flux.usage.used IS 'Units consumed in the period (limit features: held now, after releases)';
+
+CREATE TABLE flux.rate_state (
+    tenant  text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    tat     timestamptz NOT NULL,
+    PRIMARY KEY (tenant, feature)
+);
+COMMENT ON TABLE flux.rate_state IS 'Rate limiter state (GCRA): one theoretical arrival time per tenant and feature';
+COMMENT ON COLUMN flux.rate_state.tat IS 'Theoretical arrival time: each allowed call moves it window / limit ahead; a call passes while it stays within one window of now';
+
+CREATE TABLE flux.usage_keys (
+    tenant          text NOT NULL,
+    feature         text NOT NULL,
+    idempotency_key text NOT NULL,
+    decision        jsonb NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, feature, idempotency_key)
+);
+CREATE INDEX usage_keys_created_at ON flux.usage_keys (created_at);
+COMMENT ON TABLE flux.usage_keys IS 'Idempotency keys of flux_consume with the first decision; kept flux.idempotency_ttl (default 7 days), then pruned by flux_prune_usage_keys()';
+
 -- Validation triggers: thin wrappers that hand the row to the Rust validators
 -- (src/validate.rs), so psql DML gets the same errors as the admin functions.
 
@@ -284,6 +319,22 @@ END $$;
 CREATE TRIGGER flag_lists_validate BEFORE INSERT OR UPDATE ON flux.flag_lists
     FOR EACH ROW EXECUTE FUNCTION flux._flag_lists_validate();
 
+-- flux_enforce_limit attaches this to application tables: it hands the
+-- row's tenant to flux._check_row_limit, which counts under a lock.
+CREATE FUNCTION flux._enforce_limit() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    new_tenant text := to_jsonb(NEW) ->> TG_ARGV[1];
+BEGIN
+    IF TG_OP = 'UPDATE' AND new_tenant IS NOT DISTINCT FROM (to_jsonb(OLD) ->> TG_ARGV[1]) THEN
+        RETURN NEW;
+    END IF;
+    IF new_tenant IS NOT NULL THEN
+        PERFORM flux._check_row_limit(TG_RELID, TG_ARGV[0], TG_ARGV[1], new_tenant);
+    END IF;
+    RETURN NEW;
+END $$;
+COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit: refuses a row that would take its tenant past the limit of a feature (arguments: feature, tenant column)';
+
 COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature row (flux._check_feature)';
 COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';
 COMMENT ON FUNCTION flux._plans_guard_delete() IS 'Trigger: refuses to delete a plan that tenants are on';
@@ -308,3 +359,6 @@ SELECT pg_catalog.pg_extension_config_dump('flux.tenant_addons', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.overrides', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.flags', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.flag_lists', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.usage', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.rate_state', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.usage_keys', '');

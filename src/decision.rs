@@ -152,6 +152,8 @@ fn blank(tenant: &str, feature: &str, subject: Option<&str>) -> Decision {
         kind: None,
         subject: subject.map(str::to_string),
         value: None,
+        period: None,
+        source: None,
     }
 }
 
@@ -221,6 +223,13 @@ pub fn decide(
             if f.kind.has_limit() {
                 d.limit = limit;
             }
+            if matches!(f.kind, Kind::Metered | Kind::Rate) {
+                let from_plan = plan
+                    .and_then(|p| f.grant_of(p))
+                    .and_then(|g| g.period.clone());
+                d.period =
+                    from_plan.or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()));
+            }
             let source = match (via_override, plan) {
                 (true, _) => "through an override".to_string(),
                 (false, Some(p)) => format!("on the {p} plan"),
@@ -231,6 +240,7 @@ pub fn decide(
                 (true, None) => format!("{feature_key}: unlimited {source}"),
                 (true, Some(l)) => format!("{feature_key}: up to {l} {source}"),
             };
+            d.source = Some(source);
         }
         Allowance::Revoked(reason) => {
             let default_grants = f

@@ -18,6 +18,10 @@ pub enum FluxError {
     /// A uniqueness rule (e.g. one default plan): 23505 unique_violation.
     #[error("{0}")]
     Conflict(String),
+    /// A row would take a tenant past its limit: 23P01 (an integrity
+    /// violation, like an exclusion constraint's).
+    #[error("{0}")]
+    LimitExceeded(String),
     /// A date or interval setting that does not parse: 22007.
     #[error("{0}")]
     BadDatetime(String),
@@ -34,6 +38,7 @@ impl FluxError {
                 PgSqlErrorCode::ERRCODE_FOREIGN_KEY_VIOLATION
             }
             FluxError::Conflict(_) => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+            FluxError::LimitExceeded(_) => PgSqlErrorCode::ERRCODE_EXCLUSION_VIOLATION,
             FluxError::BadDatetime(_) => PgSqlErrorCode::ERRCODE_INVALID_DATETIME_FORMAT,
             FluxError::Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }

@@ -105,3 +105,28 @@ pub fn default_grace() -> FluxResult<Span> {
         ))),
     }
 }
+
+pub static IDEMPOTENCY_TTL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"7 days"));
+
+pub fn init_metering() {
+    GucRegistry::define_string_guc(
+        c"flux.idempotency_ttl",
+        c"How long flux_consume remembers an idempotency key.",
+        c"An interval, default 7 days. A key older than this counts as new; flux_prune_usage_keys() deletes such keys.",
+        &IDEMPOTENCY_TTL,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+pub fn idempotency_ttl() -> FluxResult<Span> {
+    let s = string_setting(&IDEMPOTENCY_TTL).unwrap_or_else(|| "7 days".to_string());
+    match parse_span(&s) {
+        Some(span) if span.months >= 0 && span.days >= 0 && span.micros >= 0 => Ok(span),
+        _ => Err(FluxError::BadDatetime(format!(
+            "invalid flux.idempotency_ttl {}: expected a non-negative interval such as '7 days'",
+            shown(&s)
+        ))),
+    }
+}

@@ -19,11 +19,14 @@ pub mod decision;
 pub mod error;
 pub mod gucs;
 pub mod identity;
+pub mod limits;
+pub mod metering;
 pub mod model;
 pub mod reads;
 pub mod rollout;
 pub mod store;
 pub mod timeutil;
+pub mod usage;
 pub mod validate;
 
 ::pgrx::pg_module_magic!();
@@ -41,6 +44,7 @@ pub extern "C-unwind" fn _PG_init() {
     // backtrace is captured in it, so nothing reads the environment concurrently.
     unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     gucs::init();
+    gucs::init_metering();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -213,4 +213,10 @@ pub struct Decision {
     pub subject: Option<String>,
     /// The effective grant value (what flux_value returns); not in the type.
     pub value: Option<Value>,
+    /// metered: the reset period; rate: the window. From the applied plan's
+    /// grant, else the highest-ranked grant that has one. Not in the type.
+    pub period: Option<String>,
+    /// Where the grant came from, for messages: "on the pro plan",
+    /// "through an override", "through an addon". Not in the type.
+    pub source: Option<String>,
 }

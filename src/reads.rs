@@ -4,8 +4,8 @@
 
 use crate::decision::{decide, Context};
 use crate::error::{FluxResult, OrRaise};
-use crate::model::Decision;
-use crate::{gucs, identity, store};
+use crate::model::{Decision, FeatureFacts, TenantFacts};
+use crate::{gucs, identity, store, usage};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -17,8 +17,17 @@ fn context() -> FluxResult<Context> {
     })
 }
 
-/// Decide for one tenant and feature.
-pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Decision> {
+/// An entitlement decision with the facts it was made from, so metering can
+/// go on from it without reading them again.
+pub struct Decided {
+    pub d: Decision,
+    pub feature: Option<FeatureFacts>,
+    pub tenant: Option<TenantFacts>,
+    pub ctx: Context,
+}
+
+/// The entitlement part of a decision: everything up to `limit_reached`.
+pub fn entitle(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Decided> {
     let ctx = context()?;
     let f = store::load_feature(feature)?;
     let t = match f {
@@ -29,7 +38,7 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
         Some(_) => store::load_flag(feature, tenant, subject)?,
         None => None,
     };
-    Ok(decide(
+    let d = decide(
         tenant,
         feature,
         subject,
@@ -37,10 +46,24 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
         t.as_ref(),
         flag.as_ref(),
         &ctx,
-    ))
+    );
+    Ok(Decided {
+        d,
+        feature: f,
+        tenant: t,
+        ctx,
+    })
 }
 
-fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decision") {
+/// Decide for one tenant and feature, with usage figures: would one more
+/// unit pass? Reads only.
+pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Decision> {
+    let mut x = entitle(tenant, feature, subject)?;
+    usage::observe(&mut x, 1)?;
+    Ok(x.d)
+}
+
+pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decision") {
     let mut row = PgHeapTuple::new_composite_type("flux.decision")
         .unwrap_or_else(|e| crate::error::FluxError::Internal(e.to_string()).raise());
     let ts = |t: Option<i64>| t.and_then(|v| TimestampWithTimeZone::try_from(v).ok());

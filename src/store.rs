@@ -177,3 +177,48 @@ pub fn load_flag(
         Ok(None)
     })
 }
+
+/// Units recorded for a counter in the period starting at `period_start`
+/// (-infinity for limit features): one primary-key probe.
+pub fn load_used(tenant: &str, feature: &str, period_start: Option<i64>) -> FluxResult<i64> {
+    let start = ts_datum(period_start);
+    Ok(Spi::connect(|client| {
+        let t = client.select(
+            "SELECT used FROM flux.usage WHERE tenant = $1 AND feature = $2 AND period_start = $3",
+            Some(1),
+            &[tenant.into(), feature.into(), start.into()],
+        )?;
+        if t.is_empty() {
+            Ok::<_, pgrx::spi::SpiError>(None)
+        } else {
+            t.first().get_one::<i64>()
+        }
+    })?
+    .unwrap_or(0))
+}
+
+/// The rate limiter's theoretical arrival time, if any.
+pub fn load_tat(tenant: &str, feature: &str) -> FluxResult<Option<i64>> {
+    Ok(Spi::connect(|client| {
+        let t = client.select(
+            "SELECT tat FROM flux.rate_state WHERE tenant = $1 AND feature = $2",
+            Some(1),
+            &[tenant.into(), feature.into()],
+        )?;
+        if t.is_empty() {
+            Ok::<_, pgrx::spi::SpiError>(None)
+        } else {
+            t.first().get_one::<TimestampWithTimeZone>()
+        }
+    })?
+    .map(|t| t.into_inner()))
+}
+
+/// A timestamp for SPI; None is -infinity (the period of limit features).
+pub fn ts_datum(t: Option<i64>) -> TimestampWithTimeZone {
+    match t {
+        Some(v) => TimestampWithTimeZone::try_from(v)
+            .unwrap_or_else(|_| TimestampWithTimeZone::negative_infinity()),
+        None => TimestampWithTimeZone::negative_infinity(),
+    }
+}

@@ -15,8 +15,8 @@ def dsn(dbname):
     return f"host={HOST} port={PORT} user=postgres dbname={dbname}"
 
 
-def connect(dbname, autocommit=True):
-    return psycopg.connect(dsn(dbname), autocommit=autocommit)
+def connect(dbname, autocommit=True, **kw):
+    return psycopg.connect(dsn(dbname), autocommit=autocommit, **kw)
 
 
 @pytest.fixture

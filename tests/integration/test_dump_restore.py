@@ -13,13 +13,13 @@ SELECT t.id, d.feature, d.allowed, d.reason, d.plan, d."limit", d.message, d.upg
        flux_value(t.id, d.feature)::text
   FROM flux.tenants t, flux_entitlements(t.id) d ORDER BY 1, 2;
 """
-TABLES = ["features", "plans", "grants", "tenants", "addons", "addon_grants", "tenant_addons", "overrides", "flags", "flag_lists"]
+TABLES = ["features", "plans", "grants", "tenants", "addons", "addon_grants", "tenant_addons", "overrides", "flags", "flag_lists", "usage"]
 
 
 def snapshot(db):
     with connect(db) as c:
         c.execute("SET timezone = 'UTC'")
-        rows = {t: c.execute(f"SELECT * FROM flux.{t} ORDER BY 1, 2").fetchall() for t in TABLES}
+        rows = {t: c.execute(f"SELECT x::text FROM flux.{t} x ORDER BY 1").fetchall() for t in TABLES}
         cur = c.cursor()
         for stmt in DECISIONS.strip().split(";\n"):
             if stmt.strip():
@@ -34,7 +34,7 @@ def test_dump_and_restore_keep_every_row_and_decision(fresh_db):
     with connect(fresh_db) as c:
         c.execute(sql)
     before = snapshot(fresh_db)
-    assert len(before["tenants"]) == 10 and len(before["flags"]) == 1 and len(before["decisions"]) == 70
+    assert len(before["tenants"]) == 10 and len(before["flags"]) == 1 and len(before["usage"]) == 5 and len(before["decisions"]) == 70
     target = "flux_restored_" + uuid.uuid4().hex[:8]
     conn_args = ["-h", HOST, "-p", str(PORT), "-U", "postgres"]
     with tempfile.TemporaryDirectory() as tmp:

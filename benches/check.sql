@@ -1,0 +1,2 @@
+\set t random(1, 1000)
+SELECT flux_check('t' || :t, 'export');

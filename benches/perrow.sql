@@ -1,0 +1,1 @@
+SELECT count(*) FROM bench_rows WHERE flux_check(tenant_id, 'export');

@@ -1,0 +1,1 @@
+SELECT count(*) FROM bench_rows WHERE tenant_id IS NOT NULL;

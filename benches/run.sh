@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# flux_entitlements benchmarks: each figure is a ratio to a baseline measured
+# interleaved in the same run (flux, baseline, flux, baseline, ...), median of
+# ROUNDS. Usage: benches/run.sh  (or make bench). Environment: SECONDS_PER_RUN
+# (default 5), ROUNDS (default 3), ROWS for the per-row table (default 100000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=/usr/lib/postgresql/15/bin
+DIR=${PGX_ROOT:-/tmp/flux-pg}/bench
+PORT=${BENCH_PORT:-5497}
+T=${SECONDS_PER_RUN:-5}
+ROUNDS=${ROUNDS:-3}
+ROWS=${ROWS:-100000}
+scripts/pg.sh start "$DIR" "$PORT"
+PSQL=("$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres)
+"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS flux_bench" -c "CREATE DATABASE flux_bench"
+"${PSQL[@]}" -d flux_bench -v rows="$ROWS" -f benches/setup.sql >/dev/null
+
+tps() { # script clients
+    "$BIN/pgbench" -n -M prepared -h "$DIR" -p "$PORT" -U postgres -c "$2" -j "$2" -T "$T" -f "benches/$1" flux_bench 2>/dev/null |
+        awk '/^tps/ {print $3; exit}'
+}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+# name, flux script, baseline script, clients, goal, direction (ge: ratio >= goal is good)
+cases=(
+    "check (pgbench -M prepared -c 2) / SELECT ('t' || :t) IS NOT NULL|check.sql|check_baseline.sql|2|0.90|ge"
+    "consume over 1,000 tenants / UPDATE by primary key (-c 2)|consume.sql|consume_baseline.sql|2|0.85|ge"
+    "consume, one hot tenant, 8 clients / single-row UPDATE|hot_consume.sql|hot_baseline.sql|8|0.70|ge"
+    "per-row WHERE flux_check over $ROWS rows, 1,000 tenants: cost / trivial predicate|perrow.sql|perrow_baseline.sql|1|1.60|le"
+)
+printf '%-92s %10s %10s %8s %6s\n' "benchmark" "flux" "baseline" "ratio" "goal"
+for c in "${cases[@]}"; do
+    IFS='|' read -r name fx base clients goal dir <<<"$c"
+    ratios=(); fl=(); bl=()
+    for _ in $(seq "$ROUNDS"); do
+        a=$(tps "$fx" "$clients"); b=$(tps "$base" "$clients")
+        fl+=("$a"); bl+=("$b")
+        if [ "$dir" = ge ]; then ratios+=("$(echo "$a / $b" | bc -l)"); else ratios+=("$(echo "$b / $a" | bc -l)"); fi
+    done
+    r=$(printf '%s\n' "${ratios[@]}" | median)
+    f=$(printf '%s\n' "${fl[@]}" | median); b=$(printf '%s\n' "${bl[@]}" | median)
+    mark=$([ "$dir" = ge ] && echo ">=" || echo "<=")
+    printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "$name" "$f" "$b" "$r" "$mark" "$goal"
+done
+echo "(flux / baseline in transactions per second, median of $ROUNDS interleaved runs of ${T}s;"
+echo " per-row: the ratio is cost, baseline TPS / flux TPS. Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'))"

@@ -1,0 +1,18 @@
+-- Bench catalogue: 1,000 tenants on pro, a boolean, a metered and a limit feature.
+DROP EXTENSION IF EXISTS flux_entitlements CASCADE;
+CREATE EXTENSION flux_entitlements;
+SELECT flux_define_feature('export');
+SELECT flux_define_feature('api_calls', 'metered');
+SELECT flux_define_plan('free', rank => 0, is_default => true);
+SELECT flux_define_plan('pro', rank => 2);
+SELECT flux_grant('pro', 'export');
+SELECT flux_grant('pro', 'api_calls', NULL, 'month');
+SELECT count(flux_subscribe('t' || i, 'pro')) FROM generate_series(1, 1000) i;
+-- Baselines: a plain counter table updated by primary key.
+DROP TABLE IF EXISTS bench_counters;
+CREATE TABLE bench_counters (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
+INSERT INTO bench_counters (id) SELECT i FROM generate_series(1, 1000) i;
+-- Per-row: rows with 1,000 distinct tenants.
+DROP TABLE IF EXISTS bench_rows;
+CREATE TABLE bench_rows AS SELECT i AS id, 't' || (i % 1000 + 1) AS tenant_id FROM generate_series(1, :rows) i;
+ANALYZE;

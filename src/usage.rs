@@ -1,0 +1,487 @@
+//! Recording usage: flux_consume, flux_release, flux_usage.
+//!
+//! Exact under concurrency without read-then-write: a counter is one
+//! `INSERT ... ON CONFLICT DO UPDATE ... WHERE used + amount <= limit`, and
+//! the rate limiter one conditional upsert of its timestamp. PostgreSQL locks
+//! the row and re-checks the WHERE against the latest committed version, so
+//! concurrent callers queue on the row and none can pass the limit. Every
+//! write is in the caller's transaction and rolls back with it.
+
+use crate::error::{shown, FluxError, FluxResult, OrRaise};
+use crate::gucs;
+use crate::metering::{apply_counter, apply_rate, gcra, meter_for, Meter, RateOutcome};
+use crate::model::{Decision, Kind, Reason};
+use crate::reads::{entitle, to_composite, Decided};
+use crate::store::{self, ts_datum};
+use crate::timeutil::Span;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+fn window_micros(text: &str) -> Option<i64> {
+    gucs::parse_span(text).map(|s| (s.days as i64) * 86_400_000_000 + s.micros)
+}
+
+fn meter(x: &Decided) -> FluxResult<Option<Meter>> {
+    let (Some(f), Some(t)) = (&x.feature, &x.tenant) else {
+        return Ok(None);
+    };
+    meter_for(
+        f.kind,
+        x.d.period.as_deref(),
+        x.ctx.now,
+        t.current_period_start,
+        t.current_period_end,
+        window_micros,
+    )
+}
+
+/// Read path: fill in used / remaining / resets_at and decide whether
+/// `amount` more would pass. Writes nothing.
+pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<()> {
+    if !x.d.allowed {
+        return Ok(());
+    }
+    let Some(m) = meter(x)? else { return Ok(()) };
+    let (tenant, feature) = (x.d.tenant.clone(), x.d.feature.clone());
+    match m {
+        Meter::Allowance | Meter::Quota { .. } => {
+            let start = match m {
+                Meter::Quota { start, .. } => Some(start),
+                _ => None,
+            };
+            let used = store::load_used(&tenant, &feature, start)?;
+            let fits = fits(x.d.limit, used, amount);
+            apply_counter(&mut x.d, m, used, fits);
+        }
+        Meter::Rate { window } => {
+            if let Some(limit) = x.d.limit {
+                let tat = store::load_tat(&tenant, &feature)?;
+                let o = gcra(tat, x.ctx.now, limit, window, amount);
+                let text = x.d.period.clone().unwrap_or_default();
+                apply_rate(&mut x.d, &text, o, x.ctx.now);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fits(limit: Option<i64>, used: i64, amount: i64) -> bool {
+    limit.is_none_or(|l| used.saturating_add(amount) <= l)
+}
+
+fn one_i64(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<Option<i64>> {
+    Ok(Spi::connect_mut(|c| {
+        let t = c.update(sql, Some(1), args)?;
+        if t.is_empty() {
+            Ok::<_, pgrx::spi::SpiError>(None)
+        } else {
+            t.first().get_one::<i64>()
+        }
+    })?)
+}
+
+/// Record `amount` against a counter if it fits; returns the new total, or
+/// None when it would pass the limit (nothing recorded).
+fn record_counter(
+    tenant: &str,
+    feature: &str,
+    start: Option<i64>,
+    amount: i64,
+    limit: Option<i64>,
+) -> FluxResult<Option<i64>> {
+    if limit.is_some_and(|l| amount > l) {
+        return Ok(None);
+    }
+    one_i64(
+        "INSERT INTO flux.usage AS u (tenant, feature, period_start, used, updated_at) \
+         VALUES ($1, $2, $3, $4, now()) \
+         ON CONFLICT (tenant, feature, period_start) DO UPDATE \
+             SET used = u.used + EXCLUDED.used, updated_at = now() \
+             WHERE $5::bigint IS NULL OR u.used + EXCLUDED.used <= $5::bigint \
+         RETURNING used",
+        &[
+            tenant.into(),
+            feature.into(),
+            ts_datum(start).into(),
+            amount.into(),
+            limit.into(),
+        ],
+    )
+}
+
+/// Advance the rate limiter by `amount` calls if they pass; returns the new
+/// theoretical arrival time, or None when rate limited (nothing recorded).
+fn record_rate(
+    tenant: &str,
+    feature: &str,
+    now: i64,
+    limit: i64,
+    window: i64,
+    amount: i64,
+) -> FluxResult<Option<i64>> {
+    if !gcra(None, now, limit, window, amount).allowed {
+        return Ok(None);
+    }
+    let t = (window / limit.max(1)).max(1);
+    let inc = Interval::new(0, 0, t.saturating_mul(amount))
+        .map_err(|e| FluxError::Internal(e.to_string()))?;
+    let win = Interval::new(0, 0, window).map_err(|e| FluxError::Internal(e.to_string()))?;
+    let now_ts = ts_datum(Some(now));
+    let tat: Option<TimestampWithTimeZone> = Spi::connect_mut(|c| {
+        let r = c.update(
+            "INSERT INTO flux.rate_state AS r (tenant, feature, tat) VALUES ($1, $2, $3 + $4) \
+             ON CONFLICT (tenant, feature) DO UPDATE SET tat = greatest(r.tat, $3) + $4 \
+                 WHERE greatest(r.tat, $3) + $4 - $5 <= $3 \
+             RETURNING tat",
+            Some(1),
+            &[
+                tenant.into(),
+                feature.into(),
+                now_ts.into(),
+                inc.into(),
+                win.into(),
+            ],
+        )?;
+        if r.is_empty() {
+            Ok::<_, pgrx::spi::SpiError>(None)
+        } else {
+            r.first().get_one::<TimestampWithTimeZone>()
+        }
+    })?;
+    Ok(tat.map(|t| t.into_inner()))
+}
+
+/// Write path: record `amount` if the decision allows it.
+fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
+    if !x.d.allowed {
+        return Ok(());
+    }
+    let Some(m) = meter(x)? else { return Ok(()) };
+    let (tenant, feature, limit, now) = (
+        x.d.tenant.clone(),
+        x.d.feature.clone(),
+        x.d.limit,
+        x.ctx.now,
+    );
+    match m {
+        Meter::Allowance | Meter::Quota { .. } => {
+            let start = match m {
+                Meter::Quota { start, .. } => Some(start),
+                _ => None,
+            };
+            match record_counter(&tenant, &feature, start, amount, limit)? {
+                Some(used) => apply_counter(&mut x.d, m, used, true),
+                None => {
+                    let used = store::load_used(&tenant, &feature, start)?;
+                    apply_counter(&mut x.d, m, used, false);
+                }
+            }
+        }
+        Meter::Rate { window } => {
+            let Some(limit) = limit else { return Ok(()) };
+            let text = x.d.period.clone().unwrap_or_default();
+            let o = match record_rate(&tenant, &feature, now, limit, window, amount)? {
+                Some(new_tat) => {
+                    let t = (window / limit.max(1)).max(1);
+                    let used = ((new_tat - now).max(0) as u64).div_ceil(t as u64) as i64;
+                    RateOutcome {
+                        allowed: true,
+                        new_tat,
+                        used,
+                        retry_after: None,
+                        resets_at: new_tat,
+                    }
+                }
+                None => gcra(
+                    store::load_tat(&tenant, &feature)?,
+                    now,
+                    limit,
+                    window,
+                    amount,
+                ),
+            };
+            apply_rate(&mut x.d, &text, o, now);
+        }
+    }
+    Ok(())
+}
+
+/// Writes to flux.usage, flux.rate_state and flux.usage_keys run as the
+/// tables' owner, so PUBLIC may call flux_consume / flux_release without any
+/// write grant on the flux tables (an application role must not be able to
+/// reset its own counters with a plain UPDATE). This is what SECURITY
+/// DEFINER does, without its per-call GUC save and restore. Restored on drop,
+/// and by PostgreSQL itself if the transaction aborts.
+struct AsTableOwner {
+    uid: pg_sys::Oid,
+    ctx: i32,
+}
+
+impl AsTableOwner {
+    fn enter() -> FluxResult<Self> {
+        let rel = pgrx::PgRelation::open_with_name_and_share_lock("flux.usage")
+            .map_err(|e| FluxError::Internal(format!("flux.usage: {e}")))?;
+        // SAFETY: rd_rel is valid while the relation is open.
+        let owner = unsafe { (*rel.rd_rel).relowner };
+        drop(rel);
+        let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
+        // SAFETY: plain reads and writes of backend-local state; the
+        // SECURITY_LOCAL_USERID_CHANGE flag keeps SET ROLE from undoing it.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+            );
+        }
+        Ok(AsTableOwner { uid, ctx })
+    }
+}
+
+impl Drop for AsTableOwner {
+    fn drop(&mut self) {
+        // SAFETY: restores the identity saved in enter().
+        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }
+    }
+}
+
+// ---- idempotency ------------------------------------------------------------
+
+fn decision_to_json(d: &Decision) -> Value {
+    json!({
+        "allowed": d.allowed, "reason": d.reason.as_str(), "message": d.message,
+        "tenant": d.tenant, "feature": d.feature, "plan": d.plan, "limit": d.limit,
+        "used": d.used, "remaining": d.remaining, "resets_at": d.resets_at,
+        "retry_after": d.retry_after.map(|s| s.micros), "upgrade_plans": d.upgrade_plans,
+        "kind": d.kind.map(|k| k.as_str()), "subject": d.subject,
+    })
+}
+
+fn decision_from_json(v: &Value) -> Decision {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let n = |k: &str| v.get(k).and_then(Value::as_i64);
+    let reason = match s("reason").as_deref() {
+        Some("unknown_feature") => Reason::UnknownFeature,
+        Some("unknown_tenant") => Reason::UnknownTenant,
+        Some("feature_disabled") => Reason::FeatureDisabled,
+        Some("not_in_rollout") => Reason::NotInRollout,
+        Some("subscription_inactive") => Reason::SubscriptionInactive,
+        Some("not_in_plan") => Reason::NotInPlan,
+        Some("limit_reached") => Reason::LimitReached,
+        Some("rate_limited") => Reason::RateLimited,
+        _ => Reason::Ok,
+    };
+    Decision {
+        allowed: v.get("allowed").and_then(Value::as_bool).unwrap_or(false),
+        reason,
+        message: s("message").unwrap_or_default(),
+        tenant: s("tenant").unwrap_or_default(),
+        feature: s("feature").unwrap_or_default(),
+        plan: s("plan"),
+        limit: n("limit"),
+        used: n("used"),
+        remaining: n("remaining"),
+        resets_at: n("resets_at"),
+        retry_after: n("retry_after").map(|us| Span {
+            months: 0,
+            days: 0,
+            micros: us,
+        }),
+        upgrade_plans: v.get("upgrade_plans").and_then(Value::as_array).map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        }),
+        kind: s("kind").and_then(|k| Kind::parse(&k).ok()),
+        subject: s("subject"),
+        value: None,
+        period: None,
+        source: None,
+    }
+}
+
+/// Claim an idempotency key. Returns the first decision when the key was
+/// used before (within flux.idempotency_ttl), None when this call owns it.
+/// A concurrent caller with the same key waits on the unique index until the
+/// first commits, then sees its decision.
+fn claim_key(tenant: &str, feature: &str, key: &str) -> FluxResult<Option<Decision>> {
+    let ttl = gucs::idempotency_ttl()?;
+    let ttl = Interval::new(ttl.months, ttl.days, ttl.micros)
+        .map_err(|e| FluxError::Internal(e.to_string()))?;
+    let claimed = Spi::connect_mut(|c| {
+        c.update(
+            "INSERT INTO flux.usage_keys AS k (tenant, feature, idempotency_key, decision, created_at) \
+             VALUES ($1, $2, $3, '{}', now()) \
+             ON CONFLICT (tenant, feature, idempotency_key) DO UPDATE SET decision = '{}', created_at = now() \
+                 WHERE k.created_at < now() - $4 \
+             RETURNING 1",
+            Some(1),
+            &[tenant.into(), feature.into(), key.into(), ttl.into()],
+        )
+        .map(|t| !t.is_empty())
+    })?;
+    if claimed {
+        return Ok(None);
+    }
+    let first: Option<JsonB> = Spi::connect(|c| {
+        c.select(
+            "SELECT decision FROM flux.usage_keys WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
+            Some(1),
+            &[tenant.into(), feature.into(), key.into()],
+        )?
+        .first()
+        .get_one::<JsonB>()
+    })?;
+    Ok(first.map(|j| decision_from_json(&j.0)))
+}
+
+fn store_key(tenant: &str, feature: &str, key: &str, d: &Decision) -> FluxResult<()> {
+    Spi::connect_mut(|c| {
+        c.update(
+            "UPDATE flux.usage_keys SET decision = $4 WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
+            None,
+            &[tenant.into(), feature.into(), key.into(), JsonB(decision_to_json(d)).into()],
+        )
+        .map(|_| ())
+    })?;
+    Ok(())
+}
+
+pub fn consume(
+    tenant: &str,
+    feature: &str,
+    amount: i64,
+    key: Option<&str>,
+) -> FluxResult<Decision> {
+    let _owner = AsTableOwner::enter()?;
+    if amount <= 0 {
+        return Err(FluxError::InvalidValue(format!(
+            "amount {amount} must be > 0 (flux_release gives units of a limit feature back)"
+        )));
+    }
+    if let Some(k) = key {
+        if k.is_empty() || k.chars().count() > 200 {
+            return Err(FluxError::InvalidValue(format!(
+                "idempotency_key {} must be 1 to 200 characters",
+                shown(k)
+            )));
+        }
+        if let Some(first) = claim_key(tenant, feature, k)? {
+            return Ok(first);
+        }
+    }
+    let mut x = entitle(tenant, feature, None)?;
+    record(&mut x, amount)?;
+    if let Some(k) = key {
+        store_key(tenant, feature, k, &x.d)?;
+    }
+    Ok(x.d)
+}
+
+/// Atomically check and record usage. Allowed: records `amount` and returns
+/// the new used / remaining. Denied: records nothing. A boolean feature
+/// records nothing and answers whether the tenant is entitled.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_consume(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    amount: default!(Option<i64>, "1"),
+    idempotency_key: default!(Option<&str>, "NULL"),
+) -> Option<pgrx::composite_type!('static, "flux.decision")> {
+    let (tenant, feature) = (tenant?, feature?);
+    let amount = amount.unwrap_or(1);
+    Some(to_composite(
+        consume(tenant, feature, amount, idempotency_key).or_raise(),
+    ))
+}
+
+/// Give units of a limit feature back (a seat freed); returns the new used.
+/// Releasing more than is used stops at 0.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_release(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    amount: default!(Option<i64>, "1"),
+) -> Option<i64> {
+    let (tenant, feature) = (tenant?, feature?);
+    let amount = amount.unwrap_or(1);
+    (|| -> FluxResult<i64> {
+        if amount <= 0 {
+            return Err(FluxError::InvalidValue(format!(
+                "amount {amount} must be > 0"
+            )));
+        }
+        let kind = crate::validate::feature_kind(feature)?;
+        if kind != Kind::Limit {
+            return Err(FluxError::InvalidValue(format!(
+                "flux_release gives back units of limit features; \"{feature}\" is {}",
+                kind.as_str()
+            )));
+        }
+        crate::validate::require_tenant(tenant)?;
+        let _owner = AsTableOwner::enter()?;
+        Ok(one_i64(
+            "UPDATE flux.usage SET used = greatest(used - $3, 0), updated_at = now() \
+             WHERE tenant = $1 AND feature = $2 AND period_start = '-infinity' RETURNING used",
+            &[tenant.into(), feature.into(), amount.into()],
+        )?
+        .unwrap_or(0))
+    })()
+    .or_raise()
+    .into()
+}
+
+/// Units used in the current period (limit: held now; rate: calls in the
+/// current window). NULL for unknown tenants or features and for boolean
+/// features.
+#[pg_extern(stable, strict, parallel_safe)]
+fn flux_usage(tenant: &str, feature: &str) -> Option<i64> {
+    (|| -> FluxResult<Option<i64>> {
+        let mut x = entitle(tenant, feature, None)?;
+        let (Some(f), Some(_)) = (&x.feature, &x.tenant) else {
+            return Ok(None);
+        };
+        if !f.kind.has_limit() {
+            return Ok(None);
+        }
+        // Usage exists whether or not the tenant is entitled now.
+        if x.d.period.is_none() {
+            let plan = x.d.plan.clone();
+            x.d.period = plan
+                .and_then(|p| f.grant_of(&p).and_then(|g| g.period.clone()))
+                .or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()));
+        }
+        let now = x.ctx.now;
+        Ok(match meter(&x)? {
+            Some(Meter::Allowance) => Some(store::load_used(tenant, feature, None)?),
+            Some(Meter::Quota { start, .. }) => {
+                Some(store::load_used(tenant, feature, Some(start))?)
+            }
+            Some(Meter::Rate { window }) => {
+                let tat = store::load_tat(tenant, feature)?;
+                let limit = x.d.limit.unwrap_or(1).max(1);
+                Some(gcra(tat, now, limit, window, 0).used)
+            }
+            None => None,
+        })
+    })()
+    .or_raise()
+}
+
+/// Delete idempotency keys older than flux.idempotency_ttl; returns how many.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_prune_usage_keys() -> i64 {
+    (|| -> FluxResult<i64> {
+        let ttl = gucs::idempotency_ttl()?;
+        let ttl = Interval::new(ttl.months, ttl.days, ttl.micros).map_err(|e| FluxError::Internal(e.to_string()))?;
+        Ok(one_i64(
+            "WITH d AS (DELETE FROM flux.usage_keys WHERE created_at < now() - $1 RETURNING 1) SELECT count(*) FROM d",
+            &[ttl.into()],
+        )?
+        .unwrap_or(0))
+    })()
+    .or_raise()
+}
