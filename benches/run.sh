@@ -13,8 +13,8 @@ ROUNDS=${ROUNDS:-3}
 ROWS=${ROWS:-100000}
 scripts/pg.sh start "$DIR" "$PORT"
 PSQL=("$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres)
-"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS flux_bench" -c "CREATE DATABASE flux_bench"
-"${PSQL[@]}" -d flux_bench -v rows="$ROWS" -f benches/setup.sql >/dev/null
+"${PSQL[@]}" -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS flux_bench" -c "CREATE DATABASE flux_bench"
+"${PSQL[@]}" -d flux_bench -v rows="$ROWS" -f benches/setup.sql >/dev/null 2>&1
 
 tps() { # script clients
     "$BIN/pgbench" -n -M prepared -h "$DIR" -p "$PORT" -U postgres -c "$2" -j "$2" -T "$T" -f "benches/$1" flux_bench 2>/dev/null |
@@ -24,14 +24,14 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 
 # name, flux script, baseline script, clients, goal, direction (ge: ratio >= goal is good)
 cases=(
-    "check (pgbench -M prepared -c 2) / SELECT ('t' || :t) IS NOT NULL|check.sql|check_baseline.sql|2|0.90|ge"
-    "consume over 1,000 tenants / UPDATE by primary key (-c 2)|consume.sql|consume_baseline.sql|2|0.85|ge"
-    "consume, one hot tenant, 8 clients / single-row UPDATE|hot_consume.sql|hot_baseline.sql|8|0.70|ge"
-    "per-row WHERE flux_check over $ROWS rows, 1,000 tenants: cost / trivial predicate|perrow.sql|perrow_baseline.sql|1|1.60|le"
+    "check (pgbench -M prepared -c 2) / SELECT ('t' || :t) IS NOT NULL@check.sql@check_baseline.sql@2@0.90@ge"
+    "consume over 1,000 tenants / UPDATE by primary key (-c 2)@consume.sql@consume_baseline.sql@2@0.85@ge"
+    "consume, one hot tenant, 8 clients / single-row UPDATE@hot_consume.sql@hot_baseline.sql@8@0.70@ge"
+    "per-row WHERE flux_check over $ROWS rows, 1,000 tenants: cost / trivial predicate@perrow.sql@perrow_baseline.sql@1@1.60@le"
 )
 printf '%-92s %10s %10s %8s %6s\n' "benchmark" "flux" "baseline" "ratio" "goal"
 for c in "${cases[@]}"; do
-    IFS='|' read -r name fx base clients goal dir <<<"$c"
+    IFS='@' read -r name fx base clients goal dir <<<"$c"
     ratios=(); fl=(); bl=()
     for _ in $(seq "$ROUNDS"); do
         a=$(tps "$fx" "$clients"); b=$(tps "$base" "$clients")
