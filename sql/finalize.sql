@@ -17,6 +17,20 @@ CREATE FUNCTION flux_enforce_limit(tbl regclass, feature text, tenant_column nam
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$ SELECT flux._enforce_limit_setup(tbl::oid, feature, tenant_column::text) $$;
 
+-- Cache invalidation (src/cache.rs): every table the decision reads
+-- announces its changes, whoever makes them (functions or plain DML).
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'tenants', 'addons', 'addon_grants',
+                             'tenant_addons', 'overrides', 'flags', 'flag_lists'] LOOP
+        EXECUTE format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flux.%I '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION flux._cache_invalidate()', t);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION flux._cache_invalidate() IS 'Trigger: tells every backend''s decision cache that this table changed (relcache invalidation, delivered at commit)';
+
 -- Reads: anyone may look at the catalogue and decide.
 GRANT USAGE ON SCHEMA flux TO PUBLIC;
 GRANT SELECT ON flux.features, flux.plans, flux.grants, flux.tenants, flux.addons,
@@ -79,3 +93,4 @@ COMMENT ON FUNCTION flux_prune_usage_keys() IS 'Admin: delete idempotency keys o
 COMMENT ON FUNCTION flux_enforce_limit(regclass, text, name) IS 'Admin: refuse INSERTs (and tenant changes) that would take a tenant''s row count in tbl past its limit of feature; existing rows are never touched';
 COMMENT ON FUNCTION flux._enforce_limit_setup(oid, text, text) IS 'The body of flux_enforce_limit';
 COMMENT ON FUNCTION flux._check_row_limit(oid, text, text, text) IS 'Called by the flux_enforce_limit trigger: counts the tenant''s rows under an advisory lock';
+COMMENT ON FUNCTION flux._cached_tenants() IS 'How many tenants this backend''s decision cache holds (at most flux.cache_tenants)';

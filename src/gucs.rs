@@ -109,7 +109,23 @@ pub fn default_grace() -> FluxResult<Span> {
 pub static IDEMPOTENCY_TTL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"7 days"));
 
+pub static CACHE_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+pub fn cache_tenants() -> usize {
+    CACHE_TENANTS.get().max(1) as usize
+}
+
 pub fn init_metering() {
+    GucRegistry::define_int_guc(
+        c"flux.cache_tenants",
+        c"How many tenants each backend keeps in its decision cache.",
+        c"The catalogue is cached whole; tenants are kept in a bounded, least-recently-used cache of this size.",
+        &CACHE_TENANTS,
+        1,
+        100_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"flux.idempotency_ttl",
         c"How long flux_consume remembers an idempotency key.",

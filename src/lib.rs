@@ -15,6 +15,7 @@
 use pgrx::prelude::*;
 
 pub mod admin;
+pub mod cache;
 pub mod decision;
 pub mod error;
 pub mod gucs;
@@ -45,6 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
     unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     gucs::init();
     gucs::init_metering();
+    cache::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -5,7 +5,7 @@
 use crate::decision::{decide, Context};
 use crate::error::{FluxResult, OrRaise};
 use crate::model::{Decision, FeatureFacts, TenantFacts};
-use crate::{gucs, identity, store, usage};
+use crate::{cache, gucs, identity, usage};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -21,7 +21,7 @@ fn context() -> FluxResult<Context> {
 /// go on from it without reading them again.
 pub struct Decided {
     pub d: Decision,
-    pub feature: Option<FeatureFacts>,
+    pub feature: Option<std::rc::Rc<FeatureFacts>>,
     pub tenant: Option<TenantFacts>,
     pub ctx: Context,
 }
@@ -29,28 +29,20 @@ pub struct Decided {
 /// The entitlement part of a decision: everything up to `limit_reached`.
 pub fn entitle(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Decided> {
     let ctx = context()?;
-    let f = store::load_feature(feature)?;
-    let t = match f {
-        Some(_) => store::load_tenant(tenant, feature)?,
-        None => None,
-    };
-    let flag = match t {
-        Some(_) => store::load_flag(feature, tenant, subject)?,
-        None => None,
-    };
+    let facts = cache::facts(tenant, feature, subject)?;
     let d = decide(
         tenant,
         feature,
         subject,
-        f.as_ref(),
-        t.as_ref(),
-        flag.as_ref(),
+        facts.feature.as_deref(),
+        facts.tenant.as_ref(),
+        facts.flag.as_ref(),
         &ctx,
     );
     Ok(Decided {
         d,
-        feature: f,
-        tenant: t,
+        feature: facts.feature,
+        tenant: facts.tenant,
         ctx,
     })
 }
@@ -125,7 +117,7 @@ fn flux_decide(
 fn flux_entitlements(
     tenant: &str,
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "flux.decision")> {
-    let keys = store::feature_keys().or_raise();
+    let keys = cache::catalogue().or_raise().keys.clone();
     let rows: Vec<_> = keys
         .iter()
         .map(|k| to_composite(decide_one(tenant, k, None).or_raise()))
@@ -142,5 +134,17 @@ fn flux_value(tenant: &str, feature: &str) -> Option<JsonB> {
         d.value.map(JsonB)
     } else {
         None
+    }
+}
+
+#[pg_schema]
+mod flux {
+    use super::*;
+
+    /// How many tenants this backend's decision cache holds (bounded by
+    /// flux.cache_tenants).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _cached_tenants() -> i64 {
+        cache::cached_tenants() as i64
     }
 }

@@ -1,13 +1,21 @@
-//! Where decision facts come from: the `flux` tables, read with SPI in
-//! read-only mode (so reads work on a hot standby and never write).
+//! Reading the `flux` tables with SPI (read-only, so reads work on a hot
+//! standby). Two kinds of reads:
+//! - the cache's loads (`load_catalogue`, `load_tenant`) run under the
+//!   latest snapshot, so a cache is never filled with data older than an
+//!   invalidation it has already consumed;
+//! - usage probes (`load_used`, `load_tat`) read under the statement's
+//!   snapshot with plans prepared once per backend: one index probe each.
 
 use crate::error::{FluxError, FluxResult};
 use crate::gucs::span_of;
 use crate::model::*;
+use crate::timeutil::Span;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::spi::SpiHeapTupleData;
-use pgrx::JsonB;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
+use pgrx::{JsonB, PgBuiltInOids, PgOid};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 
 fn ts(row: &SpiHeapTupleData, col: usize) -> FluxResult<Option<i64>> {
     Ok(row
@@ -27,154 +35,327 @@ fn required<T>(v: Option<T>, what: &str) -> FluxResult<T> {
     v.ok_or_else(|| FluxError::Internal(format!("{what} is NULL")))
 }
 
-/// The feature with its enabled grants by every plan, or None when unknown.
-pub fn load_feature(key: &str) -> FluxResult<Option<FeatureFacts>> {
-    Spi::connect(|client| {
-        let head = client.select(
-            "SELECT f.kind, (SELECT p.key FROM flux.plans p WHERE p.is_default) \
-             FROM flux.features f WHERE f.key = $1",
-            Some(1),
-            &[key.into()],
-        )?;
-        if head.is_empty() {
-            return Ok(None);
-        }
-        let head = head.first();
-        let kind = Kind::parse(&required(head.get::<String>(1)?, "features.kind")?)?;
-        let default_plan = head.get::<String>(2)?;
-        let rows = client.select(
-            "SELECT g.plan, p.rank, g.\"limit\", g.period, g.value \
-             FROM flux.grants g JOIN flux.plans p ON p.key = g.plan \
-             WHERE g.feature = $1 AND g.enabled ORDER BY p.rank, p.key",
-            None,
-            &[key.into()],
-        )?;
-        let mut grants = Vec::with_capacity(rows.len());
-        for row in rows {
-            grants.push(PlanGrant {
-                plan: required(text(&row, 1)?, "grants.plan")?,
-                rank: required(row.get::<i32>(2)?, "plans.rank")?,
-                limit: row.get::<i64>(3)?,
-                period: text(&row, 4)?,
-                value: json(&row, 5)?,
-            });
-        }
-        Ok(Some(FeatureFacts {
-            key: key.to_string(),
-            kind,
-            grants,
-            default_plan,
-        }))
+/// Run `f` with the latest snapshot as the active one: SPI's read-only
+/// queries use the active snapshot, and the latest one includes every
+/// commit that happened before this call (and this transaction's own
+/// changes), whatever the isolation level or the statement's snapshot.
+fn with_latest_snapshot<R>(f: impl FnOnce() -> FluxResult<R>) -> FluxResult<R> {
+    // SAFETY: GetLatestSnapshot returns a static snapshot that
+    // PushActiveSnapshot copies; it is popped below on success, and on error
+    // PostgreSQL's abort processing pops it.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let r = f();
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    r
+}
+
+/// A flag as the cache holds it: lists are sets of ids.
+#[derive(Debug, Clone, Default)]
+pub struct FlagEntry {
+    pub enabled: bool,
+    pub threshold: u32,
+    pub salt: String,
+    pub allow: HashSet<String>,
+    pub deny: HashSet<String>,
+}
+
+/// (addon, per-unit limit, value)
+pub type AddonUnit = (String, Option<i64>, Option<serde_json::Value>);
+
+/// The whole catalogue: features with their grants, plans, addon grants and
+/// flags, plus what the invalidation callback needs to recognise our tables.
+#[derive(Debug, Default)]
+pub struct Catalogue {
+    pub features: HashMap<String, std::rc::Rc<FeatureFacts>>,
+    /// Feature keys in order, for flux_entitlements.
+    pub keys: Vec<String>,
+    pub plan_grace: HashMap<String, Option<Span>>,
+    /// By feature: what one unit of each addon grants.
+    pub addon_grants: HashMap<String, Vec<AddonUnit>>,
+    pub flags: HashMap<String, FlagEntry>,
+    /// OIDs of the flux tables whose changes make the cache stale.
+    pub watched: Vec<pg_sys::Oid>,
+    /// Owner of flux.usage: whom usage writes run as.
+    pub usage_owner: pg_sys::Oid,
+}
+
+pub fn load_catalogue() -> FluxResult<Catalogue> {
+    with_latest_snapshot(|| {
+        Spi::connect(|c| {
+            let mut cat = Catalogue::default();
+            let mut default_plan = None;
+            for r in c.select(
+                "SELECT key, is_default, grace_period FROM flux.plans",
+                None,
+                &[],
+            )? {
+                let key = required(text(&r, 1)?, "plans.key")?;
+                if r.get::<bool>(2)?.unwrap_or(false) {
+                    default_plan = Some(key.clone());
+                }
+                cat.plan_grace
+                    .insert(key, r.get::<Interval>(3)?.map(span_of));
+            }
+            let mut grants: HashMap<String, Vec<PlanGrant>> = HashMap::new();
+            for r in c.select(
+                "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value \
+                 FROM flux.grants g JOIN flux.plans p ON p.key = g.plan \
+                 WHERE g.enabled ORDER BY g.feature, p.rank, p.key",
+                None,
+                &[],
+            )? {
+                grants
+                    .entry(required(text(&r, 1)?, "grants.feature")?)
+                    .or_default()
+                    .push(PlanGrant {
+                        plan: required(text(&r, 2)?, "grants.plan")?,
+                        rank: required(r.get::<i32>(3)?, "plans.rank")?,
+                        limit: r.get::<i64>(4)?,
+                        period: text(&r, 5)?,
+                        value: json(&r, 6)?,
+                    });
+            }
+            for r in c.select(
+                "SELECT key, kind FROM flux.features ORDER BY key",
+                None,
+                &[],
+            )? {
+                let key = required(text(&r, 1)?, "features.key")?;
+                let kind = Kind::parse(&required(text(&r, 2)?, "features.kind")?)?;
+                let facts = FeatureFacts {
+                    key: key.clone(),
+                    kind,
+                    grants: grants.remove(&key).unwrap_or_default(),
+                    default_plan: default_plan.clone(),
+                };
+                cat.keys.push(key.clone());
+                cat.features.insert(key, std::rc::Rc::new(facts));
+            }
+            for r in c.select(
+                "SELECT feature, addon, \"limit\", value FROM flux.addon_grants ORDER BY addon",
+                None,
+                &[],
+            )? {
+                cat.addon_grants
+                    .entry(required(text(&r, 1)?, "addon_grants.feature")?)
+                    .or_default()
+                    .push((
+                        required(text(&r, 2)?, "addon_grants.addon")?,
+                        r.get::<i64>(3)?,
+                        json(&r, 4)?,
+                    ));
+            }
+            for r in c.select(
+                "SELECT feature, enabled, rollout_percent::text, coalesce(salt, feature) FROM flux.flags",
+                None,
+                &[],
+            )? {
+                let percent = required(text(&r, 3)?, "flags.rollout_percent")?;
+                cat.flags.insert(
+                    required(text(&r, 1)?, "flags.feature")?,
+                    FlagEntry {
+                        enabled: r.get::<bool>(2)?.unwrap_or(true),
+                        threshold: crate::rollout::threshold(&percent)?,
+                        salt: required(text(&r, 4)?, "flags.salt")?,
+                        ..FlagEntry::default()
+                    },
+                );
+            }
+            for r in c.select("SELECT feature, id, list FROM flux.flag_lists", None, &[])? {
+                let feature = required(text(&r, 1)?, "flag_lists.feature")?;
+                let id = required(text(&r, 2)?, "flag_lists.id")?;
+                if let Some(flag) = cat.flags.get_mut(&feature) {
+                    match text(&r, 3)?.as_deref() {
+                        Some("deny") => flag.deny.insert(id),
+                        _ => flag.allow.insert(id),
+                    };
+                }
+            }
+            for r in c.select(
+                "SELECT c.oid, c.relname::text, c.relowner FROM pg_catalog.pg_class c \
+                 WHERE c.relnamespace = 'flux'::pg_catalog.regnamespace AND c.relkind = 'r'",
+                None,
+                &[],
+            )? {
+                let oid = required(r.get::<pg_sys::Oid>(1)?, "pg_class.oid")?;
+                cat.watched.push(oid);
+                if text(&r, 2)?.as_deref() == Some("usage") {
+                    cat.usage_owner = required(r.get::<pg_sys::Oid>(3)?, "pg_class.relowner")?;
+                }
+            }
+            Ok(cat)
+        })
     })
 }
 
-/// The tenant's subscription with its addons and override for one feature,
-/// or None when the tenant is unknown.
-pub fn load_tenant(id: &str, feature: &str) -> FluxResult<Option<TenantFacts>> {
-    Spi::connect(|client| {
-        let head = client.select(
-            "SELECT t.plan, t.status, t.trial_ends_at, t.current_period_start, \
-                    t.current_period_end, t.cancel_at_period_end, t.past_due_since, \
-                    t.grace_until, p.grace_period \
-             FROM flux.tenants t LEFT JOIN flux.plans p ON p.key = t.plan WHERE t.id = $1",
-            Some(1),
-            &[id.into()],
-        )?;
-        if head.is_empty() {
-            return Ok(None);
-        }
-        let row = head.first().get_heap_tuple()?;
-        let row = required(row, "tenant row")?;
-        let mut t = TenantFacts {
-            id: id.to_string(),
-            plan: text(&row, 1)?,
-            status: Status::parse(&required(text(&row, 2)?, "tenants.status")?)?,
-            trial_ends_at: ts(&row, 3)?,
-            current_period_start: ts(&row, 4)?,
-            current_period_end: ts(&row, 5)?,
-            cancel_at_period_end: row.get::<bool>(6)?.unwrap_or(false),
-            past_due_since: ts(&row, 7)?,
-            grace_until: ts(&row, 8)?,
-            plan_grace: row.get::<Interval>(9)?.map(span_of),
-            addons: Vec::new(),
-            override_: None,
-        };
-        let addons = client.select(
-            "SELECT ta.addon, ta.quantity, ag.\"limit\", ag.value \
-             FROM flux.tenant_addons ta JOIN flux.addon_grants ag ON ag.addon = ta.addon \
-             WHERE ta.tenant = $1 AND ag.feature = $2 ORDER BY ta.addon",
-            None,
-            &[id.into(), feature.into()],
-        )?;
-        for row in addons {
-            t.addons.push(AddonGrant {
-                addon: required(text(&row, 1)?, "tenant_addons.addon")?,
-                quantity: required(row.get::<i32>(2)?, "tenant_addons.quantity")?,
-                limit: row.get::<i64>(3)?,
-                value: json(&row, 4)?,
-            });
-        }
-        let ov = client.select(
-            "SELECT enabled, \"limit\", value, starts_at, expires_at, reason \
-             FROM flux.overrides WHERE tenant = $1 AND feature = $2",
-            Some(1),
-            &[id.into(), feature.into()],
-        )?;
-        for row in ov {
-            t.override_ = Some(Override {
-                enabled: row.get::<bool>(1)?.unwrap_or(true),
-                limit: row.get::<i64>(2)?,
-                value: json(&row, 3)?,
-                starts_at: ts(&row, 4)?,
-                expires_at: ts(&row, 5)?,
-                reason: text(&row, 6)?,
-            });
-        }
-        Ok(Some(t))
-    })
+/// A tenant as the cache holds it: the subscription row, every addon held
+/// and every override, for all features.
+#[derive(Debug, Clone)]
+pub struct TenantEntry {
+    /// addons and override_ are empty here; `facts_for` fills them per feature.
+    pub base: TenantFacts,
+    pub addons: Vec<(String, i32)>,
+    pub overrides: HashMap<String, Override>,
 }
 
-/// Every feature key, in order (for flux_entitlements).
-pub fn feature_keys() -> FluxResult<Vec<String>> {
-    Spi::connect(|client| {
-        let rows = client.select("SELECT key FROM flux.features ORDER BY key", None, &[])?;
-        let mut keys = Vec::with_capacity(rows.len());
-        for row in rows {
-            keys.push(required(text(&row, 1)?, "features.key")?);
+impl TenantEntry {
+    /// The tenant's facts for one feature.
+    pub fn facts_for(&self, feature: &str, cat: &Catalogue) -> TenantFacts {
+        let mut t = self.base.clone();
+        t.plan_grace = t
+            .plan
+            .as_ref()
+            .and_then(|p| cat.plan_grace.get(p).copied().flatten());
+        if let Some(grants) = cat.addon_grants.get(feature) {
+            for (addon, quantity) in &self.addons {
+                for (a, limit, value) in grants.iter().filter(|g| &g.0 == addon) {
+                    t.addons.push(AddonGrant {
+                        addon: a.clone(),
+                        quantity: *quantity,
+                        limit: *limit,
+                        value: value.clone(),
+                    });
+                }
+            }
         }
-        Ok(keys)
-    })
+        t.override_ = self.overrides.get(feature).cloned();
+        t
+    }
 }
 
-/// The feature's flag and whether the tenant or subject is on its lists;
-/// None when the feature has no flag.
-pub fn load_flag(
-    feature: &str,
-    tenant: &str,
-    subject: Option<&str>,
-) -> FluxResult<Option<FlagFacts>> {
-    Spi::connect(|client| {
-        let mut rows = client.select(
-            "SELECT f.enabled, f.rollout_percent::text, coalesce(f.salt, f.feature), \
-                    EXISTS (SELECT 1 FROM flux.flag_lists l WHERE l.feature = f.feature \
-                            AND l.list = 'allow' AND l.id IN ($2, $3)), \
-                    EXISTS (SELECT 1 FROM flux.flag_lists l WHERE l.feature = f.feature \
-                            AND l.list = 'deny' AND l.id IN ($2, $3)) \
-             FROM flux.flags f WHERE f.feature = $1",
-            Some(1),
-            &[feature.into(), tenant.into(), subject.into()],
-        )?;
-        if let Some(row) = rows.next() {
-            let percent = required(text(&row, 2)?, "flags.rollout_percent")?;
-            return Ok(Some(FlagFacts {
-                enabled: row.get::<bool>(1)?.unwrap_or(true),
-                threshold: crate::rollout::threshold(&percent)?,
-                salt: required(text(&row, 3)?, "flags.salt")?,
-                allowed: row.get::<bool>(4)?.unwrap_or(false),
-                denied: row.get::<bool>(5)?.unwrap_or(false),
-            }));
-        }
-        Ok(None)
+/// Plans prepared once per backend and kept (SPI_keepplan): parsing and
+/// planning a statement costs more than running it.
+struct Plans {
+    tenant: OwnedPreparedStatement,
+    tenant_addons: OwnedPreparedStatement,
+    tenant_overrides: OwnedPreparedStatement,
+    used: OwnedPreparedStatement,
+    tat: OwnedPreparedStatement,
+}
+
+thread_local! {
+    static PLANS: RefCell<Option<std::rc::Rc<Plans>>> = const { RefCell::new(None) };
+}
+
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
+
+fn plans(c: &SpiClient) -> FluxResult<std::rc::Rc<Plans>> {
+    if let Some(p) = PLANS.with(|p| p.borrow().clone()) {
+        return Ok(p);
+    }
+    let p = std::rc::Rc::new(Plans {
+        tenant: c
+            .prepare(
+                "SELECT plan, status, trial_ends_at, current_period_start, current_period_end, \
+                        cancel_at_period_end, past_due_since, grace_until \
+                 FROM flux.tenants WHERE id = $1",
+                &[TEXT],
+            )?
+            .keep(),
+        tenant_addons: c.prepare("SELECT addon, quantity FROM flux.tenant_addons WHERE tenant = $1", &[TEXT])?.keep(),
+        tenant_overrides: c
+            .prepare(
+                "SELECT feature, enabled, \"limit\", value, starts_at, expires_at, reason \
+                 FROM flux.overrides WHERE tenant = $1",
+                &[TEXT],
+            )?
+            .keep(),
+        used: c
+            .prepare(
+                "SELECT used FROM flux.usage WHERE tenant = $1 AND feature = $2 AND period_start = $3",
+                &[TEXT, TEXT, TSTZ],
+            )?
+            .keep(),
+        tat: c.prepare("SELECT tat FROM flux.rate_state WHERE tenant = $1 AND feature = $2", &[TEXT, TEXT])?.keep(),
+    });
+    PLANS.with(|slot| *slot.borrow_mut() = Some(p.clone()));
+    Ok(p)
+}
+
+thread_local! {
+    static KEPT: RefCell<HashMap<&'static str, std::rc::Rc<OwnedPreparedStatement>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// A statement prepared once per backend and kept, looked up by its text.
+pub fn kept(
+    c: &SpiClient,
+    sql: &'static str,
+    args: &[PgOid],
+    mutating: bool,
+) -> FluxResult<std::rc::Rc<OwnedPreparedStatement>> {
+    if let Some(p) = KEPT.with(|k| k.borrow().get(sql).cloned()) {
+        return Ok(p);
+    }
+    let p = if mutating {
+        c.prepare_mut(sql, args)?
+    } else {
+        c.prepare(sql, args)?
+    };
+    let p = std::rc::Rc::new(p.keep());
+    KEPT.with(|k| k.borrow_mut().insert(sql, p.clone()));
+    Ok(p)
+}
+
+/// Forget the prepared plans (the extension was dropped or replaced).
+pub fn forget_plans() {
+    PLANS.with(|p| *p.borrow_mut() = None);
+    KEPT.with(|k| k.borrow_mut().clear());
+}
+
+/// The tenant with its addons and overrides, or None when unknown.
+pub fn load_tenant(id: &str) -> FluxResult<Option<TenantEntry>> {
+    with_latest_snapshot(|| {
+        Spi::connect(|c| {
+            let p = plans(c)?;
+            let head = c.select(&p.tenant, Some(1), &[id.into()])?;
+            if head.is_empty() {
+                return Ok(None);
+            }
+            let r = required(head.first().get_heap_tuple()?, "tenant row")?;
+            let base = TenantFacts {
+                id: id.to_string(),
+                plan: text(&r, 1)?,
+                status: Status::parse(&required(text(&r, 2)?, "tenants.status")?)?,
+                trial_ends_at: ts(&r, 3)?,
+                current_period_start: ts(&r, 4)?,
+                current_period_end: ts(&r, 5)?,
+                cancel_at_period_end: r.get::<bool>(6)?.unwrap_or(false),
+                past_due_since: ts(&r, 7)?,
+                grace_until: ts(&r, 8)?,
+                plan_grace: None,
+                addons: Vec::new(),
+                override_: None,
+            };
+            let mut addons = Vec::new();
+            for r in c.select(&p.tenant_addons, None, &[id.into()])? {
+                addons.push((
+                    required(text(&r, 1)?, "tenant_addons.addon")?,
+                    required(r.get::<i32>(2)?, "tenant_addons.quantity")?,
+                ));
+            }
+            let mut overrides = HashMap::new();
+            for r in c.select(&p.tenant_overrides, None, &[id.into()])? {
+                overrides.insert(
+                    required(text(&r, 1)?, "overrides.feature")?,
+                    Override {
+                        enabled: r.get::<bool>(2)?.unwrap_or(true),
+                        limit: r.get::<i64>(3)?,
+                        value: json(&r, 4)?,
+                        starts_at: ts(&r, 5)?,
+                        expires_at: ts(&r, 6)?,
+                        reason: text(&r, 7)?,
+                    },
+                );
+            }
+            Ok(Some(TenantEntry {
+                base,
+                addons,
+                overrides,
+            }))
+        })
     })
 }
 
@@ -182,36 +363,34 @@ pub fn load_flag(
 /// (-infinity for limit features): one primary-key probe.
 pub fn load_used(tenant: &str, feature: &str, period_start: Option<i64>) -> FluxResult<i64> {
     let start = ts_datum(period_start);
-    Ok(Spi::connect(|client| {
-        let t = client.select(
-            "SELECT used FROM flux.usage WHERE tenant = $1 AND feature = $2 AND period_start = $3",
+    Spi::connect(|c| {
+        let p = plans(c)?;
+        let t = c.select(
+            &p.used,
             Some(1),
             &[tenant.into(), feature.into(), start.into()],
         )?;
-        if t.is_empty() {
-            Ok::<_, pgrx::spi::SpiError>(None)
+        Ok(if t.is_empty() {
+            0
         } else {
-            t.first().get_one::<i64>()
-        }
-    })?
-    .unwrap_or(0))
+            t.first().get_one::<i64>()?.unwrap_or(0)
+        })
+    })
 }
 
 /// The rate limiter's theoretical arrival time, if any.
 pub fn load_tat(tenant: &str, feature: &str) -> FluxResult<Option<i64>> {
-    Ok(Spi::connect(|client| {
-        let t = client.select(
-            "SELECT tat FROM flux.rate_state WHERE tenant = $1 AND feature = $2",
-            Some(1),
-            &[tenant.into(), feature.into()],
-        )?;
-        if t.is_empty() {
-            Ok::<_, pgrx::spi::SpiError>(None)
+    Spi::connect(|c| {
+        let p = plans(c)?;
+        let t = c.select(&p.tat, Some(1), &[tenant.into(), feature.into()])?;
+        Ok(if t.is_empty() {
+            None
         } else {
-            t.first().get_one::<TimestampWithTimeZone>()
-        }
-    })?
-    .map(|t| t.into_inner()))
+            t.first()
+                .get_one::<TimestampWithTimeZone>()?
+                .map(|t| t.into_inner())
+        })
+    })
 }
 
 /// A timestamp for SPI; None is -infinity (the period of limit features).

@@ -19,6 +19,12 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
+use pgrx::{PgBuiltInOids, PgOid};
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+const INTERVAL: PgOid = PgOid::BuiltIn(PgBuiltInOids::INTERVALOID);
+
 fn window_micros(text: &str) -> Option<i64> {
     gucs::parse_span(text).map(|s| (s.days as i64) * 86_400_000_000 + s.micros)
 }
@@ -94,21 +100,29 @@ fn record_counter(
     if limit.is_some_and(|l| amount > l) {
         return Ok(None);
     }
-    one_i64(
+    const SQL: &str =
         "INSERT INTO flux.usage AS u (tenant, feature, period_start, used, updated_at) \
          VALUES ($1, $2, $3, $4, now()) \
          ON CONFLICT (tenant, feature, period_start) DO UPDATE \
              SET used = u.used + EXCLUDED.used, updated_at = now() \
              WHERE $5::bigint IS NULL OR u.used + EXCLUDED.used <= $5::bigint \
-         RETURNING used",
-        &[
+         RETURNING used";
+    Spi::connect_mut(|c| {
+        let p = store::kept(c, SQL, &[TEXT, TEXT, TSTZ, INT8, INT8], true)?;
+        let args = [
             tenant.into(),
             feature.into(),
             ts_datum(start).into(),
             amount.into(),
             limit.into(),
-        ],
-    )
+        ];
+        let t = c.update(&*p, Some(1), &args)?;
+        Ok(if t.is_empty() {
+            None
+        } else {
+            t.first().get_one::<i64>()?
+        })
+    })
 }
 
 /// Advance the rate limiter by `amount` calls if they pass; returns the new
@@ -129,26 +143,26 @@ fn record_rate(
         .map_err(|e| FluxError::Internal(e.to_string()))?;
     let win = Interval::new(0, 0, window).map_err(|e| FluxError::Internal(e.to_string()))?;
     let now_ts = ts_datum(Some(now));
+    const SQL: &str =
+        "INSERT INTO flux.rate_state AS r (tenant, feature, tat) VALUES ($1, $2, $3 + $4) \
+         ON CONFLICT (tenant, feature) DO UPDATE SET tat = greatest(r.tat, $3) + $4 \
+             WHERE greatest(r.tat, $3) + $4 - $5 <= $3 \
+         RETURNING tat";
     let tat: Option<TimestampWithTimeZone> = Spi::connect_mut(|c| {
-        let r = c.update(
-            "INSERT INTO flux.rate_state AS r (tenant, feature, tat) VALUES ($1, $2, $3 + $4) \
-             ON CONFLICT (tenant, feature) DO UPDATE SET tat = greatest(r.tat, $3) + $4 \
-                 WHERE greatest(r.tat, $3) + $4 - $5 <= $3 \
-             RETURNING tat",
-            Some(1),
-            &[
-                tenant.into(),
-                feature.into(),
-                now_ts.into(),
-                inc.into(),
-                win.into(),
-            ],
-        )?;
-        if r.is_empty() {
-            Ok::<_, pgrx::spi::SpiError>(None)
+        let p = store::kept(c, SQL, &[TEXT, TEXT, TSTZ, INTERVAL, INTERVAL], true)?;
+        let args = [
+            tenant.into(),
+            feature.into(),
+            now_ts.into(),
+            inc.into(),
+            win.into(),
+        ];
+        let r = c.update(&*p, Some(1), &args)?;
+        Ok::<_, FluxError>(if r.is_empty() {
+            None
         } else {
-            r.first().get_one::<TimestampWithTimeZone>()
-        }
+            r.first().get_one::<TimestampWithTimeZone>()?
+        })
     })?;
     Ok(tat.map(|t| t.into_inner()))
 }
@@ -221,11 +235,7 @@ struct AsTableOwner {
 
 impl AsTableOwner {
     fn enter() -> FluxResult<Self> {
-        let rel = pgrx::PgRelation::open_with_name_and_share_lock("flux.usage")
-            .map_err(|e| FluxError::Internal(format!("flux.usage: {e}")))?;
-        // SAFETY: rd_rel is valid while the relation is open.
-        let owner = unsafe { (*rel.rd_rel).relowner };
-        drop(rel);
+        let owner = crate::cache::catalogue()?.usage_owner;
         let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
         // SAFETY: plain reads and writes of backend-local state; the
         // SECURITY_LOCAL_USERID_CHANGE flag keeps SET ROLE from undoing it.

@@ -1,0 +1,135 @@
+"""The per-backend cache never gives a stale answer after a commit: warm
+sessions interleave with changes made by functions and by plain DML,
+rollbacks, and dropping and recreating the extension."""
+import random
+
+from conftest import connect
+
+CATALOGUE = """
+SELECT flux_define_feature('export');
+SELECT flux_define_feature('sso');
+SELECT flux_define_feature('seats', 'limit');
+SELECT flux_define_plan('free', rank => 0, is_default => true);
+SELECT flux_define_plan('starter', rank => 1);
+SELECT flux_define_plan('pro', rank => 2);
+SELECT flux_grant('pro', 'export');
+SELECT flux_grant('pro', 'seats', 10);
+SELECT flux_grant('starter', 'seats', 3);
+SELECT flux_grant('free', 'seats', 1);
+SELECT flux_define_addon('pack');
+SELECT flux_grant_addon('pack', 'seats', 5);
+SELECT flux_subscribe('t' || i, CASE WHEN i % 2 = 0 THEN 'pro' ELSE 'starter' END) FROM generate_series(1, 6) i;
+"""
+TENANTS = [f"t{i}" for i in range(1, 7)]
+FEATURES = ["export", "sso", "seats"]
+ANSWERS = """
+SELECT t, f, d.allowed, d.reason, d."limit"
+  FROM unnest(%s::text[]) t, unnest(%s::text[]) f, flux_decide(t, f) d ORDER BY 1, 2
+"""
+
+
+def answers(conn):
+    return conn.execute(ANSWERS, (TENANTS, FEATURES)).fetchall()
+
+
+CHANGES = [
+    lambda r: f"SELECT flux_subscribe('{r.choice(TENANTS)}', '{r.choice(['free', 'starter', 'pro'])}')",
+    lambda r: f"UPDATE flux.tenants SET plan = '{r.choice(['starter', 'pro'])}' WHERE id = '{r.choice(TENANTS)}'",
+    lambda r: f"UPDATE flux.tenants SET status = '{r.choice(['active', 'canceled', 'paused', 'past_due'])}' WHERE id = '{r.choice(TENANTS)}'",
+    lambda r: f"SELECT flux_override('{r.choice(TENANTS)}', '{r.choice(FEATURES)}', enabled => {r.choice(['true', 'false'])})",
+    lambda r: f"DELETE FROM flux.overrides WHERE tenant = '{r.choice(TENANTS)}'",
+    lambda r: f"UPDATE flux.grants SET \"limit\" = {r.randint(0, 20)} WHERE plan = 'pro' AND feature = 'seats'",
+    lambda r: f"SELECT flux_grant('{r.choice(['starter', 'pro'])}', 'sso')",
+    lambda r: f"SELECT flux_revoke('{r.choice(['starter', 'pro'])}', 'sso')",
+    lambda r: f"SELECT flux_attach_addon('{r.choice(TENANTS)}', 'pack', {r.randint(0, 3)})",
+    lambda r: f"SELECT flux_set_flag('export', enabled => {r.choice(['true', 'false'])})",
+    lambda r: f"UPDATE flux.plans SET is_default = {r.choice(['true', 'false'])} WHERE key = 'free'",
+]
+
+
+def test_no_stale_answer_after_any_commit_or_rollback(fresh_db):
+    rng = random.Random(20261122)
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+    readers = [connect(fresh_db) for _ in range(3)]
+    in_tx_reader = connect(fresh_db, autocommit=False)
+    stale = checked = 0
+    try:
+        with connect(fresh_db) as admin:
+            for r in readers + [in_tx_reader]:
+                answers(r)  # warm every cache
+            for step in range(150):
+                change = rng.choice(CHANGES)(rng)
+                rollback = rng.random() < 0.25
+                if rollback:
+                    admin.execute("BEGIN")
+                    admin.execute(change)
+                    admin.execute("ROLLBACK")
+                else:
+                    admin.execute(change)
+                with connect(fresh_db) as oracle:  # a cold cache: reads the tables
+                    want = answers(oracle)
+                for r in readers + [in_tx_reader]:
+                    got = answers(r)
+                    checked += 1
+                    if got != want:
+                        stale += 1
+                if step % 10 == 9:
+                    in_tx_reader.commit()
+    finally:
+        for r in readers + [in_tx_reader]:
+            r.close()
+    assert checked == 600
+    assert stale == 0, f"{stale} stale answers of {checked}"
+
+
+def test_own_uncommitted_change_is_seen_and_forgotten_on_rollback(fresh_db):
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+    with connect(fresh_db, autocommit=False) as c, connect(fresh_db) as other:
+        assert c.execute("SELECT flux_check('t1', 'export')").fetchone()[0] is False
+        c.execute("UPDATE flux.tenants SET plan = 'pro' WHERE id = 't1'")
+        assert c.execute("SELECT flux_check('t1', 'export')").fetchone()[0] is True
+        assert other.execute("SELECT flux_check('t1', 'export')").fetchone()[0] is False
+        c.rollback()
+        assert c.execute("SELECT flux_check('t1', 'export')").fetchone()[0] is False
+        assert other.execute("SELECT flux_check('t1', 'export')").fetchone()[0] is False
+
+
+def test_drop_and_recreate_the_extension_under_a_warm_session(fresh_db):
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+    with connect(fresh_db) as reader, connect(fresh_db) as admin:
+        assert reader.execute("SELECT flux_check('t2', 'export')").fetchone()[0] is True
+        admin.execute("DROP EXTENSION flux_entitlements")
+        admin.execute("CREATE EXTENSION flux_entitlements")
+        admin.execute("SELECT flux_define_feature('export')")
+        admin.execute("SELECT flux_define_plan('pro')")
+        admin.execute("SELECT flux_subscribe('t2', 'pro')")
+        assert reader.execute("SELECT reason FROM flux_decide('t2', 'export')").fetchone()[0] == "not_in_plan"
+        admin.execute("SELECT flux_grant('pro', 'export')")
+        assert reader.execute("SELECT flux_check('t2', 'export')").fetchone()[0] is True
+
+
+def test_the_clock_is_read_at_decision_time_not_cached(fresh_db):
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+        admin.execute(
+            "SELECT flux_subscribe('trial', 'pro', 'trialing', trial_ends_at => '2026-12-01 00:00+00')"
+        )
+    with connect(fresh_db) as c:
+        c.execute("SET flux.now = '2026-11-30 23:59+00'")
+        assert c.execute("SELECT flux_check('trial', 'export')").fetchone()[0] is True
+        c.execute("SET flux.now = '2026-12-01 00:00+00'")
+        assert c.execute("SELECT flux_check('trial', 'export')").fetchone()[0] is False
+
+
+def test_the_tenant_cache_is_bounded(fresh_db):
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+        admin.execute("SELECT count(flux_subscribe('x' || i, 'pro')) FROM generate_series(1, 500) i")
+    with connect(fresh_db) as c:
+        c.execute("SET flux.cache_tenants = 100")
+        n = c.execute("SELECT count(*) FILTER (WHERE flux_check('x' || i, 'export')) FROM generate_series(1, 500) i").fetchone()[0]
+        assert n == 500
+        assert c.execute("SELECT flux._cached_tenants()").fetchone()[0] <= 100
