@@ -141,16 +141,17 @@ pub fn catalogue() -> FluxResult<Rc<Catalogue>> {
     refresh_if_stale()
 }
 
-fn tenant_entry(id: &str) -> FluxResult<Option<Rc<TenantEntry>>> {
+/// The tenant's cache entry, and whether it was loaded just now.
+fn tenant_entry(id: &str) -> FluxResult<(Option<Rc<TenantEntry>>, bool)> {
     let capacity = crate::gucs::cache_tenants();
     if let Some(e) = TENANTS.with(|t| t.borrow_mut().get(id, capacity)) {
-        return Ok(e);
+        return Ok((e, false));
     }
     let loaded = store::load_tenant(id)?.map(Rc::new);
     // Unknown tenants are cached too: a flood of checks for an id that does
     // not exist must not cost a query each.
     TENANTS.with(|t| t.borrow_mut().put(id.to_string(), loaded.clone(), capacity));
-    Ok(loaded)
+    Ok((loaded, true))
 }
 
 /// Everything a decision about (tenant, feature, subject) reads.
@@ -169,15 +170,16 @@ pub fn facts(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<F
             flag: None,
         });
     };
-    let Some(entry) = tenant_entry(tenant)? else {
+    let (entry, loaded) = tenant_entry(tenant)?;
+    let Some(entry) = entry else {
         return Ok(Facts {
             feature: Some(f),
             tenant: None,
             flag: None,
         });
     };
-    // The tenant load may have consumed an invalidation: reload if so.
-    let cat = catalogue()?;
+    // A tenant load may have consumed an invalidation: reload if so.
+    let cat = if loaded { catalogue()? } else { cat };
     let t = entry.facts_for(feature, &cat);
     let flag = cat.flags.get(feature).map(|fl| {
         let listed = |set: &std::collections::HashSet<String>| {

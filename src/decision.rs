@@ -15,6 +15,9 @@ pub struct Context {
     pub now: i64,
     /// `flux.default_grace_period`.
     pub default_grace: Span,
+    /// Build the message and figures for people; false when only `allowed`
+    /// is wanted (flux_check, RLS), which skips the string formatting.
+    pub detail: bool,
 }
 
 /// Why a subscription is not live, as a sentence fragment; None when live.
@@ -209,7 +212,6 @@ pub fn decide(
         f.default_plan.as_deref()
     };
     d.plan = plan.map(str::to_string);
-    let granting: Vec<String> = f.grants.iter().map(|g| g.plan.clone()).collect();
 
     match allowance(f, t, plan, live, ctx.now) {
         Allowance::Granted {
@@ -230,17 +232,20 @@ pub fn decide(
                 d.period =
                     from_plan.or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()));
             }
-            let source = match (via_override, plan) {
-                (true, _) => "through an override".to_string(),
-                (false, Some(p)) => format!("on the {p} plan"),
-                (false, None) => "through an addon".to_string(),
-            };
-            d.message = match (f.kind.has_limit(), limit) {
-                (false, _) => format!("{tenant_id} may use {feature_key} {source}"),
-                (true, None) => format!("{feature_key}: unlimited {source}"),
-                (true, Some(l)) => format!("{feature_key}: up to {l} {source}"),
-            };
-            d.source = Some(source);
+            // Sentences cost more than the decision: only when asked for.
+            if ctx.detail {
+                let source = match (via_override, plan) {
+                    (true, _) => "through an override".to_string(),
+                    (false, Some(p)) => format!("on the {p} plan"),
+                    (false, None) => "through an addon".to_string(),
+                };
+                d.message = match (f.kind.has_limit(), limit) {
+                    (false, _) => format!("{tenant_id} may use {feature_key} {source}"),
+                    (true, None) => format!("{feature_key}: unlimited {source}"),
+                    (true, Some(l)) => format!("{feature_key}: up to {l} {source}"),
+                };
+                d.source = Some(source);
+            }
         }
         Allowance::Revoked(reason) => {
             let default_grants = f
@@ -265,6 +270,7 @@ pub fn decide(
             } else {
                 Reason::SubscriptionInactive
             };
+            let granting: Vec<String> = f.grants.iter().map(|g| g.plan.clone()).collect();
             let needs = if granting.is_empty() {
                 format!("{feature_key} is not included in any plan")
             } else {
@@ -294,6 +300,7 @@ mod tests {
         Context {
             now,
             default_grace: Span::days(7),
+            detail: true,
         }
     }
 

@@ -95,10 +95,27 @@ pub fn span_of(iv: Interval) -> Span {
     }
 }
 
+thread_local! {
+    /// The last flux.default_grace_period text and its value: parsing an
+    /// interval on every decision cost more than the decision.
+    static GRACE_MEMO: std::cell::RefCell<Option<(String, Span)>> = const { std::cell::RefCell::new(None) };
+}
+
 pub fn default_grace() -> FluxResult<Span> {
     let s = string_setting(&DEFAULT_GRACE_PERIOD).unwrap_or_else(|| "7 days".to_string());
+    if let Some(span) = GRACE_MEMO.with(|m| {
+        m.borrow()
+            .as_ref()
+            .filter(|(t, _)| *t == s)
+            .map(|(_, v)| *v)
+    }) {
+        return Ok(span);
+    }
     match parse_span(&s) {
-        Some(span) if span.months >= 0 && span.days >= 0 && span.micros >= 0 => Ok(span),
+        Some(span) if span.months >= 0 && span.days >= 0 && span.micros >= 0 => {
+            GRACE_MEMO.with(|m| *m.borrow_mut() = Some((s, span)));
+            Ok(span)
+        }
         _ => Err(FluxError::BadDatetime(format!(
             "invalid flux.default_grace_period {}: expected a non-negative interval such as '7 days'",
             shown(&s)

@@ -236,6 +236,10 @@ fn where_phrase(d: &Decision, meter: Meter) -> String {
 pub fn apply_counter(d: &mut Decision, meter: Meter, used: i64, fits: bool) {
     d.used = Some(used);
     d.remaining = d.limit.map(|l| l.saturating_sub(used).max(0));
+    if !fits {
+        d.allowed = false;
+        d.reason = Reason::LimitReached;
+    }
     let when = where_phrase(d, meter);
     let resets = match meter {
         Meter::Quota { period, end, .. } => {
@@ -255,10 +259,6 @@ pub fn apply_counter(d: &mut Decision, meter: Meter, used: i64, fits: bool) {
             if fits { String::new() } else { resets }
         ),
     };
-    if !fits {
-        d.allowed = false;
-        d.reason = Reason::LimitReached;
-    }
 }
 
 /// Fill in the rate limiter's figures.

@@ -10,10 +10,11 @@ use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-fn context() -> FluxResult<Context> {
+fn context(detail: bool) -> FluxResult<Context> {
     Ok(Context {
         now: gucs::clock()?,
         default_grace: gucs::default_grace()?,
+        detail,
     })
 }
 
@@ -28,7 +29,17 @@ pub struct Decided {
 
 /// The entitlement part of a decision: everything up to `limit_reached`.
 pub fn entitle(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Decided> {
-    let ctx = context()?;
+    entitle_with(tenant, feature, subject, true)
+}
+
+/// `entitle`, choosing whether to build the message (see Context::detail).
+pub fn entitle_with(
+    tenant: &str,
+    feature: &str,
+    subject: Option<&str>,
+    detail: bool,
+) -> FluxResult<Decided> {
+    let ctx = context(detail)?;
     let facts = cache::facts(tenant, feature, subject)?;
     let d = decide(
         tenant,
@@ -55,8 +66,16 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
     Ok(x.d)
 }
 
+/// Only whether it is allowed: no message is built (flux_check, policies).
+pub fn allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
+    let mut x = entitle_with(tenant, feature, None, false)?;
+    usage::observe(&mut x, 1)?;
+    Ok(x.d.allowed)
+}
+
 pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decision") {
-    let mut row = PgHeapTuple::new_composite_type("flux.decision")
+    let typoid = cache::catalogue().or_raise().decision_type;
+    let mut row = PgHeapTuple::new_composite_type_by_oid(typoid)
         .unwrap_or_else(|e| crate::error::FluxError::Internal(e.to_string()).raise());
     let ts = |t: Option<i64>| t.and_then(|v| TimestampWithTimeZone::try_from(v).ok());
     let set = (|| -> Result<(), pgrx::datum::TryFromDatumError> {
@@ -89,14 +108,14 @@ pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decisio
 /// May `tenant` use `feature` right now? Never raises for unknown keys.
 #[pg_extern(stable, strict, parallel_safe)]
 fn flux_check(tenant: &str, feature: &str) -> bool {
-    decide_one(tenant, feature, None).or_raise().allowed
+    allowed(tenant, feature).or_raise()
 }
 
 /// flux_check for the session's tenant (flux_current_tenant()).
 #[pg_extern(name = "flux_check", stable, strict, parallel_safe)]
 fn flux_check_current(feature: &str) -> Option<bool> {
     let tenant = identity::current_tenant()?;
-    Some(decide_one(&tenant, feature, None).or_raise().allowed)
+    Some(allowed(&tenant, feature).or_raise())
 }
 
 /// The full decision: allowed, reason, message and the figures behind it.

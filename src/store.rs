@@ -78,6 +78,9 @@ pub struct Catalogue {
     pub watched: Vec<pg_sys::Oid>,
     /// Owner of flux.usage: whom usage writes run as.
     pub usage_owner: pg_sys::Oid,
+    /// The composite type flux.decision (looking it up by name per call
+    /// cost more than building the row).
+    pub decision_type: pg_sys::Oid,
 }
 
 pub fn load_catalogue() -> FluxResult<Catalogue> {
@@ -184,6 +187,16 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                     cat.usage_owner = required(r.get::<pg_sys::Oid>(3)?, "pg_class.relowner")?;
                 }
             }
+            cat.decision_type = required(
+                c.select(
+                    "SELECT 'flux.decision'::pg_catalog.regtype::pg_catalog.oid",
+                    Some(1),
+                    &[],
+                )?
+                .first()
+                .get_one::<pg_sys::Oid>()?,
+                "flux.decision",
+            )?;
             Ok(cat)
         })
     })

@@ -100,7 +100,17 @@ fn record_counter(
     if limit.is_some_and(|l| amount > l) {
         return Ok(None);
     }
-    const SQL: &str =
+    // The common case first: the period's row exists and the amount fits.
+    // A plain UPDATE is cheaper than INSERT ... ON CONFLICT (no speculative
+    // insertion); under READ COMMITTED it locks the row and rechecks the
+    // condition against the latest committed version, so it stays exact.
+    const UPDATE: &str = "UPDATE flux.usage SET used = used + $4, updated_at = now() \
+         WHERE tenant = $1 AND feature = $2 AND period_start = $3 \
+           AND ($5::bigint IS NULL OR used + $4 <= $5::bigint) \
+         RETURNING used";
+    // No row yet for this period, or the amount does not fit: the upsert
+    // creates the row, or updates it under the same condition.
+    const UPSERT: &str =
         "INSERT INTO flux.usage AS u (tenant, feature, period_start, used, updated_at) \
          VALUES ($1, $2, $3, $4, now()) \
          ON CONFLICT (tenant, feature, period_start) DO UPDATE \
@@ -108,7 +118,6 @@ fn record_counter(
              WHERE $5::bigint IS NULL OR u.used + EXCLUDED.used <= $5::bigint \
          RETURNING used";
     Spi::connect_mut(|c| {
-        let p = store::kept(c, SQL, &[TEXT, TEXT, TSTZ, INT8, INT8], true)?;
         let args = [
             tenant.into(),
             feature.into(),
@@ -116,12 +125,14 @@ fn record_counter(
             amount.into(),
             limit.into(),
         ];
-        let t = c.update(&*p, Some(1), &args)?;
-        Ok(if t.is_empty() {
-            None
-        } else {
-            t.first().get_one::<i64>()?
-        })
+        for sql in [UPDATE, UPSERT] {
+            let p = store::kept(c, sql, &[TEXT, TEXT, TSTZ, INT8, INT8], true)?;
+            let t = c.update(&*p, Some(1), &args)?;
+            if !t.is_empty() {
+                return Ok(t.first().get_one::<i64>()?);
+            }
+        }
+        Ok(None)
     })
 }
 
