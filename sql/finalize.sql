@@ -31,27 +31,37 @@ END
 $$;
 COMMENT ON FUNCTION flux._cache_invalidate() IS 'Trigger: tells every backend''s decision cache that this table changed (relcache invalidation, delivered at commit)';
 
--- Reads: anyone may look at the catalogue and decide.
+-- flux_protect, likewise (src/rls.rs). force => true also applies the
+-- policies to the table's owner (FORCE ROW LEVEL SECURITY).
+CREATE FUNCTION flux_protect(tbl regclass, feature text, tenant_column name DEFAULT 'tenant_id',
+                             force boolean DEFAULT false)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._protect_setup(tbl::oid, feature, tenant_column::text, force) $$;
+
+-- PUBLIC may use the schema (for the type flux.decision) and call the
+-- reads, consume, release, flux_current_tenant and flux_authenticate; it
+-- gets no privilege on the tables: the functions read and write them as
+-- their owner (src/privilege.rs), so an application role can neither
+-- rewrite its plan or usage nor read other tenants' rows or key hashes.
 GRANT USAGE ON SCHEMA flux TO PUBLIC;
-GRANT SELECT ON flux.features, flux.plans, flux.grants, flux.tenants, flux.addons,
-    flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
-    flux.usage, flux.rate_state TO PUBLIC;
 -- Writes: flux_admin (and the owner) only.
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, flux.tenants,
     flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
-    flux.usage, flux.rate_state, flux.usage_keys TO flux_admin;
+    flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage.rs),
 -- so PUBLIC needs no write grant on any flux table.
 
 REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
-    flux_prune_usage_keys, flux._enforce_limit_setup
+    flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
+    flux_protect, flux._protect_setup
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
-    flux_prune_usage_keys, flux._enforce_limit_setup
+    flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
+    flux_protect, flux._protect_setup
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -94,3 +104,8 @@ COMMENT ON FUNCTION flux_enforce_limit(regclass, text, name) IS 'Admin: refuse I
 COMMENT ON FUNCTION flux._enforce_limit_setup(oid, text, text) IS 'The body of flux_enforce_limit';
 COMMENT ON FUNCTION flux._check_row_limit(oid, text, text, text) IS 'Called by the flux_enforce_limit trigger: counts the tenant''s rows under an advisory lock';
 COMMENT ON FUNCTION flux._cached_tenants() IS 'How many tenants this backend''s decision cache holds (at most flux.cache_tenants)';
+COMMENT ON FUNCTION flux_create_api_key(text, text, timestamptz) IS 'Admin: create an API key for a tenant; returns flux_<id>_<secret> once, stores only SHA-256 of the secret';
+COMMENT ON FUNCTION flux_authenticate(text) IS 'Check an API key; sets flux.tenant for the current transaction and returns the tenant; unknown, revoked or expired keys raise 28000';
+COMMENT ON FUNCTION flux_revoke_api_key(text) IS 'Admin: revoke the API key with this flux.api_keys.id';
+COMMENT ON FUNCTION flux_protect(regclass, text, name, boolean) IS 'Admin: row-level security on tbl: rows of the session''s tenant only, and only while it is entitled to feature (decided once per statement); force => true applies it to the table owner too';
+COMMENT ON FUNCTION flux._protect_setup(oid, text, text, boolean) IS 'The body of flux_protect';

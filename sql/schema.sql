@@ -203,6 +203,21 @@ CREATE TABLE flux.usage_keys (
 CREATE INDEX usage_keys_created_at ON flux.usage_keys (created_at);
 COMMENT ON TABLE flux.usage_keys IS 'Idempotency keys of flux_consume with the first decision; kept flux.idempotency_ttl (default 7 days), then pruned by flux_prune_usage_keys()';
 
+CREATE TABLE flux.api_keys (
+    id          text PRIMARY KEY,
+    tenant      text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    name        text NOT NULL,
+    secret_hash bytea NOT NULL CONSTRAINT api_keys_secret_hash_check CHECK (length(secret_hash) = 32),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz,
+    revoked_at  timestamptz
+);
+CREATE INDEX api_keys_tenant ON flux.api_keys (tenant);
+COMMENT ON TABLE flux.api_keys IS 'API keys of tenants: the public id and SHA-256 of the secret, never the key; readable only by flux_admin and the owner';
+COMMENT ON COLUMN flux.api_keys.id IS 'Public part of the key (flux_<id>_<secret>), 12 hex digits';
+COMMENT ON COLUMN flux.api_keys.secret_hash IS 'SHA-256 of the 256-bit secret; the key itself is shown once by flux_create_api_key';
+COMMENT ON COLUMN flux.api_keys.revoked_at IS 'Set by flux_revoke_api_key: the key stops working from this moment';
+
 -- Validation triggers: thin wrappers that hand the row to the Rust validators
 -- (src/validate.rs), so psql DML gets the same errors as the admin functions.
 
@@ -362,3 +377,4 @@ SELECT pg_catalog.pg_extension_config_dump('flux.flag_lists', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.usage', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.rate_state', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.usage_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.api_keys', '');

@@ -22,6 +22,9 @@ pub enum FluxError {
     /// violation, like an exclusion constraint's).
     #[error("{0}")]
     LimitExceeded(String),
+    /// A credential that does not authenticate: 28000.
+    #[error("{0}")]
+    Unauthorized(String),
     /// A date or interval setting that does not parse: 22007.
     #[error("{0}")]
     BadDatetime(String),
@@ -39,6 +42,9 @@ impl FluxError {
             }
             FluxError::Conflict(_) => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
             FluxError::LimitExceeded(_) => PgSqlErrorCode::ERRCODE_EXCLUSION_VIOLATION,
+            FluxError::Unauthorized(_) => {
+                PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION
+            }
             FluxError::BadDatetime(_) => PgSqlErrorCode::ERRCODE_INVALID_DATETIME_FORMAT,
             FluxError::Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }

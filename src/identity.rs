@@ -72,3 +72,185 @@ mod tests {
         assert_eq!(tenant_from_claims("[1,2]", "tenant_id"), None);
     }
 }
+
+// ---- API keys ---------------------------------------------------------------
+//
+// A key is `flux_<id>_<secret>`: `id` is 12 hex digits (public, the primary
+// key of flux.api_keys), `secret` 64 hex digits (256 bits from
+// pg_strong_random). Only SHA-256(secret) is stored; the key is shown once.
+
+use crate::error::{FluxError, FluxResult, OrRaise};
+use crate::validate::{need, require_tenant};
+use pgrx::datum::TimestampWithTimeZone;
+use sha2::{Digest, Sha256};
+
+fn random_hex(bytes: usize) -> FluxResult<String> {
+    let mut buf = vec![0u8; bytes];
+    // SAFETY: fills exactly buf.len() bytes of a buffer we own.
+    let ok = unsafe { pg_sys::pg_strong_random(buf.as_mut_ptr().cast(), buf.len()) };
+    if !ok {
+        return Err(FluxError::Internal(
+            "pg_strong_random failed: no strong random source".into(),
+        ));
+    }
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn hash(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Equal in time independent of where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Split `flux_<id>_<secret>`; None when it does not have that shape.
+pub fn parse_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("flux_")?;
+    let (id, secret) = rest.split_once('_')?;
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(id, 12) && hex(secret, 64)).then_some((id, secret))
+}
+
+fn unauthorized() -> FluxError {
+    FluxError::Unauthorized("invalid API key".into())
+}
+
+/// Create an API key for a tenant; returns the key, shown this once.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_create_api_key(
+    tenant: Option<&str>,
+    name: Option<&str>,
+    expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+) -> String {
+    (|| -> FluxResult<String> {
+        let tenant = need(tenant, "tenant")?;
+        let name = need(name, "name")?;
+        crate::validate::check_key("API key name", name)?;
+        require_tenant(tenant)?;
+        let id = random_hex(6)?;
+        let secret = random_hex(32)?;
+        Spi::run_with_args(
+            "INSERT INTO flux.api_keys (id, tenant, name, secret_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
+            &[id.as_str().into(), tenant.into(), name.into(), hash(&secret).into(), expires_at.into()],
+        )?;
+        Ok(format!("flux_{id}_{secret}"))
+    })()
+    .or_raise()
+}
+
+/// Check an API key; on success set flux.tenant for the current transaction
+/// and return the tenant. Unknown, revoked and expired keys all raise the
+/// same 28000 error, so a caller learns nothing about which.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_authenticate(api_key: Option<&str>) -> String {
+    (|| -> FluxResult<String> {
+        let key = api_key.ok_or_else(unauthorized)?;
+        let (id, secret) = parse_key(key).ok_or_else(unauthorized)?;
+        let now = gucs::clock()?;
+        let row = {
+            let _owner = crate::privilege::AsOwner::enter()?;
+            Spi::connect(|c| {
+                let t = c.select(
+                    "SELECT tenant, secret_hash, expires_at, revoked_at FROM flux.api_keys WHERE id = $1",
+                    Some(1),
+                    &[id.into()],
+                )?;
+                if t.is_empty() {
+                    return Ok::<_, FluxError>(None);
+                }
+                let t = t.first();
+                Ok(Some((
+                    t.get::<String>(1)?,
+                    t.get::<Vec<u8>>(2)?,
+                    t.get::<TimestampWithTimeZone>(3)?.map(|x| x.into_inner()),
+                    t.get::<TimestampWithTimeZone>(4)?.map(|x| x.into_inner()),
+                )))
+            })?
+        };
+        // Hash even when the id is unknown, so timing does not tell.
+        let presented = hash(secret);
+        let Some((Some(tenant), Some(stored), expires, revoked)) = row else {
+            let _ = constant_time_eq(&presented, &[0u8; 32]);
+            return Err(unauthorized());
+        };
+        let valid = constant_time_eq(&presented, &stored)
+            & revoked.is_none_or(|r| now < r)
+            & expires.is_none_or(|e| now < e);
+        if !valid {
+            return Err(unauthorized());
+        }
+        set_local("flux.tenant", &tenant)?;
+        Ok(tenant)
+    })()
+    .or_raise()
+}
+
+/// SET LOCAL name = value, for the current transaction.
+fn set_local(name: &str, value: &str) -> FluxResult<()> {
+    let name = CString::new(name).map_err(|_| FluxError::Internal("setting name".into()))?;
+    let value = CString::new(value).map_err(|_| FluxError::Internal("setting value".into()))?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; errors
+    // are raised by PostgreSQL (elevel ERROR).
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
+    }
+    Ok(())
+}
+
+/// Revoke the API key whose flux.api_keys.id is `id`, from the clock on.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_revoke_api_key(id: Option<&str>) {
+    (|| -> FluxResult<()> {
+        let id = need(id, "id")?;
+        let found = Spi::connect_mut(|c| {
+            c.update(
+                "UPDATE flux.api_keys SET revoked_at = coalesce(revoked_at, flux._clock()) WHERE id = $1 RETURNING 1",
+                Some(1),
+                &[id.into()],
+            )
+            .map(|t| !t.is_empty())
+        })?;
+        if !found {
+            return Err(FluxError::UnknownReference(format!(
+                "no API key with id {}",
+                crate::error::shown(id)
+            )));
+        }
+        Ok(())
+    })()
+    .or_raise()
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn key_shape_and_comparison() {
+        let id = "0123456789ab";
+        let secret = "f".repeat(64);
+        let key = format!("flux_{id}_{secret}");
+        assert_eq!(parse_key(&key), Some((id, secret.as_str())));
+        assert_eq!(parse_key("flux_xyz_abc"), None);
+        assert_eq!(parse_key(""), None);
+        assert_eq!(parse_key(&format!("flux_{id}_{}", "f".repeat(63))), None);
+        assert!(constant_time_eq(&hash("a"), &hash("a")));
+        assert!(!constant_time_eq(&hash("a"), &hash("b")));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+        assert_eq!(hash("abc").len(), 32);
+    }
+}

@@ -7,7 +7,13 @@
 //! - `reads`: flux_check / flux_decide / flux_entitlements / flux_value;
 //! - `admin`: the define / grant / subscribe / override / addon upserts;
 //! - `validate`: the rules every row must meet (admin functions and psql DML);
-//! - `identity`: flux_current_tenant;
+//! - `identity`: flux_current_tenant and API keys;
+//! - `rls`: flux_protect (row-level security policies);
+//! - `privilege`: running table access as the flux tables' owner;
+//! - `cache`: the per-backend decision cache and its invalidation;
+//! - `metering`, `usage`, `limits`: periods and GCRA, recording usage,
+//!   flux_enforce_limit;
+//! - `rollout`: the flag bucketing formula;
 //! - `gucs`: the flux.* settings and the clock;
 //! - `error`: the error type and its SQLSTATEs;
 //! - `timeutil`: calendar arithmetic in UTC.
@@ -23,7 +29,9 @@ pub mod identity;
 pub mod limits;
 pub mod metering;
 pub mod model;
+pub mod privilege;
 pub mod reads;
+pub mod rls;
 pub mod rollout;
 pub mod store;
 pub mod timeutil;

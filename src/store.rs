@@ -40,6 +40,7 @@ fn required<T>(v: Option<T>, what: &str) -> FluxResult<T> {
 /// commit that happened before this call (and this transaction's own
 /// changes), whatever the isolation level or the statement's snapshot.
 fn with_latest_snapshot<R>(f: impl FnOnce() -> FluxResult<R>) -> FluxResult<R> {
+    let _owner = crate::privilege::AsOwner::enter()?;
     // SAFETY: GetLatestSnapshot returns a static snapshot that
     // PushActiveSnapshot copies; it is popped below on success, and on error
     // PostgreSQL's abort processing pops it.
@@ -76,8 +77,6 @@ pub struct Catalogue {
     pub flags: HashMap<String, FlagEntry>,
     /// OIDs of the flux tables whose changes make the cache stale.
     pub watched: Vec<pg_sys::Oid>,
-    /// Owner of flux.usage: whom usage writes run as.
-    pub usage_owner: pg_sys::Oid,
     /// The composite type flux.decision (looking it up by name per call
     /// cost more than building the row).
     pub decision_type: pg_sys::Oid,
@@ -176,16 +175,13 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                 }
             }
             for r in c.select(
-                "SELECT c.oid, c.relname::text, c.relowner FROM pg_catalog.pg_class c \
+                "SELECT c.oid FROM pg_catalog.pg_class c \
                  WHERE c.relnamespace = 'flux'::pg_catalog.regnamespace AND c.relkind = 'r'",
                 None,
                 &[],
             )? {
-                let oid = required(r.get::<pg_sys::Oid>(1)?, "pg_class.oid")?;
-                cat.watched.push(oid);
-                if text(&r, 2)?.as_deref() == Some("usage") {
-                    cat.usage_owner = required(r.get::<pg_sys::Oid>(3)?, "pg_class.relowner")?;
-                }
+                cat.watched
+                    .push(required(r.get::<pg_sys::Oid>(1)?, "pg_class.oid")?);
             }
             cat.decision_type = required(
                 c.select(
@@ -376,6 +372,7 @@ pub fn load_tenant(id: &str) -> FluxResult<Option<TenantEntry>> {
 /// (-infinity for limit features): one primary-key probe.
 pub fn load_used(tenant: &str, feature: &str, period_start: Option<i64>) -> FluxResult<i64> {
     let start = ts_datum(period_start);
+    let _owner = crate::privilege::AsOwner::enter()?;
     Spi::connect(|c| {
         let p = plans(c)?;
         let t = c.select(
@@ -393,6 +390,7 @@ pub fn load_used(tenant: &str, feature: &str, period_start: Option<i64>) -> Flux
 
 /// The rate limiter's theoretical arrival time, if any.
 pub fn load_tat(tenant: &str, feature: &str) -> FluxResult<Option<i64>> {
+    let _owner = crate::privilege::AsOwner::enter()?;
     Spi::connect(|c| {
         let p = plans(c)?;
         let t = c.select(&p.tat, Some(1), &[tenant.into(), feature.into()])?;

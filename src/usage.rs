@@ -233,41 +233,6 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
     Ok(())
 }
 
-/// Writes to flux.usage, flux.rate_state and flux.usage_keys run as the
-/// tables' owner, so PUBLIC may call flux_consume / flux_release without any
-/// write grant on the flux tables (an application role must not be able to
-/// reset its own counters with a plain UPDATE). This is what SECURITY
-/// DEFINER does, without its per-call GUC save and restore. Restored on drop,
-/// and by PostgreSQL itself if the transaction aborts.
-struct AsTableOwner {
-    uid: pg_sys::Oid,
-    ctx: i32,
-}
-
-impl AsTableOwner {
-    fn enter() -> FluxResult<Self> {
-        let owner = crate::cache::catalogue()?.usage_owner;
-        let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
-        // SAFETY: plain reads and writes of backend-local state; the
-        // SECURITY_LOCAL_USERID_CHANGE flag keeps SET ROLE from undoing it.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
-            pg_sys::SetUserIdAndSecContext(
-                owner,
-                ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-            );
-        }
-        Ok(AsTableOwner { uid, ctx })
-    }
-}
-
-impl Drop for AsTableOwner {
-    fn drop(&mut self) {
-        // SAFETY: restores the identity saved in enter().
-        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }
-    }
-}
-
 // ---- idempotency ------------------------------------------------------------
 
 fn decision_to_json(d: &Decision) -> Value {
@@ -377,7 +342,7 @@ pub fn consume(
     amount: i64,
     key: Option<&str>,
 ) -> FluxResult<Decision> {
-    let _owner = AsTableOwner::enter()?;
+    let _owner = crate::privilege::AsOwner::enter()?;
     if amount <= 0 {
         return Err(FluxError::InvalidValue(format!(
             "amount {amount} must be > 0 (flux_release gives units of a limit feature back)"
@@ -443,7 +408,7 @@ fn flux_release(
             )));
         }
         crate::validate::require_tenant(tenant)?;
-        let _owner = AsTableOwner::enter()?;
+        let _owner = crate::privilege::AsOwner::enter()?;
         Ok(one_i64(
             "UPDATE flux.usage SET used = greatest(used - $3, 0), updated_at = now() \
              WHERE tenant = $1 AND feature = $2 AND period_start = '-infinity' RETURNING used",

@@ -1,0 +1,118 @@
+//! flux_protect: row-level security that gates an application table by
+//! tenant and by entitlement, for every client (PostgREST, BI tools, psql).
+//!
+//! Policies made on `tbl`:
+//! - `flux_tenant_select / _insert / _update / _delete` (permissive): the
+//!   row's tenant column equals `flux_current_tenant()`;
+//! - `flux_feature_<feature>` (restrictive, all commands): `flux_check(feature)`.
+//!
+//! The feature condition does not depend on the row and is written as a
+//! scalar subquery, so the planner runs it once per statement (an InitPlan;
+//! each row only reads its result); the tenant condition is an index qual
+//! on the tenant column, evaluated once per scan. The
+//! functions they call read through the decision cache as the tables' owner,
+//! so they work for roles with no grant on the `flux` tables.
+
+use crate::error::{FluxError, FluxResult, OrRaise};
+use crate::validate::{feature_kind, need};
+use pgrx::prelude::*;
+
+fn one_text(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<Option<String>> {
+    Ok(Spi::connect(|c| {
+        let t = c.select(sql, Some(1), args)?;
+        if t.is_empty() {
+            Ok::<_, pgrx::spi::SpiError>(None)
+        } else {
+            t.first().get_one::<String>()
+        }
+    })?)
+}
+
+#[pg_schema]
+mod flux {
+    use super::*;
+
+    /// The body of flux_protect (a SQL wrapper taking regclass and name).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _protect_setup(
+        tbl: Option<pg_sys::Oid>,
+        feature: Option<&str>,
+        tenant_column: Option<&str>,
+        force: Option<bool>,
+    ) {
+        (|| -> FluxResult<()> {
+            let tbl = need(tbl, "tbl")?;
+            let feature = need(feature, "feature")?;
+            let column = need(tenant_column, "tenant_column")?;
+            feature_kind(feature)?;
+            let table = one_text("SELECT $1::pg_catalog.regclass::text", &[tbl.into()])?.unwrap_or_default();
+            let coltype = one_text(
+                "SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute \
+                 WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+                &[tbl.into(), column.into()],
+            )?
+            .ok_or_else(|| {
+                FluxError::InvalidValue(format!(
+                    "table {table} has no column \"{column}\": pass the tenant column as tenant_column"
+                ))
+            })?;
+            // Qualify our functions so a caller's search_path cannot swap them.
+            let schema = one_text(
+                "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'flux_entitlements'",
+                &[],
+            )?
+            .unwrap_or_else(|| "public".into());
+            let schema = spi::quote_identifier(schema);
+            let col = spi::quote_identifier(column);
+            let tenant_match = if coltype == "text" {
+                format!("{col} = {schema}.flux_current_tenant()")
+            } else {
+                format!("{col} = ({schema}.flux_current_tenant())::{coltype}")
+            };
+            // A scalar subquery: the planner runs it once per statement as an
+            // InitPlan and each row only reads its result (a plain call in a
+            // policy is evaluated per row: RLS quals are not turned into
+            // one-time filters).
+            let entitled = format!("(SELECT {schema}.flux_check({}))", spi::quote_literal(feature));
+            let feature_policy = spi::quote_identifier(format!("flux_feature_{feature}"));
+
+            Spi::run(&format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))?;
+            if force.unwrap_or(false) {
+                Spi::run(&format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"))?;
+            }
+            let existing: Vec<String> = Spi::connect(|c| {
+                let mut v = Vec::new();
+                for r in c.select(
+                    "SELECT polname::text FROM pg_catalog.pg_policy WHERE polrelid = $1",
+                    None,
+                    &[tbl.into()],
+                )? {
+                    v.push(r.get::<String>(1)?.unwrap_or_default());
+                }
+                Ok::<_, pgrx::spi::SpiError>(v)
+            })?;
+            let policies = [
+                ("flux_tenant_select", format!("FOR SELECT USING ({tenant_match})")),
+                ("flux_tenant_insert", format!("FOR INSERT WITH CHECK ({tenant_match})")),
+                ("flux_tenant_update", format!("FOR UPDATE USING ({tenant_match}) WITH CHECK ({tenant_match})")),
+                ("flux_tenant_delete", format!("FOR DELETE USING ({tenant_match})")),
+            ];
+            for (name, body) in policies {
+                if existing.iter().any(|e| e == name) {
+                    Spi::run(&format!("DROP POLICY {name} ON {table}"))?;
+                }
+                Spi::run(&format!("CREATE POLICY {name} ON {table} AS PERMISSIVE {body}"))?;
+            }
+            if existing.iter().any(|e| *e == format!("flux_feature_{feature}")) {
+                Spi::run(&format!("DROP POLICY {feature_policy} ON {table}"))?;
+            }
+            Spi::run(&format!(
+                "CREATE POLICY {feature_policy} ON {table} AS RESTRICTIVE FOR ALL \
+                 USING ({entitled}) WITH CHECK ({entitled})"
+            ))?;
+            Ok(())
+        })()
+        .or_raise()
+    }
+}
