@@ -12,6 +12,8 @@
 //!   stale: no SPI and no catalog access in it.
 //! - Loads run under the latest snapshot (store.rs), so a load can never
 //!   miss a commit whose invalidation this backend has already consumed.
+//!   Inside a parallel query the snapshot cannot change: what is loaded
+//!   there is provisional and reloaded by the first lookup after it.
 //! - Time-dependent rules (trials, grace, override windows, flux.now) are
 //!   evaluated at decision time: the cache holds rows, never answers.
 //!
@@ -36,6 +38,9 @@ const MAX_WATCHED: usize = 32;
 thread_local! {
     /// Set by the relcache callback; the next lookup reloads.
     static STALE: Cell<bool> = const { Cell::new(true) };
+    /// Something was loaded during a parallel query, under the statement's
+    /// snapshot rather than the latest: good for that statement only.
+    static PROVISIONAL: Cell<bool> = const { Cell::new(false) };
     /// OIDs of the flux tables, copied out of the catalogue for the callback
     /// (a Cell of a plain array: the callback must not borrow a RefCell that
     /// a load in progress may hold).
@@ -109,6 +114,10 @@ fn refresh_if_stale() -> FluxResult<Rc<Catalogue>> {
     // visible to new snapshots before its invalidation is sent.
     // SAFETY: PostgreSQL calls this itself at every lock acquisition.
     unsafe { pg_sys::AcceptInvalidationMessages() };
+    let parallel = store::in_parallel_mode();
+    if PROVISIONAL.with(|p| p.get()) && !parallel {
+        STALE.with(|s| s.set(true));
+    }
     if !STALE.with(|s| s.get()) {
         if let Some(c) = CATALOGUE.with(|c| c.borrow().clone()) {
             return Ok(c);
@@ -117,6 +126,7 @@ fn refresh_if_stale() -> FluxResult<Rc<Catalogue>> {
     // Clear the flag before loading: an invalidation that arrives while we
     // load sets it again and the next call reloads.
     STALE.with(|s| s.set(false));
+    PROVISIONAL.with(|p| p.set(parallel));
     TENANTS.with(|t| t.borrow_mut().clear());
     CATALOGUE.with(|c| *c.borrow_mut() = None);
     store::forget_plans();
@@ -148,6 +158,9 @@ fn tenant_entry(id: &str) -> FluxResult<(Option<Rc<TenantEntry>>, bool)> {
         return Ok((e, false));
     }
     let loaded = store::load_tenant(id)?.map(Rc::new);
+    if store::in_parallel_mode() {
+        PROVISIONAL.with(|p| p.set(true));
+    }
     // Unknown tenants are cached too: a flood of checks for an id that does
     // not exist must not cost a query each.
     TENANTS.with(|t| t.borrow_mut().put(id.to_string(), loaded.clone(), capacity));

@@ -9,7 +9,7 @@
 //! The feature condition does not depend on the row and is written as a
 //! scalar subquery, so the planner runs it once per statement (an InitPlan;
 //! each row only reads its result); the tenant condition is an index qual
-//! on the tenant column, evaluated once per scan. The
+//! on the tenant column, also read once per statement. The
 //! functions they call read through the decision cache as the tables' owner,
 //! so they work for roles with no grant on the `flux` tables.
 
@@ -65,10 +65,13 @@ mod flux {
             .unwrap_or_else(|| "public".into());
             let schema = spi::quote_identifier(schema);
             let col = spi::quote_identifier(column);
+            // Also a scalar subquery: the tenant is read once per statement
+            // and each row is compared with a parameter, as with a constant
+            // (an index qual either way).
             let tenant_match = if coltype == "text" {
-                format!("{col} = {schema}.flux_current_tenant()")
+                format!("{col} = (SELECT {schema}.flux_current_tenant())")
             } else {
-                format!("{col} = ({schema}.flux_current_tenant())::{coltype}")
+                format!("{col} = (SELECT {schema}.flux_current_tenant())::{coltype}")
             };
             // A scalar subquery: the planner runs it once per statement as an
             // InitPlan and each row only reads its result (a plain call in a

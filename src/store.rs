@@ -39,8 +39,15 @@ fn required<T>(v: Option<T>, what: &str) -> FluxResult<T> {
 /// queries use the active snapshot, and the latest one includes every
 /// commit that happened before this call (and this transaction's own
 /// changes), whatever the isolation level or the statement's snapshot.
+///
+/// During a parallel query (leader or worker) the snapshot cannot be
+/// changed: the load then uses the statement's snapshot, and the cache marks
+/// what it loaded as provisional (see cache.rs).
 fn with_latest_snapshot<R>(f: impl FnOnce() -> FluxResult<R>) -> FluxResult<R> {
     let _owner = crate::privilege::AsOwner::enter()?;
+    if in_parallel_mode() {
+        return f();
+    }
     // SAFETY: GetLatestSnapshot returns a static snapshot that
     // PushActiveSnapshot copies; it is popped below on success, and on error
     // PostgreSQL's abort processing pops it.
@@ -49,6 +56,12 @@ fn with_latest_snapshot<R>(f: impl FnOnce() -> FluxResult<R>) -> FluxResult<R> {
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
     r
+}
+
+/// True inside a parallel query, where snapshots cannot change.
+pub fn in_parallel_mode() -> bool {
+    // SAFETY: reads backend-local state.
+    unsafe { pg_sys::IsInParallelMode() }
 }
 
 /// A flag as the cache holds it: lists are sets of ids.

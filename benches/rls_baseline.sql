@@ -1,0 +1,1 @@
+SELECT count(*) FROM bench_plain WHERE tenant_id = 't1';
