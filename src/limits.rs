@@ -9,15 +9,9 @@
 
 use crate::error::{FluxError, FluxResult, OrRaise};
 use crate::reads::entitle;
+use crate::store;
 use crate::validate::{feature_kind, need};
 use pgrx::prelude::*;
-
-fn text_of(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<String> {
-    Ok(
-        Spi::connect(|c| c.select(sql, Some(1), args)?.first().get_one::<String>())?
-            .unwrap_or_default(),
-    )
-}
 
 #[pg_schema]
 mod flux {
@@ -41,31 +35,18 @@ mod flux {
                     kind.as_str()
                 )));
             }
-            let has_column = Spi::connect(|c| {
-                c.select(
-                    "SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attname = $2 \
-                     AND attnum > 0 AND NOT attisdropped",
-                    Some(1),
-                    &[tbl.into(), column.into()],
-                )
-                .map(|t| !t.is_empty())
-            })?;
-            let table = text_of("SELECT $1::pg_catalog.regclass::text", &[tbl.into()])?;
-            if !has_column {
-                return Err(FluxError::InvalidValue(format!(
-                    "table {table} has no column \"{column}\": pass the tenant column as tenant_column"
-                )));
-            }
+            let (table, _) = store::table_and_column(tbl, column)?;
             let trigger = spi::quote_identifier(format!("flux_limit_{feature}"));
-            let args = format!("{}, {}", spi::quote_literal(feature), spi::quote_literal(column));
-            let exists = Spi::connect(|c| {
-                c.select(
-                    "SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = $1 AND tgname = $2",
-                    Some(1),
-                    &[tbl.into(), format!("flux_limit_{feature}").into()],
-                )
-                .map(|t| !t.is_empty())
-            })?;
+            let args = format!(
+                "{}, {}",
+                spi::quote_literal(feature),
+                spi::quote_literal(column)
+            );
+            let exists = store::one::<i32>(
+                "SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = $1 AND tgname = $2",
+                &[tbl.into(), format!("flux_limit_{feature}").into()],
+            )?
+            .is_some();
             if exists {
                 Spi::run(&format!("DROP TRIGGER {trigger} ON {table}"))?;
             }
@@ -84,7 +65,9 @@ mod flux {
     #[pg_extern(volatile, parallel_unsafe)]
     fn _check_row_limit(rel: pg_sys::Oid, feature: &str, column: &str, tenant: &str) {
         (|| -> FluxResult<()> {
-            let table = text_of("SELECT $1::pg_catalog.regclass::text", &[rel.into()])?;
+            let table =
+                store::one::<String>("SELECT $1::pg_catalog.regclass::text", &[rel.into()])?
+                    .unwrap_or_default();
             Spi::run_with_args(
                 "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended($1, 0))",
                 &[format!("flux_limit:{}:{feature}:{tenant}", u32::from(rel)).into()],

@@ -13,20 +13,10 @@
 //! functions they call read through the decision cache as the tables' owner,
 //! so they work for roles with no grant on the `flux` tables.
 
-use crate::error::{FluxError, FluxResult, OrRaise};
+use crate::error::{FluxResult, OrRaise};
+use crate::store;
 use crate::validate::{feature_kind, need};
 use pgrx::prelude::*;
-
-fn one_text(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<Option<String>> {
-    Ok(Spi::connect(|c| {
-        let t = c.select(sql, Some(1), args)?;
-        if t.is_empty() {
-            Ok::<_, pgrx::spi::SpiError>(None)
-        } else {
-            t.first().get_one::<String>()
-        }
-    })?)
-}
 
 #[pg_schema]
 mod flux {
@@ -45,19 +35,9 @@ mod flux {
             let feature = need(feature, "feature")?;
             let column = need(tenant_column, "tenant_column")?;
             feature_kind(feature)?;
-            let table = one_text("SELECT $1::pg_catalog.regclass::text", &[tbl.into()])?.unwrap_or_default();
-            let coltype = one_text(
-                "SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute \
-                 WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-                &[tbl.into(), column.into()],
-            )?
-            .ok_or_else(|| {
-                FluxError::InvalidValue(format!(
-                    "table {table} has no column \"{column}\": pass the tenant column as tenant_column"
-                ))
-            })?;
+            let (table, coltype) = store::table_and_column(tbl, column)?;
             // Qualify our functions so a caller's search_path cannot swap them.
-            let schema = one_text(
+            let schema = store::one::<String>(
                 "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
                  JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'flux_entitlements'",
                 &[],

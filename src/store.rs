@@ -425,3 +425,52 @@ pub fn ts_datum(t: Option<i64>) -> TimestampWithTimeZone {
         None => TimestampWithTimeZone::negative_infinity(),
     }
 }
+
+/// The first column of the first row of a read-only query, or None.
+pub fn one<T: FromDatum + IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> FluxResult<Option<T>> {
+    Spi::connect(|c| {
+        let t = c.select(sql, Some(1), args)?;
+        Ok(if t.is_empty() {
+            None
+        } else {
+            t.first().get_one::<T>()?
+        })
+    })
+}
+
+/// The same for a statement that writes (UPDATE ... RETURNING).
+pub fn one_mut<T: FromDatum + IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> FluxResult<Option<T>> {
+    Spi::connect_mut(|c| {
+        let t = c.update(sql, Some(1), args)?;
+        Ok(if t.is_empty() {
+            None
+        } else {
+            t.first().get_one::<T>()?
+        })
+    })
+}
+
+/// An application table's name as SQL (schema-qualified when needed) and
+/// the type of its tenant column; a missing column is an error that says
+/// what to pass instead.
+pub fn table_and_column(tbl: pg_sys::Oid, column: &str) -> FluxResult<(String, String)> {
+    let table =
+        one::<String>("SELECT $1::pg_catalog.regclass::text", &[tbl.into()])?.unwrap_or_default();
+    let coltype = one::<String>(
+        "SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute \
+         WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+        &[tbl.into(), column.into()],
+    )?
+    .ok_or_else(|| {
+        FluxError::InvalidValue(format!(
+            "table {table} has no column \"{column}\": pass the tenant column as tenant_column"
+        ))
+    })?;
+    Ok((table, coltype))
+}

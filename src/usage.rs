@@ -77,17 +77,6 @@ fn fits(limit: Option<i64>, used: i64, amount: i64) -> bool {
     limit.is_none_or(|l| used.saturating_add(amount) <= l)
 }
 
-fn one_i64(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<Option<i64>> {
-    Ok(Spi::connect_mut(|c| {
-        let t = c.update(sql, Some(1), args)?;
-        if t.is_empty() {
-            Ok::<_, pgrx::spi::SpiError>(None)
-        } else {
-            t.first().get_one::<i64>()
-        }
-    })?)
-}
-
 /// Record `amount` against a counter if it fits; returns the new total, or
 /// None when it would pass the limit (nothing recorded).
 fn record_counter(
@@ -409,7 +398,7 @@ fn flux_release(
         }
         crate::validate::require_tenant(tenant)?;
         let _owner = crate::privilege::AsOwner::enter()?;
-        Ok(one_i64(
+        Ok(store::one_mut::<i64>(
             "UPDATE flux.usage SET used = greatest(used - $3, 0), updated_at = now() \
              WHERE tenant = $1 AND feature = $2 AND period_start = '-infinity' RETURNING used",
             &[tenant.into(), feature.into(), amount.into()],
@@ -463,7 +452,7 @@ fn flux_prune_usage_keys() -> i64 {
     (|| -> FluxResult<i64> {
         let ttl = gucs::idempotency_ttl()?;
         let ttl = Interval::new(ttl.months, ttl.days, ttl.micros).map_err(|e| FluxError::Internal(e.to_string()))?;
-        Ok(one_i64(
+        Ok(store::one_mut::<i64>(
             "WITH d AS (DELETE FROM flux.usage_keys WHERE created_at < now() - $1 RETURNING 1) SELECT count(*) FROM d",
             &[ttl.into()],
         )?

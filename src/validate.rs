@@ -91,9 +91,7 @@ pub fn check_limit(feature: &str, kind: Kind, limit: Option<i64>) -> FluxResult<
 }
 
 fn exists(sql: &str, key: &str) -> FluxResult<bool> {
-    Ok(Spi::connect(|c| {
-        c.select(sql, Some(1), &[key.into()]).map(|t| !t.is_empty())
-    })?)
+    Ok(crate::store::one::<i32>(sql, &[key.into()])?.is_some())
 }
 
 pub fn feature_kind(key: &str) -> FluxResult<Kind> {
