@@ -1,6 +1,30 @@
 -- flux_entitlements: privileges and documentation of the functions.
 -- Runs last, once every Rust function exists.
 
+-- Functions taking or returning jsonb are SQL wrappers around Rust bodies
+-- that see the value as text: a jsonb value is stored and returned exactly
+-- as given, and never parsed in Rust (where a deeply nested document would
+-- hit the parser's recursion limit).
+CREATE FUNCTION flux_grant(plan text, feature text, "limit" bigint DEFAULT NULL, period text DEFAULT NULL,
+                           value jsonb DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._grant(plan, feature, "limit", period, value::text) $$;
+CREATE FUNCTION flux_override(tenant text, feature text, enabled boolean DEFAULT true, "limit" bigint DEFAULT NULL,
+                              starts_at timestamptz DEFAULT NULL, expires_at timestamptz DEFAULT NULL,
+                              reason text DEFAULT NULL, value jsonb DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._override(tenant, feature, enabled, "limit", starts_at, expires_at, reason, value::text) $$;
+CREATE FUNCTION flux_grant_addon(addon text, feature text, "limit" bigint DEFAULT NULL, value jsonb DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._grant_addon(addon, feature, "limit", value::text) $$;
+CREATE FUNCTION flux_value(tenant text, feature text)
+RETURNS jsonb LANGUAGE sql STABLE STRICT PARALLEL SAFE
+AS $$ SELECT flux._value(tenant, feature)::jsonb $$;
+COMMENT ON FUNCTION flux._grant(text, text, bigint, text, text) IS 'The body of flux_grant (value as jsonb text)';
+COMMENT ON FUNCTION flux._override(text, text, boolean, bigint, timestamptz, timestamptz, text, text) IS 'The body of flux_override (value as jsonb text)';
+COMMENT ON FUNCTION flux._grant_addon(text, text, bigint, text) IS 'The body of flux_grant_addon (value as jsonb text)';
+COMMENT ON FUNCTION flux._value(text, text) IS 'The body of flux_value, as jsonb text';
+
 -- The admin role: created when missing, never dropped (other objects may
 -- depend on it after the extension is gone).
 DO $$
@@ -10,6 +34,34 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Audit and change events (src/audit.rs): one row trigger per table, its
+-- arguments the key columns.
+COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit';
+
+DO $$
+DECLARE
+    spec text[];
+BEGIN
+    FOREACH spec SLICE 1 IN ARRAY ARRAY[
+        ['features', 'key', ''], ['plans', 'key', ''], ['grants', 'plan', 'feature'],
+        ['tenants', 'id', ''], ['addons', 'key', ''], ['addon_grants', 'addon', 'feature'],
+        ['tenant_addons', 'tenant', 'addon'], ['overrides', 'tenant', 'feature'],
+        ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', '']
+    ] LOOP
+        EXECUTE format('CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION flux._audit(%s)', spec[1],
+                       CASE WHEN spec[3] = '' THEN quote_literal(spec[2])
+                            ELSE quote_literal(spec[2]) || ', ' || quote_literal(spec[3]) END);
+    END LOOP;
+END
+$$;
+
+-- What changed for a tenant, and who did it.
+CREATE FUNCTION flux_history(tenant text, since timestamptz DEFAULT NULL)
+RETURNS SETOF flux.audit_log LANGUAGE sql STABLE
+AS $$ SELECT * FROM flux.audit_log a WHERE a.tenant = $1 AND ($2 IS NULL OR a.at >= $2) ORDER BY a.id $$;
+COMMENT ON FUNCTION flux_history(text, timestamptz) IS 'Admin: the audit log of one tenant (its subscription, addons, overrides, API keys and flag-list entries), oldest first';
 
 -- flux_enforce_limit takes regclass and name as the contract says; the
 -- work is in Rust (src/limits.rs).
@@ -48,6 +100,7 @@ GRANT USAGE ON SCHEMA flux TO PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, flux.tenants,
     flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
     flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys TO flux_admin;
+GRANT SELECT ON flux.audit_log TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage.rs),
 -- so PUBLIC needs no write grant on any flux table.
 
@@ -55,13 +108,13 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
-    flux_protect, flux._protect_setup
+    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
-    flux_protect, flux._protect_setup
+    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';

@@ -218,6 +218,31 @@ COMMENT ON COLUMN flux.api_keys.id IS 'Public part of the key (flux_<id>_<secret
 COMMENT ON COLUMN flux.api_keys.secret_hash IS 'SHA-256 of the 256-bit secret; the key itself is shown once by flux_create_api_key';
 COMMENT ON COLUMN flux.api_keys.revoked_at IS 'Set by flux_revoke_api_key: the key stops working from this moment';
 
+-- The audit log: every change to the catalogue, tenants, flags and API keys,
+-- written in the same transaction by triggers (a rolled-back change leaves
+-- nothing). Usage is not audited: it is billing data with its own table.
+CREATE TABLE flux.audit_log (
+    id     bigserial PRIMARY KEY,
+    at     timestamptz NOT NULL DEFAULT now(),
+    actor  text NOT NULL,
+    action text NOT NULL CONSTRAINT audit_log_action_check CHECK (action IN ('insert', 'update', 'delete')),
+    entity text NOT NULL,
+    key    text NOT NULL,
+    tenant text,
+    old    jsonb,
+    new    jsonb,
+    xact   bigint NOT NULL DEFAULT txid_current()
+);
+CREATE INDEX audit_log_tenant ON flux.audit_log (tenant, at);
+CREATE INDEX audit_log_entity ON flux.audit_log (entity, key, at);
+COMMENT ON TABLE flux.audit_log IS 'Who changed what: one row per inserted, updated or deleted row of the flux catalogue, tenants, flags and API keys (never a key''s hash), written in the same transaction';
+COMMENT ON COLUMN flux.audit_log.at IS 'Transaction time of the change';
+COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g. a Stripe event id), else the role that made the change (current_user)';
+COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists or api_keys';
+COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
+COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
+COMMENT ON COLUMN flux.audit_log.xact IS 'Transaction id: changes made together share it';
+
 -- Validation triggers: thin wrappers that hand the row to the Rust validators
 -- (src/validate.rs), so psql DML gets the same errors as the admin functions.
 
@@ -378,3 +403,5 @@ SELECT pg_catalog.pg_extension_config_dump('flux.usage', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.rate_state', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.usage_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.api_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');

@@ -7,9 +7,9 @@ use crate::error::{FluxError, FluxResult, OrRaise};
 use crate::validate::{feature_kind, need, require_addon, require_plan, require_tenant};
 use pgrx::datum::{AnyNumeric, DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::JsonB;
 
 fn write(sql: &str, args: &[DatumWithOid]) -> FluxResult<()> {
+    crate::store::ensure_writable("this admin function")?;
     Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()))?;
     Ok(())
 }
@@ -60,29 +60,6 @@ fn flux_define_plan(
                 is_default.into(),
                 grace_period.into(),
             ],
-        )
-    })()
-    .or_raise()
-}
-
-/// Grant a feature on a plan, replacing any earlier grant of it.
-#[pg_extern(volatile, parallel_unsafe)]
-fn flux_grant(
-    plan: Option<&str>,
-    feature: Option<&str>,
-    limit: default!(Option<i64>, "NULL"),
-    period: default!(Option<&str>, "NULL"),
-    value: default!(Option<JsonB>, "NULL"),
-) {
-    (|| {
-        let plan = need(plan, "plan")?;
-        let feature = need(feature, "feature")?;
-        write(
-            "INSERT INTO flux.grants (plan, feature, enabled, \"limit\", period, value) \
-             VALUES ($1, $2, true, $3, $4, $5) \
-             ON CONFLICT (plan, feature) DO UPDATE SET enabled = true, \"limit\" = EXCLUDED.\"limit\", \
-                 period = EXCLUDED.period, value = EXCLUDED.value",
-            &[plan.into(), feature.into(), limit.into(), period.into(), value.into()],
         )
     })()
     .or_raise()
@@ -146,45 +123,6 @@ fn flux_subscribe(
     .or_raise()
 }
 
-/// Give, change or revoke one feature for one tenant, optionally within a
-/// time window. Replaces the tenant's earlier override of that feature.
-#[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::too_many_arguments)]
-fn flux_override(
-    tenant: Option<&str>,
-    feature: Option<&str>,
-    enabled: default!(Option<bool>, "true"),
-    limit: default!(Option<i64>, "NULL"),
-    starts_at: default!(Option<TimestampWithTimeZone>, "NULL"),
-    expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
-    reason: default!(Option<&str>, "NULL"),
-    value: default!(Option<JsonB>, "NULL"),
-) {
-    (|| {
-        let tenant = need(tenant, "tenant")?;
-        let feature = need(feature, "feature")?;
-        let enabled = need(enabled, "enabled")?;
-        write(
-            "INSERT INTO flux.overrides (tenant, feature, enabled, \"limit\", starts_at, expires_at, reason, value) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (tenant, feature) DO UPDATE SET enabled = EXCLUDED.enabled, \
-                 \"limit\" = EXCLUDED.\"limit\", starts_at = EXCLUDED.starts_at, \
-                 expires_at = EXCLUDED.expires_at, reason = EXCLUDED.reason, value = EXCLUDED.value",
-            &[
-                tenant.into(),
-                feature.into(),
-                enabled.into(),
-                limit.into(),
-                starts_at.into(),
-                expires_at.into(),
-                reason.into(),
-                value.into(),
-            ],
-        )
-    })()
-    .or_raise()
-}
-
 /// Define (or rename) an addon. A NULL name keeps the current one.
 #[pg_extern(volatile, parallel_unsafe)]
 fn flux_define_addon(key: Option<&str>, name: default!(Option<&str>, "NULL")) {
@@ -194,26 +132,6 @@ fn flux_define_addon(key: Option<&str>, name: default!(Option<&str>, "NULL")) {
             "INSERT INTO flux.addons AS a (key, name) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET name = coalesce(EXCLUDED.name, a.name)",
             &[key.into(), name.into()],
-        )
-    })()
-    .or_raise()
-}
-
-/// What one unit of an addon grants.
-#[pg_extern(volatile, parallel_unsafe)]
-fn flux_grant_addon(
-    addon: Option<&str>,
-    feature: Option<&str>,
-    limit: default!(Option<i64>, "NULL"),
-    value: default!(Option<JsonB>, "NULL"),
-) {
-    (|| {
-        let addon = need(addon, "addon")?;
-        let feature = need(feature, "feature")?;
-        write(
-            "INSERT INTO flux.addon_grants (addon, feature, \"limit\", value) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (addon, feature) DO UPDATE SET \"limit\" = EXCLUDED.\"limit\", value = EXCLUDED.value",
-            &[addon.into(), feature.into(), limit.into(), value.into()],
         )
     })()
     .or_raise()
@@ -232,7 +150,8 @@ fn flux_attach_addon(
         let quantity = need(quantity, "quantity")?;
         if quantity < 0 {
             return Err(FluxError::InvalidValue(format!(
-                "quantity {quantity} of addon \"{addon}\" must be >= 0 (0 detaches it)"
+                "quantity {quantity} of addon {} must be >= 0 (0 detaches it)",
+                crate::error::shown(addon)
             )));
         }
         if quantity == 0 {
@@ -318,4 +237,92 @@ fn flux_flag_clear(feature: Option<&str>, id: Option<&str>) {
         )
     })()
     .or_raise()
+}
+
+/// The bodies of flux_grant, flux_override and flux_grant_addon: SQL
+/// wrappers (sql/finalize.sql) take the jsonb value and pass it as text, so a
+/// value is stored exactly as given and never parsed here.
+#[pg_schema]
+mod flux {
+    use super::*;
+
+    /// Grant a feature on a plan, replacing any earlier grant of it.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _grant(
+        plan: Option<&str>,
+        feature: Option<&str>,
+        limit: Option<i64>,
+        period: Option<&str>,
+        value: Option<&str>,
+    ) {
+        (|| {
+            let plan = need(plan, "plan")?;
+            let feature = need(feature, "feature")?;
+            write(
+                "INSERT INTO flux.grants (plan, feature, enabled, \"limit\", period, value) \
+                 VALUES ($1, $2, true, $3, $4, $5::jsonb) \
+                 ON CONFLICT (plan, feature) DO UPDATE SET enabled = true, \"limit\" = EXCLUDED.\"limit\", \
+                     period = EXCLUDED.period, value = EXCLUDED.value",
+                &[plan.into(), feature.into(), limit.into(), period.into(), value.into()],
+            )
+        })()
+        .or_raise()
+    }
+    /// Give, change or revoke one feature for one tenant, optionally within a
+    /// time window. Replaces the tenant's earlier override of that feature.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::too_many_arguments)]
+    fn _override(
+        tenant: Option<&str>,
+        feature: Option<&str>,
+        enabled: Option<bool>,
+        limit: Option<i64>,
+        starts_at: Option<TimestampWithTimeZone>,
+        expires_at: Option<TimestampWithTimeZone>,
+        reason: Option<&str>,
+        value: Option<&str>,
+    ) {
+        (|| {
+            let tenant = need(tenant, "tenant")?;
+            let feature = need(feature, "feature")?;
+            let enabled = need(enabled, "enabled")?;
+            write(
+                "INSERT INTO flux.overrides (tenant, feature, enabled, \"limit\", starts_at, expires_at, reason, value) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) \
+                 ON CONFLICT (tenant, feature) DO UPDATE SET enabled = EXCLUDED.enabled, \
+                     \"limit\" = EXCLUDED.\"limit\", starts_at = EXCLUDED.starts_at, \
+                     expires_at = EXCLUDED.expires_at, reason = EXCLUDED.reason, value = EXCLUDED.value",
+                &[
+                    tenant.into(),
+                    feature.into(),
+                    enabled.into(),
+                    limit.into(),
+                    starts_at.into(),
+                    expires_at.into(),
+                    reason.into(),
+                    value.into(),
+                ],
+            )
+        })()
+        .or_raise()
+    }
+    /// What one unit of an addon grants.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _grant_addon(
+        addon: Option<&str>,
+        feature: Option<&str>,
+        limit: Option<i64>,
+        value: Option<&str>,
+    ) {
+        (|| {
+            let addon = need(addon, "addon")?;
+            let feature = need(feature, "feature")?;
+            write(
+                "INSERT INTO flux.addon_grants (addon, feature, \"limit\", value) VALUES ($1, $2, $3, $4::jsonb) \
+                 ON CONFLICT (addon, feature) DO UPDATE SET \"limit\" = EXCLUDED.\"limit\", value = EXCLUDED.value",
+                &[addon.into(), feature.into(), limit.into(), value.into()],
+            )
+        })()
+        .or_raise()
+    }
 }

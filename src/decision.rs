@@ -74,7 +74,7 @@ enum Allowance {
     /// Granted, with a limit (None = unlimited) and a value.
     Granted {
         limit: Option<i64>,
-        value: Option<serde_json::Value>,
+        value: Option<JsonText>,
         via_override: bool,
     },
 }
@@ -290,7 +290,6 @@ pub fn decide(
 mod tests {
     use super::*;
     use crate::timeutil::{from_civil, USECS_PER_DAY};
-    use serde_json::json;
 
     fn day(d: u32) -> i64 {
         from_civil(2026, 11, d, 0)
@@ -478,12 +477,12 @@ mod tests {
             addon: "x".into(),
             quantity: 2,
             limit: Some(5),
-            value: Some(json!(1)),
+            value: Some("1".into()),
         }];
         let d = run(&seats(), &t, day(1));
         assert_eq!(
             (d.allowed, d.limit, d.value),
-            (true, Some(10), Some(json!(1)))
+            (true, Some(10), Some("1".to_string()))
         );
         // ...but not when the subscription is not live.
         t.status = Status::Canceled;

@@ -22,6 +22,10 @@ pub enum FluxError {
     /// violation, like an exclusion constraint's).
     #[error("{0}")]
     LimitExceeded(String),
+    /// A write on a read-only connection (hot standby, READ ONLY
+    /// transaction): 25006.
+    #[error("{0}")]
+    ReadOnly(String),
     /// A credential that does not authenticate: 28000.
     #[error("{0}")]
     Unauthorized(String),
@@ -42,6 +46,7 @@ impl FluxError {
             }
             FluxError::Conflict(_) => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
             FluxError::LimitExceeded(_) => PgSqlErrorCode::ERRCODE_EXCLUSION_VIOLATION,
+            FluxError::ReadOnly(_) => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             FluxError::Unauthorized(_) => {
                 PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION
             }

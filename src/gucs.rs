@@ -126,6 +126,8 @@ pub fn default_grace() -> FluxResult<Span> {
 pub static IDEMPOTENCY_TTL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"7 days"));
 
+pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub static CACHE_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 pub fn cache_tenants() -> usize {
@@ -133,6 +135,14 @@ pub fn cache_tenants() -> usize {
 }
 
 pub fn init_metering() {
+    GucRegistry::define_string_guc(
+        c"flux.actor",
+        c"Who the audit log names for changes made in this session (default: the role).",
+        c"Set it to attribute changes to something other than the database role, such as a billing event id or an application user.",
+        &ACTOR,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"flux.cache_tenants",
         c"How many tenants each backend keeps in its decision cache.",

@@ -14,6 +14,7 @@
 //! - `metering`, `usage`, `limits`: periods and GCRA, recording usage,
 //!   flux_enforce_limit;
 //! - `rollout`: the flag bucketing formula;
+//! - `audit`: the audit log and NOTIFY flux_changes;
 //! - `gucs`: the flux.* settings and the clock;
 //! - `error`: the error type and its SQLSTATEs;
 //! - `timeutil`: calendar arithmetic in UTC.
@@ -21,6 +22,7 @@
 use pgrx::prelude::*;
 
 pub mod admin;
+pub mod audit;
 pub mod cache;
 pub mod decision;
 pub mod error;

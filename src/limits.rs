@@ -75,7 +75,8 @@ mod flux {
             let x = entitle(tenant, feature, None)?;
             if !x.d.allowed {
                 return Err(FluxError::LimitExceeded(format!(
-                    "cannot add to {table} for tenant \"{tenant}\": {}",
+                    "cannot add to {table} for tenant {}: {}",
+                    crate::error::shown(tenant),
                     x.d.message
                 )));
             }

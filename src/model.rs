@@ -3,7 +3,9 @@
 
 use crate::error::{shown, FluxError, FluxResult};
 use crate::timeutil::Span;
-use serde_json::Value;
+/// A jsonb value as its text: never parsed on the decision path (a deeply
+/// nested document must not be able to break a decision).
+pub type JsonText = String;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -114,7 +116,7 @@ pub struct PlanGrant {
     pub rank: i32,
     pub limit: Option<i64>,
     pub period: Option<String>,
-    pub value: Option<Value>,
+    pub value: Option<JsonText>,
 }
 
 /// What the catalogue says about one feature.
@@ -156,14 +158,14 @@ pub struct AddonGrant {
     pub quantity: i32,
     /// Per unit; None = unlimited.
     pub limit: Option<i64>,
-    pub value: Option<Value>,
+    pub value: Option<JsonText>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Override {
     pub enabled: bool,
     pub limit: Option<i64>,
-    pub value: Option<Value>,
+    pub value: Option<JsonText>,
     pub starts_at: Option<i64>,
     pub expires_at: Option<i64>,
     pub reason: Option<String>,
@@ -212,7 +214,7 @@ pub struct Decision {
     pub kind: Option<Kind>,
     pub subject: Option<String>,
     /// The effective grant value (what flux_value returns); not in the type.
-    pub value: Option<Value>,
+    pub value: Option<JsonText>,
     /// metered: the reset period; rate: the window. From the applied plan's
     /// grant, else the highest-ranked grant that has one. Not in the type.
     pub period: Option<String>,

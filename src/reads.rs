@@ -8,7 +8,6 @@ use crate::model::{Decision, FeatureFacts, TenantFacts};
 use crate::{cache, gucs, identity, usage};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::JsonB;
 
 fn context(detail: bool) -> FluxResult<Context> {
     Ok(Context {
@@ -144,21 +143,20 @@ fn flux_entitlements(
     SetOfIterator::new(rows)
 }
 
-/// The effective grant value (override, else plan, else addon); NULL when
-/// the tenant is not entitled.
-#[pg_extern(stable, strict, parallel_safe)]
-fn flux_value(tenant: &str, feature: &str) -> Option<JsonB> {
-    let d = decide_one(tenant, feature, None).or_raise();
-    if d.allowed {
-        d.value.map(JsonB)
-    } else {
-        None
-    }
-}
-
 #[pg_schema]
 mod flux {
     use super::*;
+
+    /// The body of flux_value, as jsonb text (the SQL wrapper casts it).
+    #[pg_extern(stable, strict, parallel_safe)]
+    fn _value(tenant: &str, feature: &str) -> Option<String> {
+        let d = decide_one(tenant, feature, None).or_raise();
+        if d.allowed {
+            d.value
+        } else {
+            None
+        }
+    }
 
     /// How many tenants this backend's decision cache holds (bounded by
     /// flux.cache_tenants).

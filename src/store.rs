@@ -13,7 +13,7 @@ use crate::timeutil::Span;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
-use pgrx::{JsonB, PgBuiltInOids, PgOid};
+use pgrx::{PgBuiltInOids, PgOid};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
@@ -27,8 +27,9 @@ fn text(row: &SpiHeapTupleData, col: usize) -> FluxResult<Option<String>> {
     Ok(row.get::<String>(col)?)
 }
 
-fn json(row: &SpiHeapTupleData, col: usize) -> FluxResult<Option<serde_json::Value>> {
-    Ok(row.get::<JsonB>(col)?.map(|j| j.0))
+/// A jsonb column selected as text (`value::text`): kept as text.
+fn json(row: &SpiHeapTupleData, col: usize) -> FluxResult<Option<JsonText>> {
+    text(row, col)
 }
 
 fn required<T>(v: Option<T>, what: &str) -> FluxResult<T> {
@@ -58,6 +59,20 @@ fn with_latest_snapshot<R>(f: impl FnOnce() -> FluxResult<R>) -> FluxResult<R> {
     r
 }
 
+/// Refuse a write on a read-only connection with 25006 before touching any
+/// table (on a hot standby, asking for a transaction id would fail with an
+/// internal error instead).
+pub fn ensure_writable(what: &str) -> FluxResult<()> {
+    // SAFETY: reads backend-local state.
+    let read_only = unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() };
+    if read_only {
+        return Err(FluxError::ReadOnly(format!(
+            "{what} writes, and this is a read-only transaction (a hot standby, or SET TRANSACTION READ ONLY): call it on the primary"
+        )));
+    }
+    Ok(())
+}
+
 /// True inside a parallel query, where snapshots cannot change.
 pub fn in_parallel_mode() -> bool {
     // SAFETY: reads backend-local state.
@@ -75,7 +90,7 @@ pub struct FlagEntry {
 }
 
 /// (addon, per-unit limit, value)
-pub type AddonUnit = (String, Option<i64>, Option<serde_json::Value>);
+pub type AddonUnit = (String, Option<i64>, Option<JsonText>);
 
 /// The whole catalogue: features with their grants, plans, addon grants and
 /// flags, plus what the invalidation callback needs to recognise our tables.
@@ -114,7 +129,7 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
             }
             let mut grants: HashMap<String, Vec<PlanGrant>> = HashMap::new();
             for r in c.select(
-                "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value \
+                "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value::text \
                  FROM flux.grants g JOIN flux.plans p ON p.key = g.plan \
                  WHERE g.enabled ORDER BY g.feature, p.rank, p.key",
                 None,
@@ -148,7 +163,7 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                 cat.features.insert(key, std::rc::Rc::new(facts));
             }
             for r in c.select(
-                "SELECT feature, addon, \"limit\", value FROM flux.addon_grants ORDER BY addon",
+                "SELECT feature, addon, \"limit\", value::text FROM flux.addon_grants ORDER BY addon",
                 None,
                 &[],
             )? {
@@ -279,7 +294,7 @@ fn plans(c: &SpiClient) -> FluxResult<std::rc::Rc<Plans>> {
         tenant_addons: c.prepare("SELECT addon, quantity FROM flux.tenant_addons WHERE tenant = $1", &[TEXT])?.keep(),
         tenant_overrides: c
             .prepare(
-                "SELECT feature, enabled, \"limit\", value, starts_at, expires_at, reason \
+                "SELECT feature, enabled, \"limit\", value::text, starts_at, expires_at, reason \
                  FROM flux.overrides WHERE tenant = $1",
                 &[TEXT],
             )?

@@ -331,6 +331,7 @@ pub fn consume(
     amount: i64,
     key: Option<&str>,
 ) -> FluxResult<Decision> {
+    store::ensure_writable("flux_consume")?;
     let _owner = crate::privilege::AsOwner::enter()?;
     if amount <= 0 {
         return Err(FluxError::InvalidValue(format!(
@@ -384,6 +385,7 @@ fn flux_release(
     let (tenant, feature) = (tenant?, feature?);
     let amount = amount.unwrap_or(1);
     (|| -> FluxResult<i64> {
+        store::ensure_writable("flux_release")?;
         if amount <= 0 {
             return Err(FluxError::InvalidValue(format!(
                 "amount {amount} must be > 0"
