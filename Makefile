@@ -15,7 +15,7 @@ REGRESS    := $(shell ls tests/pg_regress/sql 2>/dev/null | sed 's/\.sql$$//' | 
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs))/../test/regress/pg_regress
 RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_ROOT)/pgrx-test,)
 
-.PHONY: demo test deps build install fmt-check clippy pgtest regress integration bench clean-clusters
+.PHONY: demo test deps build install fmt-check clippy pgtest regress integration soak release-snapshot bench clean-clusters
 
 deps:
 	@scripts/deps.sh
@@ -67,7 +67,18 @@ integration: install
 	@scripts/pg.sh start $(TEST_DIR) $(TEST_PORT)
 	FLUX_PGHOST=$(TEST_DIR) FLUX_PGPORT=$(TEST_PORT) python3 -m pytest -q tests/integration
 
-test: deps fmt-check clippy pgtest regress integration
+# 30 s of 16 clients mixing checks, consumes and admin changes.
+soak: install
+	@scripts/pg.sh start $(TEST_DIR) $(TEST_PORT)
+	FLUX_PGHOST=$(TEST_DIR) FLUX_PGPORT=$(TEST_PORT) python3 tests/soak.py 30
+
+# Freeze the install script of the version in Cargo.toml as released
+# (run once, when releasing; tests/integration/test_release.py holds it).
+release-snapshot: install
+	cp $$($(PG_CONFIG) --sharedir)/extension/flux_entitlements--$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1).sql \
+	   sql/released/$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1).sql
+
+test: deps fmt-check clippy pgtest regress integration soak
 	@scripts/pg.sh stop $(TEST_DIR)
 	@echo "== make test: all passed"
 
