@@ -77,3 +77,9 @@ SELECT flux_consume('soylent', 'export', 50);
 SELECT flux_consume('acme',    'seats', 4);
 SELECT flux_consume('oscorp',  'seats', 13);
 SELECT flux_consume('initech', 'api_calls', 9990);
+
+-- Billing: Stripe prices mapped to plans and addons; acme's Stripe customer.
+SELECT flux_map_price('price_pro_monthly', plan => 'pro');
+SELECT flux_map_price('price_enterprise_monthly', plan => 'enterprise');
+SELECT flux_map_price('price_seat_pack', addon => 'seat_pack');
+UPDATE flux.tenants SET billing_customer = 'cus_acme' WHERE id = 'acme';

@@ -17,6 +17,11 @@ AS $$ SELECT flux._override(tenant, feature, enabled, "limit", starts_at, expire
 CREATE FUNCTION flux_grant_addon(addon text, feature text, "limit" bigint DEFAULT NULL, value jsonb DEFAULT NULL)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$ SELECT flux._grant_addon(addon, feature, "limit", value::text) $$;
+CREATE FUNCTION flux_apply_stripe_event(event jsonb)
+RETURNS text LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._apply_stripe_event(event::text) $$;
+COMMENT ON FUNCTION flux_apply_stripe_event(jsonb) IS 'Admin: apply one Stripe webhook event to the tenant''s subscription in this transaction; answers applied, duplicate, stale, unmapped or ignored; malformed events raise 22023';
+COMMENT ON FUNCTION flux._apply_stripe_event(text) IS 'The body of flux_apply_stripe_event (the event as jsonb text)';
 CREATE FUNCTION flux_value(tenant text, feature text)
 RETURNS jsonb LANGUAGE sql STABLE STRICT PARALLEL SAFE
 AS $$ SELECT flux._value(tenant, feature)::jsonb $$;
@@ -47,7 +52,8 @@ BEGIN
         ['features', 'key', ''], ['plans', 'key', ''], ['grants', 'plan', 'feature'],
         ['tenants', 'id', ''], ['addons', 'key', ''], ['addon_grants', 'addon', 'feature'],
         ['tenant_addons', 'tenant', 'addon'], ['overrides', 'tenant', 'feature'],
-        ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', '']
+        ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', ''],
+        ['billing_prices', 'price', '']
     ] LOOP
         EXECUTE format('CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
                        'FOR EACH ROW EXECUTE FUNCTION flux._audit(%s)', spec[1],
@@ -101,6 +107,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, 
     flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
     flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys TO flux_admin;
 GRANT SELECT ON flux.audit_log TO flux_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage.rs),
 -- so PUBLIC needs no write grant on any flux table.
 
@@ -108,13 +115,15 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
-    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon
+    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
-    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon
+    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -162,3 +171,5 @@ COMMENT ON FUNCTION flux_authenticate(text) IS 'Check an API key; sets flux.tena
 COMMENT ON FUNCTION flux_revoke_api_key(text) IS 'Admin: revoke the API key with this flux.api_keys.id';
 COMMENT ON FUNCTION flux_protect(regclass, text, name, boolean) IS 'Admin: row-level security on tbl: rows of the session''s tenant only, and only while it is entitled to feature (decided once per statement); force => true applies it to the table owner too';
 COMMENT ON FUNCTION flux._protect_setup(oid, text, text, boolean) IS 'The body of flux_protect';
+COMMENT ON FUNCTION flux_map_price(text, text, text) IS 'Admin: map a Stripe price id or lookup_key to a plan or to an addon (exactly one)';
+COMMENT ON FUNCTION flux_verify_stripe_signature(text, text, text, interval) IS 'Stripe-Signature check: HMAC-SHA256 of t.payload against any v1 entry, constant-time, false when t is outside the tolerance of the flux clock';

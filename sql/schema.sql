@@ -83,6 +83,7 @@ CREATE TABLE flux.tenants (
     cancel_at_period_end boolean NOT NULL DEFAULT false,
     past_due_since       timestamptz,
     grace_until          timestamptz,
+    billing_customer     text CONSTRAINT tenants_billing_customer_key UNIQUE,
     created_at           timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX tenants_plan ON flux.tenants (plan);
@@ -94,6 +95,7 @@ COMMENT ON COLUMN flux.tenants.current_period_start IS 'Start of the current bil
 COMMENT ON COLUMN flux.tenants.current_period_end IS 'End of the current billing period; with cancel_at_period_end the subscription ends here';
 COMMENT ON COLUMN flux.tenants.cancel_at_period_end IS 'true: an active subscription stops being live at current_period_end';
 COMMENT ON COLUMN flux.tenants.past_due_since IS 'Set from the clock when status becomes past_due, cleared when it leaves it';
+COMMENT ON COLUMN flux.tenants.billing_customer IS 'The billing system''s customer id (Stripe cus_...), unique; how events without tenant metadata find their tenant';
 COMMENT ON COLUMN flux.tenants.grace_until IS 'past_due: live until this moment; NULL means past_due_since + the plan''s grace period';
 
 CREATE TABLE flux.addons (
@@ -242,6 +244,35 @@ COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, 
 COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
 COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
 COMMENT ON COLUMN flux.audit_log.xact IS 'Transaction id: changes made together share it';
+
+-- Billing sync (src/billing.rs).
+CREATE TABLE flux.billing_prices (
+    price text PRIMARY KEY,
+    plan  text REFERENCES flux.plans (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    addon text REFERENCES flux.addons (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    CONSTRAINT billing_prices_one_target CHECK (num_nonnulls(plan, addon) = 1)
+);
+COMMENT ON TABLE flux.billing_prices IS 'Stripe price ids or lookup keys mapped to a plan or to an addon (exactly one)';
+
+CREATE TABLE flux.billing_events (
+    id           text PRIMARY KEY,
+    type         text NOT NULL,
+    created      timestamptz NOT NULL,
+    tenant       text,
+    outcome      text CONSTRAINT billing_events_outcome_check
+                 CHECK (outcome IN ('applied', 'duplicate', 'stale', 'unmapped', 'ignored')),
+    deliveries   integer NOT NULL DEFAULT 1,
+    received_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX billing_events_tenant ON flux.billing_events (tenant, created);
+COMMENT ON TABLE flux.billing_events IS 'Every Stripe event received, once per event id, with its outcome; deliveries counts repeats (each answered duplicate)';
+
+CREATE TABLE flux.billing_subscriptions (
+    id                 text PRIMARY KEY,
+    tenant             text,
+    last_event_created bigint
+);
+COMMENT ON TABLE flux.billing_subscriptions IS 'Per Stripe subscription, the created time (Unix seconds) of the last event applied: older events are stale';
 
 -- Validation triggers: thin wrappers that hand the row to the Rust validators
 -- (src/validate.rs), so psql DML gets the same errors as the admin functions.
@@ -405,3 +436,6 @@ SELECT pg_catalog.pg_extension_config_dump('flux.usage_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.api_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.billing_prices', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.billing_events', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.billing_subscriptions', '');

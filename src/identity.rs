@@ -191,7 +191,7 @@ fn flux_authenticate(api_key: Option<&str>) -> String {
 }
 
 /// SET LOCAL name = value, for the current transaction.
-fn set_local(name: &str, value: &str) -> FluxResult<()> {
+pub fn set_local(name: &str, value: &str) -> FluxResult<()> {
     let name = CString::new(name).map_err(|_| FluxError::Internal("setting name".into()))?;
     let value = CString::new(value).map_err(|_| FluxError::Internal("setting value".into()))?;
     // SAFETY: both strings are NUL-terminated and outlive the call; errors

@@ -15,6 +15,7 @@
 //!   flux_enforce_limit;
 //! - `rollout`: the flag bucketing formula;
 //! - `audit`: the audit log and NOTIFY flux_changes;
+//! - `billing`: Stripe events and signatures;
 //! - `gucs`: the flux.* settings and the clock;
 //! - `error`: the error type and its SQLSTATEs;
 //! - `timeutil`: calendar arithmetic in UTC.
@@ -23,6 +24,7 @@ use pgrx::prelude::*;
 
 pub mod admin;
 pub mod audit;
+pub mod billing;
 pub mod cache;
 pub mod decision;
 pub mod error;

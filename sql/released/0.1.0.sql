@@ -7,7 +7,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:45
+-- src/lib.rs:47
 -- bootstrap
 -- flux_entitlements: the catalogue schema.
 --
@@ -94,6 +94,7 @@ CREATE TABLE flux.tenants (
     cancel_at_period_end boolean NOT NULL DEFAULT false,
     past_due_since       timestamptz,
     grace_until          timestamptz,
+    billing_customer     text CONSTRAINT tenants_billing_customer_key UNIQUE,
     created_at           timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX tenants_plan ON flux.tenants (plan);
@@ -105,6 +106,7 @@ COMMENT ON COLUMN flux.tenants.current_period_start IS 'Start of the current bil
 COMMENT ON COLUMN flux.tenants.current_period_end IS 'End of the current billing period; with cancel_at_period_end the subscription ends here';
 COMMENT ON COLUMN flux.tenants.cancel_at_period_end IS 'true: an active subscription stops being live at current_period_end';
 COMMENT ON COLUMN flux.tenants.past_due_since IS 'Set from the clock when status becomes past_due, cleared when it leaves it';
+COMMENT ON COLUMN flux.tenants.billing_customer IS 'The billing system''s customer id (Stripe cus_...), unique; how events without tenant metadata find their tenant';
 COMMENT ON COLUMN flux.tenants.grace_until IS 'past_due: live until this moment; NULL means past_due_since + the plan''s grace period';
 
 CREATE TABLE flux.addons (
@@ -253,6 +255,35 @@ COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, 
 COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
 COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
 COMMENT ON COLUMN flux.audit_log.xact IS 'Transaction id: changes made together share it';
+
+-- Billing sync (src/billing.rs).
+CREATE TABLE flux.billing_prices (
+    price text PRIMARY KEY,
+    plan  text REFERENCES flux.plans (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    addon text REFERENCES flux.addons (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    CONSTRAINT billing_prices_one_target CHECK (num_nonnulls(plan, addon) = 1)
+);
+COMMENT ON TABLE flux.billing_prices IS 'Stripe price ids or lookup keys mapped to a plan or to an addon (exactly one)';
+
+CREATE TABLE flux.billing_events (
+    id           text PRIMARY KEY,
+    type         text NOT NULL,
+    created      timestamptz NOT NULL,
+    tenant       text,
+    outcome      text CONSTRAINT billing_events_outcome_check
+                 CHECK (outcome IN ('applied', 'duplicate', 'stale', 'unmapped', 'ignored')),
+    deliveries   integer NOT NULL DEFAULT 1,
+    received_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX billing_events_tenant ON flux.billing_events (tenant, created);
+COMMENT ON TABLE flux.billing_events IS 'Every Stripe event received, once per event id, with its outcome; deliveries counts repeats (each answered duplicate)';
+
+CREATE TABLE flux.billing_subscriptions (
+    id                 text PRIMARY KEY,
+    tenant             text,
+    last_event_created bigint
+);
+COMMENT ON TABLE flux.billing_subscriptions IS 'Per Stripe subscription, the created time (Unix seconds) of the last event applied: older events are stale';
 
 -- Validation triggers: thin wrappers that hand the row to the Rust validators
 -- (src/validate.rs), so psql DML gets the same errors as the admin functions.
@@ -416,6 +447,9 @@ SELECT pg_catalog.pg_extension_config_dump('flux.usage_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.api_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.billing_prices', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.billing_events', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.billing_subscriptions', '');
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -605,6 +639,19 @@ AS 'MODULE_PATHNAME', 'flux_flag_deny_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/billing.rs:484
+-- flux_entitlements::billing::flux_map_price
+CREATE  FUNCTION "flux_map_price"(
+	"price" TEXT, /* Option < & str > */
+	"plan" TEXT DEFAULT NULL, /* Option < & str > */
+	"addon" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'flux_map_price_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/usage.rs:452
 -- flux_entitlements::usage::flux_prune_usage_keys
 CREATE  FUNCTION "flux_prune_usage_keys"() RETURNS bigint /* i64 */
@@ -693,261 +740,17 @@ AS 'MODULE_PATHNAME', 'flux_usage_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/reads.rs:146
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::reads::flux */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/reads.rs:163
--- flux_entitlements::reads::flux::_cached_tenants
-CREATE  FUNCTION flux."_cached_tenants"() RETURNS bigint /* i64 */
-STRICT VOLATILE PARALLEL UNSAFE
+-- src/billing.rs:514
+-- flux_entitlements::billing::flux_verify_stripe_signature
+CREATE  FUNCTION "flux_verify_stripe_signature"(
+	"payload" TEXT, /* Option < & str > */
+	"signature_header" TEXT, /* Option < & str > */
+	"secret" TEXT, /* Option < & str > */
+	"tolerance" interval DEFAULT '5 minutes' /* Option < pgrx :: datum :: Interval > */
+) RETURNS bool /* bool */
+STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_cached_tenants_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/reads.rs:151
--- flux_entitlements::reads::flux::_value
-CREATE  FUNCTION flux."_value"(
-	"tenant" TEXT, /* & str */
-	"feature" TEXT /* & str */
-) RETURNS TEXT /* Option < String > */
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_value_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:157
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::validate::flux */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:462
--- flux_entitlements::validate::flux::_clock
-CREATE  FUNCTION flux."_clock"() RETURNS timestamp with time zone /* TimestampWithTimeZone */
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_clock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:322
--- flux_entitlements::validate::flux::_check_addon
-CREATE  FUNCTION flux."_check_addon"(
-	"key" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_addon_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:246
--- flux_entitlements::validate::flux::_check_plan_unused
-CREATE  FUNCTION flux."_check_plan_unused"(
-	"key" TEXT /* & str */
-) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_plan_unused_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:415
--- flux_entitlements::validate::flux::_check_flag_list
-CREATE  FUNCTION flux."_check_flag_list"(
-	"feature" TEXT, /* Option < & str > */
-	"id" TEXT, /* Option < & str > */
-	"list" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_flag_list_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:376
--- flux_entitlements::validate::flux::_check_override
-CREATE  FUNCTION flux."_check_override"(
-	"tenant" TEXT, /* Option < & str > */
-	"feature" TEXT, /* Option < & str > */
-	"limit" bigint, /* Option < i64 > */
-	"starts_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
-	"expires_at" timestamp with time zone /* Option < TimestampWithTimeZone > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_override_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:402
--- flux_entitlements::validate::flux::_check_flag
-CREATE  FUNCTION flux."_check_flag"(
-	"feature" TEXT, /* Option < & str > */
-	"rollout_percent" NUMERIC, /* Option < AnyNumeric > */
-	"salt" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_flag_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:358
--- flux_entitlements::validate::flux::_check_tenant_addon
-CREATE  FUNCTION flux."_check_tenant_addon"(
-	"tenant" TEXT, /* Option < & str > */
-	"addon" TEXT, /* Option < & str > */
-	"quantity" INT /* Option < i32 > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_tenant_addon_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:347
--- flux_entitlements::validate::flux::_check_addon_grant
-CREATE  FUNCTION flux."_check_addon_grant"(
-	"addon" TEXT, /* Option < & str > */
-	"feature" TEXT, /* Option < & str > */
-	"limit" bigint /* Option < i64 > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_addon_grant_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:270
--- flux_entitlements::validate::flux::_check_grant
-CREATE  FUNCTION flux."_check_grant"(
-	"plan" TEXT, /* Option < & str > */
-	"feature" TEXT, /* Option < & str > */
-	"limit" bigint, /* Option < i64 > */
-	"period" TEXT /* Option < & str > */
-) RETURNS TEXT /* Option < String > */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_grant_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:161
--- flux_entitlements::validate::flux::_check_feature
-CREATE  FUNCTION flux."_check_feature"(
-	"key" TEXT, /* Option < & str > */
-	"kind" TEXT, /* Option < & str > */
-	"old_key" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_feature_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:327
--- flux_entitlements::validate::flux::_check_addon_unused
-CREATE  FUNCTION flux."_check_addon_unused"(
-	"key" TEXT /* & str */
-) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_addon_unused_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:204
--- flux_entitlements::validate::flux::_check_plan
-CREATE  FUNCTION flux."_check_plan"(
-	"key" TEXT, /* Option < & str > */
-	"is_default" bool, /* Option < bool > */
-	"grace_period" interval, /* Option < Interval > */
-	"old_key" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_plan_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:288
--- flux_entitlements::validate::flux::_check_tenant
-CREATE  FUNCTION flux."_check_tenant"(
-	"id" TEXT, /* Option < & str > */
-	"plan" TEXT, /* Option < & str > */
-	"status" TEXT, /* Option < & str > */
-	"trial_ends_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
-	"current_period_start" timestamp with time zone, /* Option < TimestampWithTimeZone > */
-	"current_period_end" timestamp with time zone, /* Option < TimestampWithTimeZone > */
-	"_old_id" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_tenant_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:450
--- flux_entitlements::validate::flux::_cache_invalidate
-CREATE FUNCTION flux."_cache_invalidate"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_cache_invalidate_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/limits.rs:16
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::limits::flux */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/limits.rs:65
--- flux_entitlements::limits::flux::_check_row_limit
-CREATE  FUNCTION flux."_check_row_limit"(
-	"rel" oid, /* pg_sys :: Oid */
-	"feature" TEXT, /* & str */
-	"column" TEXT, /* & str */
-	"tenant" TEXT /* & str */
-) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_row_limit_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/limits.rs:21
--- flux_entitlements::limits::flux::_enforce_limit_setup
-CREATE  FUNCTION flux."_enforce_limit_setup"(
-	"tbl" oid, /* Option < pg_sys :: Oid > */
-	"feature" TEXT, /* Option < & str > */
-	"tenant_column" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_enforce_limit_setup_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/rls.rs:21
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::rls::flux */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/rls.rs:26
--- flux_entitlements::rls::flux::_protect_setup
-CREATE  FUNCTION flux."_protect_setup"(
-	"tbl" oid, /* Option < pg_sys :: Oid > */
-	"feature" TEXT, /* Option < & str > */
-	"tenant_column" TEXT, /* Option < & str > */
-	"force" bool /* Option < bool > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_protect_setup_wrapper';
+AS 'MODULE_PATHNAME', 'flux_verify_stripe_signature_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1017,7 +820,281 @@ CREATE FUNCTION flux."_audit"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:46
+-- src/rls.rs:21
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::rls::flux */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/rls.rs:26
+-- flux_entitlements::rls::flux::_protect_setup
+CREATE  FUNCTION flux."_protect_setup"(
+	"tbl" oid, /* Option < pg_sys :: Oid > */
+	"feature" TEXT, /* Option < & str > */
+	"tenant_column" TEXT, /* Option < & str > */
+	"force" bool /* Option < bool > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_protect_setup_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/billing.rs:469
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::billing::flux */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/billing.rs:474
+-- flux_entitlements::billing::flux::_apply_stripe_event
+CREATE  FUNCTION flux."_apply_stripe_event"(
+	"event" TEXT /* Option < & str > */
+) RETURNS TEXT /* String */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_apply_stripe_event_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:157
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::validate::flux */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:246
+-- flux_entitlements::validate::flux::_check_plan_unused
+CREATE  FUNCTION flux."_check_plan_unused"(
+	"key" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_plan_unused_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:376
+-- flux_entitlements::validate::flux::_check_override
+CREATE  FUNCTION flux."_check_override"(
+	"tenant" TEXT, /* Option < & str > */
+	"feature" TEXT, /* Option < & str > */
+	"limit" bigint, /* Option < i64 > */
+	"starts_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"expires_at" timestamp with time zone /* Option < TimestampWithTimeZone > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_override_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:462
+-- flux_entitlements::validate::flux::_clock
+CREATE  FUNCTION flux."_clock"() RETURNS timestamp with time zone /* TimestampWithTimeZone */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_clock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:347
+-- flux_entitlements::validate::flux::_check_addon_grant
+CREATE  FUNCTION flux."_check_addon_grant"(
+	"addon" TEXT, /* Option < & str > */
+	"feature" TEXT, /* Option < & str > */
+	"limit" bigint /* Option < i64 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_addon_grant_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:270
+-- flux_entitlements::validate::flux::_check_grant
+CREATE  FUNCTION flux."_check_grant"(
+	"plan" TEXT, /* Option < & str > */
+	"feature" TEXT, /* Option < & str > */
+	"limit" bigint, /* Option < i64 > */
+	"period" TEXT /* Option < & str > */
+) RETURNS TEXT /* Option < String > */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_grant_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:415
+-- flux_entitlements::validate::flux::_check_flag_list
+CREATE  FUNCTION flux."_check_flag_list"(
+	"feature" TEXT, /* Option < & str > */
+	"id" TEXT, /* Option < & str > */
+	"list" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_flag_list_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:204
+-- flux_entitlements::validate::flux::_check_plan
+CREATE  FUNCTION flux."_check_plan"(
+	"key" TEXT, /* Option < & str > */
+	"is_default" bool, /* Option < bool > */
+	"grace_period" interval, /* Option < Interval > */
+	"old_key" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_plan_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:358
+-- flux_entitlements::validate::flux::_check_tenant_addon
+CREATE  FUNCTION flux."_check_tenant_addon"(
+	"tenant" TEXT, /* Option < & str > */
+	"addon" TEXT, /* Option < & str > */
+	"quantity" INT /* Option < i32 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_tenant_addon_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:327
+-- flux_entitlements::validate::flux::_check_addon_unused
+CREATE  FUNCTION flux."_check_addon_unused"(
+	"key" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_addon_unused_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:288
+-- flux_entitlements::validate::flux::_check_tenant
+CREATE  FUNCTION flux."_check_tenant"(
+	"id" TEXT, /* Option < & str > */
+	"plan" TEXT, /* Option < & str > */
+	"status" TEXT, /* Option < & str > */
+	"trial_ends_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"current_period_start" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"current_period_end" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"_old_id" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_tenant_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:322
+-- flux_entitlements::validate::flux::_check_addon
+CREATE  FUNCTION flux."_check_addon"(
+	"key" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_addon_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:402
+-- flux_entitlements::validate::flux::_check_flag
+CREATE  FUNCTION flux."_check_flag"(
+	"feature" TEXT, /* Option < & str > */
+	"rollout_percent" NUMERIC, /* Option < AnyNumeric > */
+	"salt" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_flag_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:161
+-- flux_entitlements::validate::flux::_check_feature
+CREATE  FUNCTION flux."_check_feature"(
+	"key" TEXT, /* Option < & str > */
+	"kind" TEXT, /* Option < & str > */
+	"old_key" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_feature_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:450
+-- flux_entitlements::validate::flux::_cache_invalidate
+CREATE FUNCTION flux."_cache_invalidate"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_cache_invalidate_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/limits.rs:16
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::limits::flux */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/limits.rs:65
+-- flux_entitlements::limits::flux::_check_row_limit
+CREATE  FUNCTION flux."_check_row_limit"(
+	"rel" oid, /* pg_sys :: Oid */
+	"feature" TEXT, /* & str */
+	"column" TEXT, /* & str */
+	"tenant" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_row_limit_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/limits.rs:21
+-- flux_entitlements::limits::flux::_enforce_limit_setup
+CREATE  FUNCTION flux."_enforce_limit_setup"(
+	"tbl" oid, /* Option < pg_sys :: Oid > */
+	"feature" TEXT, /* Option < & str > */
+	"tenant_column" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_enforce_limit_setup_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/reads.rs:146
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::reads::flux */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/reads.rs:151
+-- flux_entitlements::reads::flux::_value
+CREATE  FUNCTION flux."_value"(
+	"tenant" TEXT, /* & str */
+	"feature" TEXT /* & str */
+) RETURNS TEXT /* Option < String > */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_value_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/reads.rs:163
+-- flux_entitlements::reads::flux::_cached_tenants
+CREATE  FUNCTION flux."_cached_tenants"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_cached_tenants_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:48
 -- finalize
 -- flux_entitlements: privileges and documentation of the functions.
 -- Runs last, once every Rust function exists.
@@ -1038,6 +1115,11 @@ AS $$ SELECT flux._override(tenant, feature, enabled, "limit", starts_at, expire
 CREATE FUNCTION flux_grant_addon(addon text, feature text, "limit" bigint DEFAULT NULL, value jsonb DEFAULT NULL)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$ SELECT flux._grant_addon(addon, feature, "limit", value::text) $$;
+CREATE FUNCTION flux_apply_stripe_event(event jsonb)
+RETURNS text LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._apply_stripe_event(event::text) $$;
+COMMENT ON FUNCTION flux_apply_stripe_event(jsonb) IS 'Admin: apply one Stripe webhook event to the tenant''s subscription in this transaction; answers applied, duplicate, stale, unmapped or ignored; malformed events raise 22023';
+COMMENT ON FUNCTION flux._apply_stripe_event(text) IS 'The body of flux_apply_stripe_event (the event as jsonb text)';
 CREATE FUNCTION flux_value(tenant text, feature text)
 RETURNS jsonb LANGUAGE sql STABLE STRICT PARALLEL SAFE
 AS $$ SELECT flux._value(tenant, feature)::jsonb $$;
@@ -1068,7 +1150,8 @@ BEGIN
         ['features', 'key', ''], ['plans', 'key', ''], ['grants', 'plan', 'feature'],
         ['tenants', 'id', ''], ['addons', 'key', ''], ['addon_grants', 'addon', 'feature'],
         ['tenant_addons', 'tenant', 'addon'], ['overrides', 'tenant', 'feature'],
-        ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', '']
+        ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', ''],
+        ['billing_prices', 'price', '']
     ] LOOP
         EXECUTE format('CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
                        'FOR EACH ROW EXECUTE FUNCTION flux._audit(%s)', spec[1],
@@ -1122,6 +1205,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, 
     flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
     flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys TO flux_admin;
 GRANT SELECT ON flux.audit_log TO flux_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage.rs),
 -- so PUBLIC needs no write grant on any flux table.
 
@@ -1129,13 +1213,15 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
-    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon
+    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
-    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon
+    flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -1183,5 +1269,7 @@ COMMENT ON FUNCTION flux_authenticate(text) IS 'Check an API key; sets flux.tena
 COMMENT ON FUNCTION flux_revoke_api_key(text) IS 'Admin: revoke the API key with this flux.api_keys.id';
 COMMENT ON FUNCTION flux_protect(regclass, text, name, boolean) IS 'Admin: row-level security on tbl: rows of the session''s tenant only, and only while it is entitled to feature (decided once per statement); force => true applies it to the table owner too';
 COMMENT ON FUNCTION flux._protect_setup(oid, text, text, boolean) IS 'The body of flux_protect';
+COMMENT ON FUNCTION flux_map_price(text, text, text) IS 'Admin: map a Stripe price id or lookup_key to a plan or to an addon (exactly one)';
+COMMENT ON FUNCTION flux_verify_stripe_signature(text, text, text, interval) IS 'Stripe-Signature check: HMAC-SHA256 of t.payload against any v1 entry, constant-time, false when t is outside the tolerance of the flux clock';
 /* </end connected objects> */
 

@@ -13,7 +13,7 @@ SELECT t.id, d.feature, d.allowed, d.reason, d.plan, d."limit", d.message, d.upg
        flux_value(t.id, d.feature)::text
   FROM flux.tenants t, flux_entitlements(t.id) d ORDER BY 1, 2;
 """
-TABLES = ["features", "plans", "grants", "tenants", "addons", "addon_grants", "tenant_addons", "overrides", "flags", "flag_lists", "usage", "audit_log"]
+TABLES = ["features", "plans", "grants", "tenants", "addons", "addon_grants", "tenant_addons", "overrides", "flags", "flag_lists", "usage", "audit_log", "billing_prices", "billing_events"]
 
 
 def snapshot(db):
