@@ -203,6 +203,7 @@ CREATE TABLE flux.usage_keys (
     PRIMARY KEY (tenant, feature, idempotency_key)
 );
 CREATE INDEX usage_keys_created_at ON flux.usage_keys (created_at);
+COMMENT ON COLUMN flux.usage_keys.decision IS 'The first decision, returned again for a repeated key';
 COMMENT ON TABLE flux.usage_keys IS 'Idempotency keys of flux_consume with the first decision; kept flux.idempotency_ttl (default 7 days), then pruned by flux_prune_usage_keys()';
 
 CREATE TABLE flux.api_keys (
@@ -218,6 +219,7 @@ CREATE INDEX api_keys_tenant ON flux.api_keys (tenant);
 COMMENT ON TABLE flux.api_keys IS 'API keys of tenants: the public id and SHA-256 of the secret, never the key; readable only by flux_admin and the owner';
 COMMENT ON COLUMN flux.api_keys.id IS 'Public part of the key (flux_<id>_<secret>), 12 hex digits';
 COMMENT ON COLUMN flux.api_keys.secret_hash IS 'SHA-256 of the 256-bit secret; the key itself is shown once by flux_create_api_key';
+COMMENT ON COLUMN flux.api_keys.expires_at IS 'The key stops working at this moment (NULL: never)';
 COMMENT ON COLUMN flux.api_keys.revoked_at IS 'Set by flux_revoke_api_key: the key stops working from this moment';
 
 -- The audit log: every change to the catalogue, tenants, flags and API keys,
@@ -243,6 +245,9 @@ COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g.
 COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists or api_keys';
 COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
 COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
+COMMENT ON COLUMN flux.audit_log.old IS 'The row before the change (NULL for an insert); API keys without their hash';
+COMMENT ON COLUMN flux.audit_log.new IS 'The row after the change (NULL for a delete)';
+COMMENT ON SEQUENCE flux.audit_log_id_seq IS 'Numbers the audit log in the order changes were written';
 COMMENT ON COLUMN flux.audit_log.xact IS 'Transaction id: changes made together share it';
 
 -- Billing sync (src/billing.rs).
@@ -252,6 +257,7 @@ CREATE TABLE flux.billing_prices (
     addon text REFERENCES flux.addons (key) ON UPDATE CASCADE ON DELETE CASCADE,
     CONSTRAINT billing_prices_one_target CHECK (num_nonnulls(plan, addon) = 1)
 );
+COMMENT ON COLUMN flux.billing_prices.price IS 'A Stripe price id (price_...) or a price lookup_key';
 COMMENT ON TABLE flux.billing_prices IS 'Stripe price ids or lookup keys mapped to a plan or to an addon (exactly one)';
 
 CREATE TABLE flux.billing_events (
@@ -265,6 +271,9 @@ CREATE TABLE flux.billing_events (
     received_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX billing_events_tenant ON flux.billing_events (tenant, created);
+COMMENT ON COLUMN flux.billing_events.created IS 'The event''s created time in Stripe (its order)';
+COMMENT ON COLUMN flux.billing_events.outcome IS 'applied, duplicate, stale, unmapped or ignored (what flux_apply_stripe_event answered)';
+COMMENT ON COLUMN flux.billing_events.deliveries IS 'How many times the event arrived; all but the first answered duplicate';
 COMMENT ON TABLE flux.billing_events IS 'Every Stripe event received, once per event id, with its outcome; deliveries counts repeats (each answered duplicate)';
 
 CREATE TABLE flux.billing_subscriptions (

@@ -64,7 +64,10 @@ pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<()> {
         Meter::Rate { window } => {
             if let Some(limit) = x.d.limit {
                 let tat = store::load_tat(&tenant, &feature)?;
-                let o = gcra(tat, x.ctx.now, limit, window, amount);
+                // Would `amount` more pass? Report what is counted now.
+                let mut o = gcra(tat, x.ctx.now, limit, window, amount);
+                let current = gcra(tat, x.ctx.now, limit, window, 0);
+                (o.used, o.resets_at) = (current.used, current.resets_at);
                 let text = x.d.period.clone().unwrap_or_default();
                 apply_rate(&mut x.d, &text, o, x.ctx.now);
             }
