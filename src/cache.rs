@@ -158,7 +158,15 @@ fn tenant_entry(id: &str) -> FluxResult<(Option<Rc<TenantEntry>>, bool)> {
     if let Some(e) = TENANTS.with(|t| t.borrow_mut().get(id, capacity)) {
         return Ok((e, false));
     }
-    let loaded = store::load_tenant(id)?.map(Rc::new);
+    let cat = catalogue()?;
+    let loaded = store::load_tenant(id)?.map(|mut e| {
+        e.base.plan_grace = e
+            .base
+            .plan
+            .as_ref()
+            .and_then(|p| cat.plan_grace.get(p).copied().flatten());
+        Rc::new(e)
+    });
     if store::in_parallel_mode() {
         PROVISIONAL.with(|p| p.set(true));
     }
@@ -171,8 +179,19 @@ fn tenant_entry(id: &str) -> FluxResult<(Option<Rc<TenantEntry>>, bool)> {
 /// Everything a decision about (tenant, feature, subject) reads.
 pub struct Facts {
     pub feature: Option<Rc<FeatureFacts>>,
-    pub tenant: Option<TenantFacts>,
+    /// The cached tenant, and its facts for this feature when they differ
+    /// from the entry's base (addons or an override concern the feature).
+    pub entry: Option<Rc<TenantEntry>>,
+    pub specific: Option<TenantFacts>,
     pub flag: Option<FlagFacts>,
+}
+
+impl Facts {
+    pub fn tenant(&self) -> Option<&TenantFacts> {
+        self.specific
+            .as_ref()
+            .or_else(|| self.entry.as_deref().map(|e| &e.base))
+    }
 }
 
 pub fn facts(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Facts> {
@@ -180,7 +199,8 @@ pub fn facts(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<F
     let Some(f) = cat.features.get(feature).cloned() else {
         return Ok(Facts {
             feature: None,
-            tenant: None,
+            entry: None,
+            specific: None,
             flag: None,
         });
     };
@@ -188,13 +208,14 @@ pub fn facts(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<F
     let Some(entry) = entry else {
         return Ok(Facts {
             feature: Some(f),
-            tenant: None,
+            entry: None,
+            specific: None,
             flag: None,
         });
     };
     // A tenant load may have consumed an invalidation: reload if so.
     let cat = if loaded { catalogue()? } else { cat };
-    let t = entry.facts_for(feature, &cat);
+    let specific = entry.facts_for(feature, &cat);
     let flag = cat.flags.get(feature).map(|fl| {
         let listed = |set: &std::collections::HashSet<String>| {
             set.contains(tenant) || subject.is_some_and(|s| set.contains(s))
@@ -209,7 +230,8 @@ pub fn facts(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<F
     });
     Ok(Facts {
         feature: Some(f),
-        tenant: Some(t),
+        entry: Some(entry),
+        specific,
         flag,
     })
 }

@@ -21,9 +21,18 @@ fn context(detail: bool) -> FluxResult<Context> {
 /// go on from it without reading them again.
 pub struct Decided {
     pub d: Decision,
-    pub feature: Option<std::rc::Rc<FeatureFacts>>,
-    pub tenant: Option<TenantFacts>,
+    pub facts: cache::Facts,
     pub ctx: Context,
+}
+
+impl Decided {
+    pub fn feature(&self) -> Option<&FeatureFacts> {
+        self.facts.feature.as_deref()
+    }
+
+    pub fn tenant(&self) -> Option<&TenantFacts> {
+        self.facts.tenant()
+    }
 }
 
 /// The entitlement part of a decision: everything up to `limit_reached`.
@@ -45,16 +54,11 @@ pub fn entitle_with(
         feature,
         subject,
         facts.feature.as_deref(),
-        facts.tenant.as_ref(),
+        facts.tenant(),
         facts.flag.as_ref(),
         &ctx,
     );
-    Ok(Decided {
-        d,
-        feature: facts.feature,
-        tenant: facts.tenant,
-        ctx,
-    })
+    Ok(Decided { d, facts, ctx })
 }
 
 /// Decide for one tenant and feature, with usage figures: would one more

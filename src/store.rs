@@ -230,7 +230,8 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
 /// and every override, for all features.
 #[derive(Debug, Clone)]
 pub struct TenantEntry {
-    /// addons and override_ are empty here; `facts_for` fills them per feature.
+    /// addons and override_ are empty here (`facts_for` fills them per
+    /// feature); plan_grace is filled when the entry is cached.
     pub base: TenantFacts,
     pub addons: Vec<(String, i32)>,
     pub overrides: HashMap<String, Override>,
@@ -238,13 +239,19 @@ pub struct TenantEntry {
 
 impl TenantEntry {
     /// The tenant's facts for one feature.
-    pub fn facts_for(&self, feature: &str, cat: &Catalogue) -> TenantFacts {
+    /// The tenant's facts for one feature when its addons or an override
+    /// concern it; None when `base` says everything (the common case, which
+    /// then costs no copy).
+    pub fn facts_for(&self, feature: &str, cat: &Catalogue) -> Option<TenantFacts> {
+        let grants = cat.addon_grants.get(feature);
+        let has_addon =
+            grants.is_some_and(|g| self.addons.iter().any(|(a, _)| g.iter().any(|u| &u.0 == a)));
+        let override_ = self.overrides.get(feature);
+        if !has_addon && override_.is_none() {
+            return None;
+        }
         let mut t = self.base.clone();
-        t.plan_grace = t
-            .plan
-            .as_ref()
-            .and_then(|p| cat.plan_grace.get(p).copied().flatten());
-        if let Some(grants) = cat.addon_grants.get(feature) {
+        if let Some(grants) = grants {
             for (addon, quantity) in &self.addons {
                 for (a, limit, value) in grants.iter().filter(|g| &g.0 == addon) {
                     t.addons.push(AddonGrant {
@@ -256,8 +263,8 @@ impl TenantEntry {
                 }
             }
         }
-        t.override_ = self.overrides.get(feature).cloned();
-        t
+        t.override_ = override_.cloned();
+        Some(t)
     }
 }
 

@@ -30,7 +30,7 @@ fn window_micros(text: &str) -> Option<i64> {
 }
 
 fn meter(x: &Decided) -> FluxResult<Option<Meter>> {
-    let (Some(f), Some(t)) = (&x.feature, &x.tenant) else {
+    let (Some(f), Some(t)) = (x.feature(), x.tenant()) else {
         return Ok(None);
     };
     meter_for(
@@ -421,7 +421,7 @@ fn flux_release(
 fn flux_usage(tenant: &str, feature: &str) -> Option<i64> {
     (|| -> FluxResult<Option<i64>> {
         let mut x = entitle(tenant, feature, None)?;
-        let (Some(f), Some(_)) = (&x.feature, &x.tenant) else {
+        let (Some(f), Some(_)) = (x.facts.feature.clone(), x.tenant()) else {
             return Ok(None);
         };
         if !f.kind.has_limit() {

@@ -214,6 +214,7 @@ CREATE TABLE flux.usage_keys (
     PRIMARY KEY (tenant, feature, idempotency_key)
 );
 CREATE INDEX usage_keys_created_at ON flux.usage_keys (created_at);
+COMMENT ON COLUMN flux.usage_keys.decision IS 'The first decision, returned again for a repeated key';
 COMMENT ON TABLE flux.usage_keys IS 'Idempotency keys of flux_consume with the first decision; kept flux.idempotency_ttl (default 7 days), then pruned by flux_prune_usage_keys()';
 
 CREATE TABLE flux.api_keys (
@@ -229,6 +230,7 @@ CREATE INDEX api_keys_tenant ON flux.api_keys (tenant);
 COMMENT ON TABLE flux.api_keys IS 'API keys of tenants: the public id and SHA-256 of the secret, never the key; readable only by flux_admin and the owner';
 COMMENT ON COLUMN flux.api_keys.id IS 'Public part of the key (flux_<id>_<secret>), 12 hex digits';
 COMMENT ON COLUMN flux.api_keys.secret_hash IS 'SHA-256 of the 256-bit secret; the key itself is shown once by flux_create_api_key';
+COMMENT ON COLUMN flux.api_keys.expires_at IS 'The key stops working at this moment (NULL: never)';
 COMMENT ON COLUMN flux.api_keys.revoked_at IS 'Set by flux_revoke_api_key: the key stops working from this moment';
 
 -- The audit log: every change to the catalogue, tenants, flags and API keys,
@@ -254,6 +256,9 @@ COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g.
 COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists or api_keys';
 COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
 COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
+COMMENT ON COLUMN flux.audit_log.old IS 'The row before the change (NULL for an insert); API keys without their hash';
+COMMENT ON COLUMN flux.audit_log.new IS 'The row after the change (NULL for a delete)';
+COMMENT ON SEQUENCE flux.audit_log_id_seq IS 'Numbers the audit log in the order changes were written';
 COMMENT ON COLUMN flux.audit_log.xact IS 'Transaction id: changes made together share it';
 
 -- Billing sync (src/billing.rs).
@@ -263,6 +268,7 @@ CREATE TABLE flux.billing_prices (
     addon text REFERENCES flux.addons (key) ON UPDATE CASCADE ON DELETE CASCADE,
     CONSTRAINT billing_prices_one_target CHECK (num_nonnulls(plan, addon) = 1)
 );
+COMMENT ON COLUMN flux.billing_prices.price IS 'A Stripe price id (price_...) or a price lookup_key';
 COMMENT ON TABLE flux.billing_prices IS 'Stripe price ids or lookup keys mapped to a plan or to an addon (exactly one)';
 
 CREATE TABLE flux.billing_events (
@@ -276,6 +282,9 @@ CREATE TABLE flux.billing_events (
     received_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX billing_events_tenant ON flux.billing_events (tenant, created);
+COMMENT ON COLUMN flux.billing_events.created IS 'The event''s created time in Stripe (its order)';
+COMMENT ON COLUMN flux.billing_events.outcome IS 'applied, duplicate, stale, unmapped or ignored (what flux_apply_stripe_event answered)';
+COMMENT ON COLUMN flux.billing_events.deliveries IS 'How many times the event arrived; all but the first answered duplicate';
 COMMENT ON TABLE flux.billing_events IS 'Every Stripe event received, once per event id, with its outcome; deliveries counts repeats (each answered duplicate)';
 
 CREATE TABLE flux.billing_subscriptions (
@@ -477,7 +486,7 @@ AS 'MODULE_PATHNAME', 'flux_authenticate_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/reads.rs:108
+-- src/reads.rs:112
 -- flux_entitlements::reads::flux_check
 CREATE  FUNCTION "flux_check"(
 	"tenant" TEXT, /* & str */
@@ -489,7 +498,7 @@ AS 'MODULE_PATHNAME', 'flux_check_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/reads.rs:114
+-- src/reads.rs:118
 -- flux_entitlements::reads::flux_check
 CREATE  FUNCTION "flux_check"(
 	"feature" TEXT /* & str */
@@ -500,7 +509,7 @@ AS 'MODULE_PATHNAME', 'flux_check_current_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/usage.rs:363
+-- src/usage.rs:366
 -- flux_entitlements::usage::flux_consume
 CREATE  FUNCTION "flux_consume"(
 	"tenant" TEXT, /* Option < & str > */
@@ -537,7 +546,7 @@ AS 'MODULE_PATHNAME', 'flux_current_tenant_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/reads.rs:121
+-- src/reads.rs:125
 -- flux_entitlements::reads::flux_decide
 CREATE  FUNCTION "flux_decide"(
 	"tenant" TEXT, /* Option < & str > */
@@ -591,7 +600,7 @@ AS 'MODULE_PATHNAME', 'flux_define_plan_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/reads.rs:134
+-- src/reads.rs:138
 -- flux_entitlements::reads::flux_entitlements
 CREATE  FUNCTION "flux_entitlements"(
 	"tenant" TEXT /* & str */
@@ -652,7 +661,7 @@ AS 'MODULE_PATHNAME', 'flux_map_price_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/usage.rs:452
+-- src/usage.rs:455
 -- flux_entitlements::usage::flux_prune_usage_keys
 CREATE  FUNCTION "flux_prune_usage_keys"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -661,7 +670,7 @@ AS 'MODULE_PATHNAME', 'flux_prune_usage_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/usage.rs:379
+-- src/usage.rs:382
 -- flux_entitlements::usage::flux_release
 CREATE  FUNCTION "flux_release"(
 	"tenant" TEXT, /* Option < & str > */
@@ -728,7 +737,7 @@ AS 'MODULE_PATHNAME', 'flux_subscribe_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/usage.rs:417
+-- src/usage.rs:420
 -- flux_entitlements::usage::flux_usage
 CREATE  FUNCTION "flux_usage"(
 	"tenant" TEXT, /* & str */
@@ -774,6 +783,20 @@ AS 'MODULE_PATHNAME', '_grant_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/admin.rs:310
+-- flux_entitlements::admin::flux::_grant_addon
+CREATE  FUNCTION flux."_grant_addon"(
+	"addon" TEXT, /* Option < & str > */
+	"feature" TEXT, /* Option < & str > */
+	"limit" bigint, /* Option < i64 > */
+	"value" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_grant_addon_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/admin.rs:273
 -- flux_entitlements::admin::flux::_override
 CREATE  FUNCTION flux."_override"(
@@ -789,34 +812,6 @@ CREATE  FUNCTION flux."_override"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_override_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/admin.rs:310
--- flux_entitlements::admin::flux::_grant_addon
-CREATE  FUNCTION flux."_grant_addon"(
-	"addon" TEXT, /* Option < & str > */
-	"feature" TEXT, /* Option < & str > */
-	"limit" bigint, /* Option < i64 > */
-	"value" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_grant_addon_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/audit.rs:46
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::audit::flux */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/audit.rs:53
--- flux_entitlements::audit::flux::_audit
-CREATE FUNCTION flux."_audit"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_audit_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -839,72 +834,58 @@ AS 'MODULE_PATHNAME', '_protect_setup_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/billing.rs:469
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::billing::flux */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/billing.rs:474
--- flux_entitlements::billing::flux::_apply_stripe_event
-CREATE  FUNCTION flux."_apply_stripe_event"(
-	"event" TEXT /* Option < & str > */
-) RETURNS TEXT /* String */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_apply_stripe_event_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/validate.rs:157
 CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::validate::flux */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/validate.rs:246
--- flux_entitlements::validate::flux::_check_plan_unused
-CREATE  FUNCTION flux."_check_plan_unused"(
-	"key" TEXT /* & str */
+-- src/validate.rs:161
+-- flux_entitlements::validate::flux::_check_feature
+CREATE  FUNCTION flux."_check_feature"(
+	"key" TEXT, /* Option < & str > */
+	"kind" TEXT, /* Option < & str > */
+	"old_key" TEXT /* Option < & str > */
 ) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_plan_unused_wrapper';
+AS 'MODULE_PATHNAME', '_check_feature_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/validate.rs:376
--- flux_entitlements::validate::flux::_check_override
-CREATE  FUNCTION flux."_check_override"(
+-- src/validate.rs:322
+-- flux_entitlements::validate::flux::_check_addon
+CREATE  FUNCTION flux."_check_addon"(
+	"key" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_addon_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:415
+-- flux_entitlements::validate::flux::_check_flag_list
+CREATE  FUNCTION flux."_check_flag_list"(
+	"feature" TEXT, /* Option < & str > */
+	"id" TEXT, /* Option < & str > */
+	"list" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_flag_list_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:358
+-- flux_entitlements::validate::flux::_check_tenant_addon
+CREATE  FUNCTION flux."_check_tenant_addon"(
 	"tenant" TEXT, /* Option < & str > */
-	"feature" TEXT, /* Option < & str > */
-	"limit" bigint, /* Option < i64 > */
-	"starts_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
-	"expires_at" timestamp with time zone /* Option < TimestampWithTimeZone > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_override_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:462
--- flux_entitlements::validate::flux::_clock
-CREATE  FUNCTION flux."_clock"() RETURNS timestamp with time zone /* TimestampWithTimeZone */
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_clock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:347
--- flux_entitlements::validate::flux::_check_addon_grant
-CREATE  FUNCTION flux."_check_addon_grant"(
 	"addon" TEXT, /* Option < & str > */
-	"feature" TEXT, /* Option < & str > */
-	"limit" bigint /* Option < i64 > */
+	"quantity" INT /* Option < i32 > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_addon_grant_wrapper';
+AS 'MODULE_PATHNAME', '_check_tenant_addon_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -922,16 +903,16 @@ AS 'MODULE_PATHNAME', '_check_grant_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/validate.rs:415
--- flux_entitlements::validate::flux::_check_flag_list
-CREATE  FUNCTION flux."_check_flag_list"(
+-- src/validate.rs:402
+-- flux_entitlements::validate::flux::_check_flag
+CREATE  FUNCTION flux."_check_flag"(
 	"feature" TEXT, /* Option < & str > */
-	"id" TEXT, /* Option < & str > */
-	"list" TEXT /* Option < & str > */
+	"rollout_percent" NUMERIC, /* Option < AnyNumeric > */
+	"salt" TEXT /* Option < & str > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_flag_list_wrapper';
+AS 'MODULE_PATHNAME', '_check_flag_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -946,30 +927,6 @@ CREATE  FUNCTION flux."_check_plan"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_check_plan_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:358
--- flux_entitlements::validate::flux::_check_tenant_addon
-CREATE  FUNCTION flux."_check_tenant_addon"(
-	"tenant" TEXT, /* Option < & str > */
-	"addon" TEXT, /* Option < & str > */
-	"quantity" INT /* Option < i32 > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_tenant_addon_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:327
--- flux_entitlements::validate::flux::_check_addon_unused
-CREATE  FUNCTION flux."_check_addon_unused"(
-	"key" TEXT /* & str */
-) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_addon_unused_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -990,40 +947,62 @@ AS 'MODULE_PATHNAME', '_check_tenant_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/validate.rs:322
--- flux_entitlements::validate::flux::_check_addon
-CREATE  FUNCTION flux."_check_addon"(
-	"key" TEXT /* Option < & str > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_addon_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/validate.rs:402
--- flux_entitlements::validate::flux::_check_flag
-CREATE  FUNCTION flux."_check_flag"(
+-- src/validate.rs:376
+-- flux_entitlements::validate::flux::_check_override
+CREATE  FUNCTION flux."_check_override"(
+	"tenant" TEXT, /* Option < & str > */
 	"feature" TEXT, /* Option < & str > */
-	"rollout_percent" NUMERIC, /* Option < AnyNumeric > */
-	"salt" TEXT /* Option < & str > */
+	"limit" bigint, /* Option < i64 > */
+	"starts_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"expires_at" timestamp with time zone /* Option < TimestampWithTimeZone > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_flag_wrapper';
+AS 'MODULE_PATHNAME', '_check_override_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/validate.rs:161
--- flux_entitlements::validate::flux::_check_feature
-CREATE  FUNCTION flux."_check_feature"(
-	"key" TEXT, /* Option < & str > */
-	"kind" TEXT, /* Option < & str > */
-	"old_key" TEXT /* Option < & str > */
+-- src/validate.rs:327
+-- flux_entitlements::validate::flux::_check_addon_unused
+CREATE  FUNCTION flux."_check_addon_unused"(
+	"key" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_addon_unused_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:347
+-- flux_entitlements::validate::flux::_check_addon_grant
+CREATE  FUNCTION flux."_check_addon_grant"(
+	"addon" TEXT, /* Option < & str > */
+	"feature" TEXT, /* Option < & str > */
+	"limit" bigint /* Option < i64 > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_feature_wrapper';
+AS 'MODULE_PATHNAME', '_check_addon_grant_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:462
+-- flux_entitlements::validate::flux::_clock
+CREATE  FUNCTION flux."_clock"() RETURNS timestamp with time zone /* TimestampWithTimeZone */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_clock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/validate.rs:246
+-- flux_entitlements::validate::flux::_check_plan_unused
+CREATE  FUNCTION flux."_check_plan_unused"(
+	"key" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_plan_unused_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1036,22 +1015,64 @@ CREATE FUNCTION flux."_cache_invalidate"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/limits.rs:16
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::limits::flux */
+-- src/audit.rs:46
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::audit::flux */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/limits.rs:65
--- flux_entitlements::limits::flux::_check_row_limit
-CREATE  FUNCTION flux."_check_row_limit"(
-	"rel" oid, /* pg_sys :: Oid */
-	"feature" TEXT, /* & str */
-	"column" TEXT, /* & str */
-	"tenant" TEXT /* & str */
-) RETURNS void
+-- src/audit.rs:53
+-- flux_entitlements::audit::flux::_audit
+CREATE FUNCTION flux."_audit"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_audit_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/reads.rs:150
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::reads::flux */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/reads.rs:155
+-- flux_entitlements::reads::flux::_value
+CREATE  FUNCTION flux."_value"(
+	"tenant" TEXT, /* & str */
+	"feature" TEXT /* & str */
+) RETURNS TEXT /* Option < String > */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_value_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/reads.rs:167
+-- flux_entitlements::reads::flux::_cached_tenants
+CREATE  FUNCTION flux."_cached_tenants"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_row_limit_wrapper';
+AS 'MODULE_PATHNAME', '_cached_tenants_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/billing.rs:469
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::billing::flux */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/billing.rs:474
+-- flux_entitlements::billing::flux::_apply_stripe_event
+CREATE  FUNCTION flux."_apply_stripe_event"(
+	"event" TEXT /* Option < & str > */
+) RETURNS TEXT /* String */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_apply_stripe_event_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/limits.rs:16
+CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::limits::flux */
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1068,29 +1089,17 @@ AS 'MODULE_PATHNAME', '_enforce_limit_setup_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/reads.rs:146
-CREATE SCHEMA IF NOT EXISTS flux; /* flux_entitlements::reads::flux */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/reads.rs:151
--- flux_entitlements::reads::flux::_value
-CREATE  FUNCTION flux."_value"(
-	"tenant" TEXT, /* & str */
-	"feature" TEXT /* & str */
-) RETURNS TEXT /* Option < String > */
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_value_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/reads.rs:163
--- flux_entitlements::reads::flux::_cached_tenants
-CREATE  FUNCTION flux."_cached_tenants"() RETURNS bigint /* i64 */
+-- src/limits.rs:65
+-- flux_entitlements::limits::flux::_check_row_limit
+CREATE  FUNCTION flux."_check_row_limit"(
+	"rel" oid, /* pg_sys :: Oid */
+	"feature" TEXT, /* & str */
+	"column" TEXT, /* & str */
+	"tenant" TEXT /* & str */
+) RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_cached_tenants_wrapper';
+AS 'MODULE_PATHNAME', '_check_row_limit_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
