@@ -4,15 +4,10 @@
 //! half-written.
 
 use crate::error::{FluxError, FluxResult, OrRaise};
+use crate::store;
 use crate::validate::{feature_kind, need, require_addon, require_plan, require_tenant};
-use pgrx::datum::{AnyNumeric, DatumWithOid, Interval, TimestampWithTimeZone};
+use pgrx::datum::{AnyNumeric, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-
-fn write(sql: &str, args: &[DatumWithOid]) -> FluxResult<()> {
-    crate::store::ensure_writable("this admin function")?;
-    Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()))?;
-    Ok(())
-}
 
 /// Define (or redefine) a feature. A NULL description keeps the current one.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -24,7 +19,7 @@ fn flux_define_feature(
     (|| {
         let key = need(key, "feature key")?;
         let kind = need(kind, "kind")?;
-        write(
+        store::exec(
             "INSERT INTO flux.features AS f (key, kind, description) VALUES ($1, $2, $3) \
              ON CONFLICT (key) DO UPDATE SET kind = EXCLUDED.kind, \
                  description = coalesce(EXCLUDED.description, f.description)",
@@ -47,7 +42,7 @@ fn flux_define_plan(
         let key = need(key, "plan key")?;
         let rank = need(rank, "rank")?;
         let is_default = need(is_default, "is_default")?;
-        write(
+        store::exec(
             "INSERT INTO flux.plans AS p (key, name, rank, is_default, grace_period) \
              VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (key) DO UPDATE SET name = coalesce(EXCLUDED.name, p.name), \
@@ -74,7 +69,7 @@ fn flux_revoke(plan: Option<&str>, feature: Option<&str>) {
         let feature = need(feature, "feature")?;
         require_plan(plan)?;
         feature_kind(feature)?;
-        write(
+        store::exec(
             "DELETE FROM flux.grants WHERE plan = $1 AND feature = $2",
             &[plan.into(), feature.into()],
         )
@@ -100,7 +95,7 @@ fn flux_subscribe(
         let tenant = need(tenant, "tenant")?;
         let status = need(status, "status")?;
         let cancel = need(cancel_at_period_end, "cancel_at_period_end")?;
-        write(
+        store::exec(
             "INSERT INTO flux.tenants AS t (id, plan, status, current_period_end, trial_ends_at, \
                  current_period_start, cancel_at_period_end) \
              VALUES ($1, $2, $3, $4, $5, coalesce($6, flux._clock()), $7) \
@@ -128,7 +123,7 @@ fn flux_subscribe(
 fn flux_define_addon(key: Option<&str>, name: default!(Option<&str>, "NULL")) {
     (|| {
         let key = need(key, "addon key")?;
-        write(
+        store::exec(
             "INSERT INTO flux.addons AS a (key, name) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET name = coalesce(EXCLUDED.name, a.name)",
             &[key.into(), name.into()],
@@ -157,12 +152,12 @@ fn flux_attach_addon(
         if quantity == 0 {
             require_tenant(tenant)?;
             require_addon(addon)?;
-            return write(
+            return store::exec(
                 "DELETE FROM flux.tenant_addons WHERE tenant = $1 AND addon = $2",
                 &[tenant.into(), addon.into()],
             );
         }
-        write(
+        store::exec(
             "INSERT INTO flux.tenant_addons (tenant, addon, quantity) VALUES ($1, $2, $3) \
              ON CONFLICT (tenant, addon) DO UPDATE SET quantity = EXCLUDED.quantity",
             &[tenant.into(), addon.into(), quantity.into()],
@@ -187,7 +182,7 @@ fn flux_set_flag(
         let percent = need(rollout_percent, "rollout_percent")?;
         // Validate here too, so an overflowing value is named before the row is built.
         crate::rollout::threshold(&percent.to_string())?;
-        write(
+        store::exec(
             "INSERT INTO flux.flags AS f (feature, enabled, rollout_percent, salt) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (feature) DO UPDATE SET enabled = EXCLUDED.enabled, \
                  rollout_percent = EXCLUDED.rollout_percent, salt = coalesce(EXCLUDED.salt, f.salt)",
@@ -202,11 +197,11 @@ fn flux_set_flag(
 fn flag_list(feature: Option<&str>, id: Option<&str>, list: &str) -> FluxResult<()> {
     let feature = need(feature, "feature")?;
     let id = need(id, "id")?;
-    write(
+    store::exec(
         "INSERT INTO flux.flags (feature) VALUES ($1) ON CONFLICT (feature) DO NOTHING",
         &[feature.into()],
     )?;
-    write(
+    store::exec(
         "INSERT INTO flux.flag_lists (feature, id, list) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         &[feature.into(), id.into(), list.into()],
     )
@@ -231,7 +226,7 @@ fn flux_flag_clear(feature: Option<&str>, id: Option<&str>) {
         let feature = need(feature, "feature")?;
         let id = need(id, "id")?;
         feature_kind(feature)?;
-        write(
+        store::exec(
             "DELETE FROM flux.flag_lists WHERE feature = $1 AND id = $2",
             &[feature.into(), id.into()],
         )
@@ -258,7 +253,7 @@ mod flux {
         (|| {
             let plan = need(plan, "plan")?;
             let feature = need(feature, "feature")?;
-            write(
+            store::exec(
                 "INSERT INTO flux.grants (plan, feature, enabled, \"limit\", period, value) \
                  VALUES ($1, $2, true, $3, $4, $5::jsonb) \
                  ON CONFLICT (plan, feature) DO UPDATE SET enabled = true, \"limit\" = EXCLUDED.\"limit\", \
@@ -286,7 +281,7 @@ mod flux {
             let tenant = need(tenant, "tenant")?;
             let feature = need(feature, "feature")?;
             let enabled = need(enabled, "enabled")?;
-            write(
+            store::exec(
                 "INSERT INTO flux.overrides (tenant, feature, enabled, \"limit\", starts_at, expires_at, reason, value) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) \
                  ON CONFLICT (tenant, feature) DO UPDATE SET enabled = EXCLUDED.enabled, \
@@ -317,7 +312,7 @@ mod flux {
         (|| {
             let addon = need(addon, "addon")?;
             let feature = need(feature, "feature")?;
-            write(
+            store::exec(
                 "INSERT INTO flux.addon_grants (addon, feature, \"limit\", value) VALUES ($1, $2, $3, $4::jsonb) \
                  ON CONFLICT (addon, feature) DO UPDATE SET \"limit\" = EXCLUDED.\"limit\", value = EXCLUDED.value",
                 &[addon.into(), feature.into(), limit.into(), value.into()],

@@ -253,15 +253,6 @@ pub fn verify_signature(
 
 // ---- applying an event ------------------------------------------------------
 
-fn one_text(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<Option<String>> {
-    store::one::<String>(sql, args)
-}
-
-fn exec(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<()> {
-    Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()))?;
-    Ok(())
-}
-
 /// The tenant an event is about: metadata.tenant_id, else the tenant whose
 /// billing_customer is the customer.
 fn resolve_tenant(
@@ -274,7 +265,7 @@ fn resolve_tenant(
         return Ok(Some((t.to_string(), exists)));
     }
     if let Some(c) = customer {
-        if let Some(t) = one_text(
+        if let Some(t) = store::one::<String>(
             "SELECT id FROM flux.tenants WHERE billing_customer = $1",
             &[c.into()],
         )? {
@@ -287,7 +278,7 @@ fn resolve_tenant(
 /// Not older than the last event applied to this subscription? Locks the
 /// subscription's row, so events for one subscription apply one at a time.
 fn is_stale(subscription: &str, created: i64) -> FluxResult<bool> {
-    exec(
+    store::exec(
         "INSERT INTO flux.billing_subscriptions (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
         &[subscription.into()],
     )?;
@@ -299,7 +290,7 @@ fn is_stale(subscription: &str, created: i64) -> FluxResult<bool> {
 }
 
 fn mark_applied(subscription: &str, tenant: &str, created: i64) -> FluxResult<()> {
-    exec(
+    store::exec(
         "UPDATE flux.billing_subscriptions SET last_event_created = $2, tenant = $3 WHERE id = $1",
         &[subscription.into(), created.into(), tenant.into()],
     )
@@ -363,7 +354,7 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
          VALUES ($1, $2, $3, to_timestamp($4::bigint), coalesce(to_timestamp($5::bigint), flux._clock()), \
              to_timestamp($6::bigint), $7, $8)"
     };
-    exec(
+    store::exec(
         sql,
         &[
             tenant.as_str().into(),
@@ -382,14 +373,14 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
     for (addon, quantity) in &addons {
         let q = i32::try_from(*quantity).unwrap_or(i32::MAX);
         if q > 0 {
-            exec(
+            store::exec(
                 "INSERT INTO flux.tenant_addons (tenant, addon, quantity) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant, addon) DO UPDATE SET quantity = EXCLUDED.quantity",
                 &[tenant.as_str().into(), addon.as_str().into(), q.into()],
             )?;
         }
     }
-    exec(
+    store::exec(
         "DELETE FROM flux.tenant_addons ta WHERE ta.tenant = $1 AND NOT (ta.addon = ANY ($2)) \
            AND EXISTS (SELECT 1 FROM flux.billing_prices bp WHERE bp.addon = ta.addon)",
         &[tenant.as_str().into(), on.into()],
@@ -416,7 +407,7 @@ fn apply_invoice(ev: &Event, paid: bool) -> FluxResult<(&'static str, Option<Str
     } else {
         "UPDATE flux.tenants SET status = 'past_due' WHERE id = $1 AND status IN ('active', 'trialing')"
     };
-    exec(sql, &[tenant.as_str().into()])?;
+    store::exec(sql, &[tenant.as_str().into()])?;
     if let Some(s) = &subscription {
         mark_applied(s, &tenant, ev.created)?;
     }
@@ -455,7 +446,7 @@ pub fn apply(text: &str) -> FluxResult<&'static str> {
     };
     crate::identity::set_local("flux.actor", &previous_actor)?;
     let (outcome, tenant) = result?;
-    exec(
+    store::exec(
         "UPDATE flux.billing_events SET outcome = $2, tenant = $3 WHERE id = $1",
         &[
             ev.id.as_str().into(),
@@ -501,7 +492,7 @@ fn flux_map_price(
                 )))
             }
         }
-        exec(
+        store::exec(
             "INSERT INTO flux.billing_prices (price, plan, addon) VALUES ($1, $2, $3) \
              ON CONFLICT (price) DO UPDATE SET plan = EXCLUDED.plan, addon = EXCLUDED.addon",
             &[price.into(), plan.into(), addon.into()],

@@ -216,14 +216,11 @@ pub fn set_local(name: &str, value: &str) -> FluxResult<()> {
 fn flux_revoke_api_key(id: Option<&str>) {
     (|| -> FluxResult<()> {
         let id = need(id, "id")?;
-        let found = Spi::connect_mut(|c| {
-            c.update(
-                "UPDATE flux.api_keys SET revoked_at = coalesce(revoked_at, flux._clock()) WHERE id = $1 RETURNING 1",
-                Some(1),
-                &[id.into()],
-            )
-            .map(|t| !t.is_empty())
-        })?;
+        let found = crate::store::one_mut::<i32>(
+            "UPDATE flux.api_keys SET revoked_at = coalesce(revoked_at, flux._clock()) WHERE id = $1 RETURNING 1",
+            &[id.into()],
+        )?
+        .is_some();
         if !found {
             return Err(FluxError::UnknownReference(format!(
                 "no API key with id {}",

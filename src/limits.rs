@@ -83,19 +83,14 @@ mod flux {
             let Some(limit) = x.d.limit else {
                 return Ok(());
             };
-            let count = Spi::connect(|c| {
-                c.select(
-                    &format!(
-                        "SELECT count(*) FROM {table} WHERE {} = {}",
-                        spi::quote_identifier(column),
-                        spi::quote_literal(tenant)
-                    ),
-                    Some(1),
-                    &[],
-                )?
-                .first()
-                .get_one::<i64>()
-            })?
+            let count = store::one::<i64>(
+                &format!(
+                    "SELECT count(*) FROM {table} WHERE {} = {}",
+                    spi::quote_identifier(column),
+                    spi::quote_literal(tenant)
+                ),
+                &[],
+            )?
             .unwrap_or(0);
             if count + 1 > limit {
                 let on =

@@ -448,6 +448,13 @@ pub fn ts_datum(t: Option<i64>) -> TimestampWithTimeZone {
     }
 }
 
+/// Run a statement that writes (refused on a read-only connection).
+pub fn exec(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<()> {
+    ensure_writable("this function")?;
+    Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()))?;
+    Ok(())
+}
+
 /// The first column of the first row of a read-only query, or None.
 pub fn one<T: FromDatum + IntoDatum>(
     sql: &str,

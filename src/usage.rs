@@ -289,43 +289,30 @@ fn claim_key(tenant: &str, feature: &str, key: &str) -> FluxResult<Option<Decisi
     let ttl = gucs::idempotency_ttl()?;
     let ttl = Interval::new(ttl.months, ttl.days, ttl.micros)
         .map_err(|e| FluxError::Internal(e.to_string()))?;
-    let claimed = Spi::connect_mut(|c| {
-        c.update(
-            "INSERT INTO flux.usage_keys AS k (tenant, feature, idempotency_key, decision, created_at) \
-             VALUES ($1, $2, $3, '{}', now()) \
-             ON CONFLICT (tenant, feature, idempotency_key) DO UPDATE SET decision = '{}', created_at = now() \
-                 WHERE k.created_at < now() - $4 \
-             RETURNING 1",
-            Some(1),
-            &[tenant.into(), feature.into(), key.into(), ttl.into()],
-        )
-        .map(|t| !t.is_empty())
-    })?;
+    let claimed = store::one_mut::<i32>(
+        "INSERT INTO flux.usage_keys AS k (tenant, feature, idempotency_key, decision, created_at) \
+         VALUES ($1, $2, $3, '{}', now()) \
+         ON CONFLICT (tenant, feature, idempotency_key) DO UPDATE SET decision = '{}', created_at = now() \
+             WHERE k.created_at < now() - $4 \
+         RETURNING 1",
+        &[tenant.into(), feature.into(), key.into(), ttl.into()],
+    )?
+    .is_some();
     if claimed {
         return Ok(None);
     }
-    let first: Option<JsonB> = Spi::connect(|c| {
-        c.select(
-            "SELECT decision FROM flux.usage_keys WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
-            Some(1),
-            &[tenant.into(), feature.into(), key.into()],
-        )?
-        .first()
-        .get_one::<JsonB>()
-    })?;
+    let first = store::one::<JsonB>(
+        "SELECT decision FROM flux.usage_keys WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
+        &[tenant.into(), feature.into(), key.into()],
+    )?;
     Ok(first.map(|j| decision_from_json(&j.0)))
 }
 
 fn store_key(tenant: &str, feature: &str, key: &str, d: &Decision) -> FluxResult<()> {
-    Spi::connect_mut(|c| {
-        c.update(
-            "UPDATE flux.usage_keys SET decision = $4 WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
-            None,
-            &[tenant.into(), feature.into(), key.into(), JsonB(decision_to_json(d)).into()],
-        )
-        .map(|_| ())
-    })?;
-    Ok(())
+    store::exec(
+        "UPDATE flux.usage_keys SET decision = $4 WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
+        &[tenant.into(), feature.into(), key.into(), JsonB(decision_to_json(d)).into()],
+    )
 }
 
 pub fn consume(

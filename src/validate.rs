@@ -5,6 +5,7 @@
 use crate::error::{shown, FluxError, FluxResult, OrRaise};
 use crate::gucs;
 use crate::model::Kind;
+use crate::store;
 use crate::timeutil::Span;
 use pgrx::datum::{AnyNumeric, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
@@ -91,23 +92,14 @@ pub fn check_limit(feature: &str, kind: Kind, limit: Option<i64>) -> FluxResult<
 }
 
 fn exists(sql: &str, key: &str) -> FluxResult<bool> {
-    Ok(crate::store::one::<i32>(sql, &[key.into()])?.is_some())
+    Ok(store::one::<i32>(sql, &[key.into()])?.is_some())
 }
 
 pub fn feature_kind(key: &str) -> FluxResult<Kind> {
-    let kind: Option<String> = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT kind FROM flux.features WHERE key = $1",
-            Some(1),
-            &[key.into()],
-        )?;
-        if t.is_empty() {
-            Ok::<_, pgrx::spi::SpiError>(None)
-        } else {
-            t.first().get_one::<String>()
-        }
-    })?;
-    match kind {
+    match store::one::<String>(
+        "SELECT kind FROM flux.features WHERE key = $1",
+        &[key.into()],
+    )? {
         Some(k) => Kind::parse(&k),
         None => Err(FluxError::UnknownReference(format!(
             "unknown feature {}: define it first with flux_define_feature",
@@ -220,18 +212,10 @@ mod flux {
             }
             if is_default == Some(true) {
                 let me = old_key.unwrap_or(key);
-                let other: Option<String> = Spi::connect(|c| {
-                    let t = c.select(
-                        "SELECT key FROM flux.plans WHERE is_default AND key <> $1",
-                        Some(1),
-                        &[me.into()],
-                    )?;
-                    if t.is_empty() {
-                        Ok::<_, pgrx::spi::SpiError>(None)
-                    } else {
-                        t.first().get_one::<String>()
-                    }
-                })?;
+                let other = store::one::<String>(
+                    "SELECT key FROM flux.plans WHERE is_default AND key <> $1",
+                    &[me.into()],
+                )?;
                 if let Some(other) = other {
                     return Err(FluxError::Conflict(format!(
                         "plan \"{other}\" is already the default plan: set its is_default to false before making \"{key}\" the default (at most one plan is the default)"
@@ -327,12 +311,8 @@ mod flux {
     #[pg_extern(volatile, parallel_unsafe)]
     fn _check_addon_unused(key: &str) {
         (|| -> FluxResult<()> {
-            let n = Spi::connect(|c| {
-                c.select("SELECT count(*) FROM flux.tenant_addons WHERE addon = $1", Some(1), &[key.into()])?
-                    .first()
-                    .get_one::<i64>()
-            })?
-            .unwrap_or(0);
+            let n = store::one::<i64>("SELECT count(*) FROM flux.tenant_addons WHERE addon = $1", &[key.into()])?
+                .unwrap_or(0);
             if n > 0 {
                 return Err(FluxError::InUse(format!(
                     "addon \"{key}\" cannot be deleted: {n} tenant{} it; detach it with flux_attach_addon(tenant, '{key}', 0) first",
@@ -424,14 +404,7 @@ mod flux {
                     shown(list)
                 )));
             }
-            let has_flag = Spi::connect(|c| {
-                c.select(
-                    "SELECT 1 FROM flux.flags WHERE feature = $1",
-                    Some(1),
-                    &[feature.into()],
-                )
-                .map(|t| !t.is_empty())
-            })?;
+            let has_flag = exists("SELECT 1 FROM flux.flags WHERE feature = $1", feature)?;
             if !has_flag {
                 feature_kind(feature)?;
                 return Err(FluxError::UnknownReference(format!(

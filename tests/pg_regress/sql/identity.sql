@@ -33,7 +33,7 @@ SELECT coalesce(current_setting('flux.tenant', true), '') = '' AS cleared_after_
 -- Unknown, malformed, tampered: the same error.
 SELECT try($$SELECT flux_authenticate('flux_000000000000_' || repeat('0', 64))$$);
 SELECT try($$SELECT flux_authenticate('not a key')$$);
-SELECT try(format('SELECT flux_authenticate(%L)', overlay(:'key' placing 'f' from 30 for 1)));
+SELECT try(format('SELECT flux_authenticate(%L)', overlay(:'key' placing CASE WHEN substr(:'key', 30, 1) = 'f' THEN '0' ELSE 'f' END from 30 for 1)));
 SELECT try($$SELECT flux_authenticate(NULL)$$);
 -- The role cannot read the keys, create or revoke them.
 SELECT try($$SELECT * FROM flux.api_keys$$);
