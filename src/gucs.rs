@@ -4,7 +4,6 @@ use crate::error::{shown, FluxError, FluxResult};
 use crate::timeutil::Span;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use pgrx::pg_sys;
 use std::ffi::CString;
 use std::str::FromStr;
 
@@ -15,23 +14,41 @@ pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::
 pub static JWT_TENANT_CLAIM: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
 
+/// Assign hook of the settings a decision depends on: answers remembered
+/// under the old value are forgotten (cache.rs).
+unsafe extern "C-unwind" fn decision_setting_assigned(
+    _newval: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    crate::cache::settings_changed();
+}
+
 pub fn init() {
-    GucRegistry::define_string_guc(
-        c"flux.now",
-        c"When set, the clock flux_entitlements uses instead of the transaction time.",
-        c"For tests, simulations and what-if questions (\"what will this tenant have on the 1st?\"). Any timestamptz literal; empty or unset means the transaction start time.",
-        &NOW,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"flux.default_grace_period",
-        c"How long a past_due subscription stays live when its plan sets no grace_period.",
-        c"An interval, default 7 days.",
-        &DEFAULT_GRACE_PERIOD,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
+    // SAFETY: the hook only bumps a counter; it cannot raise or panic.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"flux.now",
+            c"When set, the clock flux_entitlements uses instead of the transaction time.",
+            c"For tests, simulations and what-if questions (\"what will this tenant have on the 1st?\"). Any timestamptz literal; empty or unset means the transaction start time.",
+            &NOW,
+            GucContext::Userset,
+            GucFlags::default(),
+            None,
+            Some(decision_setting_assigned),
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"flux.default_grace_period",
+            c"How long a past_due subscription stays live when its plan sets no grace_period.",
+            c"An interval, default 7 days.",
+            &DEFAULT_GRACE_PERIOD,
+            GucContext::Userset,
+            GucFlags::default(),
+            None,
+            Some(decision_setting_assigned),
+            None,
+        );
+    }
     GucRegistry::define_string_guc(
         c"flux.tenant",
         c"The current tenant, as returned by flux_current_tenant().",
@@ -56,30 +73,57 @@ pub fn string_setting(g: &GucSetting<Option<CString>>) -> Option<String> {
         .filter(|s| !s.trim().is_empty())
 }
 
+/// The current text of a string setting, without copying it: the hot path
+/// reads flux.now and flux.default_grace_period on every decision, and
+/// `GucSetting::get` allocates a copy each time. None when unset or blank.
+fn setting_bytes(g: &GucSetting<Option<CString>>) -> Option<&'static [u8]> {
+    // SAFETY: the GUC machinery owns the string and replaces (never mutates)
+    // it on SET; the slice is only used before this backend runs any more
+    // SQL, so it cannot be freed under us.
+    let raw = unsafe { *g.as_ptr() };
+    if raw.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null GUC string is NUL-terminated.
+    let bytes = unsafe { std::ffi::CStr::from_ptr(raw) }.to_bytes();
+    (!bytes.trim_ascii().is_empty()).then_some(bytes)
+}
+
+thread_local! {
+    /// The last flux.now text and its value (parsed once per SET).
+    static NOW_MEMO: std::cell::RefCell<Option<(Vec<u8>, i64)>> = const { std::cell::RefCell::new(None) };
+}
+
 /// The clock every time-dependent rule uses: `flux.now` when set, else the
 /// start of the current transaction (so one transaction sees one instant).
 pub fn clock() -> FluxResult<i64> {
-    match string_setting(&NOW) {
-        None => {
-            // SAFETY: reads a backend-local variable set at transaction start.
-            Ok(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() })
-        }
-        Some(s) => {
-            let ts = TimestampWithTimeZone::from_str(&s).map_err(|_| {
-                FluxError::BadDatetime(format!(
-                    "invalid flux.now {}: expected a timestamptz such as '2026-12-01 00:00+00', or empty for the transaction time",
-                    shown(&s)
-                ))
-            })?;
-            if !ts.is_finite() {
-                return Err(FluxError::BadDatetime(format!(
-                    "invalid flux.now {}: the clock must be a finite time",
-                    shown(&s)
-                )));
-            }
-            Ok(ts.into_inner())
-        }
+    let Some(bytes) = setting_bytes(&NOW) else {
+        return Ok(crate::backend::transaction_start());
+    };
+    if let Some(t) = NOW_MEMO.with(|m| {
+        m.borrow()
+            .as_ref()
+            .filter(|(b, _)| b.as_slice() == bytes)
+            .map(|(_, t)| *t)
+    }) {
+        return Ok(t);
     }
+    let s = String::from_utf8_lossy(bytes).into_owned();
+    let ts = TimestampWithTimeZone::from_str(&s).map_err(|_| {
+        FluxError::BadDatetime(format!(
+            "invalid flux.now {}: expected a timestamptz such as '2026-12-01 00:00+00', or empty for the transaction time",
+            shown(&s)
+        ))
+    })?;
+    if !ts.is_finite() {
+        return Err(FluxError::BadDatetime(format!(
+            "invalid flux.now {}: the clock must be a finite time",
+            shown(&s)
+        )));
+    }
+    let t = ts.into_inner();
+    NOW_MEMO.with(|m| *m.borrow_mut() = Some((bytes.to_vec(), t)));
+    Ok(t)
 }
 
 /// Parse an interval literal into a Span.
@@ -98,22 +142,23 @@ pub fn span_of(iv: Interval) -> Span {
 thread_local! {
     /// The last flux.default_grace_period text and its value: parsing an
     /// interval on every decision cost more than the decision.
-    static GRACE_MEMO: std::cell::RefCell<Option<(String, Span)>> = const { std::cell::RefCell::new(None) };
+    static GRACE_MEMO: std::cell::RefCell<Option<(Vec<u8>, Span)>> = const { std::cell::RefCell::new(None) };
 }
 
 pub fn default_grace() -> FluxResult<Span> {
-    let s = string_setting(&DEFAULT_GRACE_PERIOD).unwrap_or_else(|| "7 days".to_string());
+    let bytes = setting_bytes(&DEFAULT_GRACE_PERIOD).unwrap_or(b"7 days");
     if let Some(span) = GRACE_MEMO.with(|m| {
         m.borrow()
             .as_ref()
-            .filter(|(t, _)| *t == s)
+            .filter(|(b, _)| b.as_slice() == bytes)
             .map(|(_, v)| *v)
     }) {
         return Ok(span);
     }
+    let s = String::from_utf8_lossy(bytes).into_owned();
     match parse_span(&s) {
         Some(span) if span.months >= 0 && span.days >= 0 && span.micros >= 0 => {
-            GRACE_MEMO.with(|m| *m.borrow_mut() = Some((s, span)));
+            GRACE_MEMO.with(|m| *m.borrow_mut() = Some((bytes.to_vec(), span)));
             Ok(span)
         }
         _ => Err(FluxError::BadDatetime(format!(

@@ -24,6 +24,7 @@ use pgrx::prelude::*;
 
 pub mod admin;
 pub mod audit;
+pub mod backend;
 pub mod billing;
 pub mod cache;
 pub mod decision;

@@ -2,6 +2,7 @@
 //! flux_entitlements and flux_value. They gather facts from the store and
 //! hand them to `decision::decide`; they never write.
 
+use crate::backend::Text;
 use crate::decision::{decide, Context};
 use crate::error::{FluxResult, OrRaise};
 use crate::model::{Decision, FeatureFacts, TenantFacts};
@@ -70,9 +71,16 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
 }
 
 /// Only whether it is allowed: no message is built (flux_check, policies).
+/// Answers that read no usage are remembered for the instant (cache.rs).
 pub fn allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
+    if let Some(a) = cache::answer(tenant.as_bytes(), feature.as_bytes())? {
+        return Ok(a);
+    }
     let mut x = entitle_with(tenant, feature, None, false)?;
-    usage::observe(&mut x, 1)?;
+    let read_usage = usage::observe(&mut x, 1)?;
+    if !read_usage {
+        cache::remember(tenant, feature, x.d.allowed);
+    }
     Ok(x.d.allowed)
 }
 
@@ -109,16 +117,21 @@ pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decisio
 }
 
 /// May `tenant` use `feature` right now? Never raises for unknown keys.
+/// (Text arguments: this is the per-row hot path, see backend.rs.)
 #[pg_extern(stable, strict, parallel_safe)]
-fn flux_check(tenant: &str, feature: &str) -> bool {
-    allowed(tenant, feature).or_raise()
+fn flux_check(tenant: Text, feature: Text) -> bool {
+    (|| match cache::answer(tenant.bytes(), feature.bytes())? {
+        Some(a) => Ok(a),
+        None => allowed(tenant.as_str()?, feature.as_str()?),
+    })()
+    .or_raise()
 }
 
 /// flux_check for the session's tenant (flux_current_tenant()).
 #[pg_extern(name = "flux_check", stable, strict, parallel_safe)]
-fn flux_check_current(feature: &str) -> Option<bool> {
+fn flux_check_current(feature: Text) -> Option<bool> {
     let tenant = identity::current_tenant()?;
-    Some(allowed(&tenant, feature).or_raise())
+    Some((|| allowed(&tenant, feature.as_str()?))().or_raise())
 }
 
 /// The full decision: allowed, reason, message and the figures behind it.

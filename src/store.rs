@@ -75,8 +75,7 @@ pub fn ensure_writable(what: &str) -> FluxResult<()> {
 
 /// True inside a parallel query, where snapshots cannot change.
 pub fn in_parallel_mode() -> bool {
-    // SAFETY: reads backend-local state.
-    unsafe { pg_sys::IsInParallelMode() }
+    crate::backend::in_parallel_mode()
 }
 
 /// A flag as the cache holds it: lists are sets of ids.
@@ -291,20 +290,11 @@ fn plans(c: &SpiClient) -> FluxResult<std::rc::Rc<Plans>> {
     }
     let p = std::rc::Rc::new(Plans {
         tenant: c
-            .prepare(
-                "SELECT plan, status, trial_ends_at, current_period_start, current_period_end, \
-                        cancel_at_period_end, past_due_since, grace_until \
-                 FROM flux.tenants WHERE id = $1",
-                &[TEXT],
-            )?
+            .prepare(&format!("SELECT {TENANT_COLUMNS} FROM flux.tenants WHERE id = $1"), &[TEXT])?
             .keep(),
         tenant_addons: c.prepare("SELECT addon, quantity FROM flux.tenant_addons WHERE tenant = $1", &[TEXT])?.keep(),
         tenant_overrides: c
-            .prepare(
-                "SELECT feature, enabled, \"limit\", value::text, starts_at, expires_at, reason \
-                 FROM flux.overrides WHERE tenant = $1",
-                &[TEXT],
-            )?
+            .prepare(&format!("SELECT {OVERRIDE_COLUMNS} FROM flux.overrides WHERE tenant = $1"), &[TEXT])?
             .keep(),
         used: c
             .prepare(
@@ -349,6 +339,51 @@ pub fn forget_plans() {
     KEPT.with(|k| k.borrow_mut().clear());
 }
 
+const TENANT_COLUMNS: &str = "plan, status, trial_ends_at, current_period_start, \
+     current_period_end, cancel_at_period_end, past_due_since, grace_until";
+const OVERRIDE_COLUMNS: &str =
+    "feature, enabled, \"limit\", value::text, starts_at, expires_at, reason";
+
+/// A tenant's subscription from TENANT_COLUMNS starting at column `at`.
+fn tenant_base(id: &str, r: &SpiHeapTupleData, at: usize) -> FluxResult<TenantFacts> {
+    Ok(TenantFacts {
+        id: id.to_string(),
+        plan: text(r, at)?,
+        status: Status::parse(&required(text(r, at + 1)?, "tenants.status")?)?,
+        trial_ends_at: ts(r, at + 2)?,
+        current_period_start: ts(r, at + 3)?,
+        current_period_end: ts(r, at + 4)?,
+        cancel_at_period_end: r.get::<bool>(at + 5)?.unwrap_or(false),
+        past_due_since: ts(r, at + 6)?,
+        grace_until: ts(r, at + 7)?,
+        plan_grace: None,
+        addons: Vec::new(),
+        override_: None,
+    })
+}
+
+/// An override from OVERRIDE_COLUMNS starting at column `at`.
+fn override_row(r: &SpiHeapTupleData, at: usize) -> FluxResult<(String, Override)> {
+    Ok((
+        required(text(r, at)?, "overrides.feature")?,
+        Override {
+            enabled: r.get::<bool>(at + 1)?.unwrap_or(true),
+            limit: r.get::<i64>(at + 2)?,
+            value: json(r, at + 3)?,
+            starts_at: ts(r, at + 4)?,
+            expires_at: ts(r, at + 5)?,
+            reason: text(r, at + 6)?,
+        },
+    ))
+}
+
+fn addon_row(r: &SpiHeapTupleData, at: usize) -> FluxResult<(String, i32)> {
+    Ok((
+        required(text(r, at)?, "tenant_addons.addon")?,
+        required(r.get::<i32>(at + 1)?, "tenant_addons.quantity")?,
+    ))
+}
+
 /// The tenant with its addons and overrides, or None when unknown.
 pub fn load_tenant(id: &str) -> FluxResult<Option<TenantEntry>> {
     with_latest_snapshot(|| {
@@ -359,46 +394,77 @@ pub fn load_tenant(id: &str) -> FluxResult<Option<TenantEntry>> {
                 return Ok(None);
             }
             let r = required(head.first().get_heap_tuple()?, "tenant row")?;
-            let base = TenantFacts {
-                id: id.to_string(),
-                plan: text(&r, 1)?,
-                status: Status::parse(&required(text(&r, 2)?, "tenants.status")?)?,
-                trial_ends_at: ts(&r, 3)?,
-                current_period_start: ts(&r, 4)?,
-                current_period_end: ts(&r, 5)?,
-                cancel_at_period_end: r.get::<bool>(6)?.unwrap_or(false),
-                past_due_since: ts(&r, 7)?,
-                grace_until: ts(&r, 8)?,
-                plan_grace: None,
-                addons: Vec::new(),
-                override_: None,
-            };
+            let base = tenant_base(id, &r, 1)?;
             let mut addons = Vec::new();
             for r in c.select(&p.tenant_addons, None, &[id.into()])? {
-                addons.push((
-                    required(text(&r, 1)?, "tenant_addons.addon")?,
-                    required(r.get::<i32>(2)?, "tenant_addons.quantity")?,
-                ));
+                addons.push(addon_row(&r, 1)?);
             }
             let mut overrides = HashMap::new();
             for r in c.select(&p.tenant_overrides, None, &[id.into()])? {
-                overrides.insert(
-                    required(text(&r, 1)?, "overrides.feature")?,
-                    Override {
-                        enabled: r.get::<bool>(2)?.unwrap_or(true),
-                        limit: r.get::<i64>(3)?,
-                        value: json(&r, 4)?,
-                        starts_at: ts(&r, 5)?,
-                        expires_at: ts(&r, 6)?,
-                        reason: text(&r, 7)?,
-                    },
-                );
+                let (feature, o) = override_row(&r, 1)?;
+                overrides.insert(feature, o);
             }
             Ok(Some(TenantEntry {
                 base,
                 addons,
                 overrides,
             }))
+        })
+    })
+}
+
+/// Every tenant, in three queries, when there are at most `max` of them
+/// (None otherwise). A parallel worker starts with an empty cache for each
+/// query; loading a thousand tenants one by one (three probes each) cost
+/// the worker more than its share of the scan.
+pub fn load_all_tenants(max: usize) -> FluxResult<Option<Vec<TenantEntry>>> {
+    with_latest_snapshot(|| {
+        Spi::connect(|c| {
+            let n = c
+                .select(
+                    "SELECT count(*) FROM (SELECT FROM flux.tenants LIMIT $1) s",
+                    Some(1),
+                    &[((max + 1) as i64).into()],
+                )?
+                .first()
+                .get_one::<i64>()?
+                .unwrap_or(0);
+            if n as usize > max {
+                return Ok(None);
+            }
+            let mut all: HashMap<String, TenantEntry> = HashMap::with_capacity(n as usize);
+            let sql = format!("SELECT id, {TENANT_COLUMNS} FROM flux.tenants");
+            for r in c.select(&sql, None, &[])? {
+                let id = required(text(&r, 1)?, "tenants.id")?;
+                let base = tenant_base(&id, &r, 2)?;
+                all.insert(
+                    id,
+                    TenantEntry {
+                        base,
+                        addons: Vec::new(),
+                        overrides: HashMap::new(),
+                    },
+                );
+            }
+            for r in c.select(
+                "SELECT tenant, addon, quantity FROM flux.tenant_addons",
+                None,
+                &[],
+            )? {
+                let id = required(text(&r, 1)?, "tenant_addons.tenant")?;
+                if let Some(e) = all.get_mut(&id) {
+                    e.addons.push(addon_row(&r, 2)?);
+                }
+            }
+            let sql = format!("SELECT tenant, {OVERRIDE_COLUMNS} FROM flux.overrides");
+            for r in c.select(&sql, None, &[])? {
+                let id = required(text(&r, 1)?, "overrides.tenant")?;
+                if let Some(e) = all.get_mut(&id) {
+                    let (feature, o) = override_row(&r, 2)?;
+                    e.overrides.insert(feature, o);
+                }
+            }
+            Ok(Some(all.into_values().collect()))
         })
     })
 }

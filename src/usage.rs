@@ -44,12 +44,15 @@ fn meter(x: &Decided) -> FluxResult<Option<Meter>> {
 }
 
 /// Read path: fill in used / remaining / resets_at and decide whether
-/// `amount` more would pass. Writes nothing.
-pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<()> {
+/// `amount` more would pass. Writes nothing. Returns whether usage was read
+/// (the answer then depends on more than the cached rows and the clock).
+pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
     if !x.d.allowed {
-        return Ok(());
+        return Ok(false);
     }
-    let Some(m) = meter(x)? else { return Ok(()) };
+    let Some(m) = meter(x)? else {
+        return Ok(false);
+    };
     let (tenant, feature) = (x.d.tenant.clone(), x.d.feature.clone());
     match m {
         Meter::Allowance | Meter::Quota { .. } => {
@@ -73,7 +76,7 @@ pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<()> {
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn fits(limit: Option<i64>, used: i64, amount: i64) -> bool {

@@ -22,8 +22,10 @@ SELECT flux_subscribe('t' || i, CASE WHEN i % 2 = 0 THEN 'pro' ELSE 'starter' EN
 """
 TENANTS = [f"t{i}" for i in range(1, 7)]
 FEATURES = ["export", "sso", "seats"]
+# flux_check is asked twice per pair so that its per-instant memo (which
+# keeps answers from the second check of a transaction on) is exercised.
 ANSWERS = """
-SELECT t, f, d.allowed, d.reason, d."limit"
+SELECT t, f, d.allowed, d.reason, d."limit", flux_check(t, f), flux_check(t, f)
   FROM unnest(%s::text[]) t, unnest(%s::text[]) f, flux_decide(t, f) d ORDER BY 1, 2
 """
 
@@ -133,3 +135,89 @@ def test_the_tenant_cache_is_bounded(fresh_db):
         n = c.execute("SELECT count(*) FILTER (WHERE flux_check('x' || i, 'export')) FROM generate_series(1, 500) i").fetchone()[0]
         assert n == 500
         assert c.execute("SELECT flux._cached_tenants()").fetchone()[0] <= 100
+
+
+def count_checks(conn, tenant, feature, n=200):
+    return conn.execute(
+        "SELECT count(*) FILTER (WHERE flux_check(%s, %s)) FROM generate_series(1, %s)",
+        (tenant, feature, n),
+    ).fetchone()[0]
+
+
+def test_remembered_answers_follow_the_settings_within_a_transaction(fresh_db):
+    """flux_check remembers answers for an instant; SET LOCAL of flux.now or
+    flux.default_grace_period inside one transaction changes the instant."""
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+        admin.execute(
+            "SELECT flux_subscribe('trial', 'pro', 'trialing', trial_ends_at => '2026-12-01 00:00+00')"
+        )
+        admin.execute("SELECT flux_subscribe('late', 'pro', 'past_due')")
+        admin.execute(
+            "UPDATE flux.tenants SET past_due_since = '2026-11-20 00:00+00' WHERE id = 'late'"
+        )
+    with connect(fresh_db, autocommit=False) as c:
+        c.execute("SET LOCAL flux.now = '2026-11-30 23:59+00'")
+        assert count_checks(c, "trial", "export") == 200
+        c.execute("SET LOCAL flux.now = '2026-12-01 00:00+00'")
+        assert count_checks(c, "trial", "export") == 0
+        c.execute("SET LOCAL flux.now = '2026-11-25 00:00+00'")
+        c.execute("SET LOCAL flux.default_grace_period = '30 days'")
+        assert count_checks(c, "late", "export") == 200
+        c.execute("SET LOCAL flux.default_grace_period = '1 day'")
+        assert count_checks(c, "late", "export") == 0
+        c.rollback()
+
+
+def test_remembered_answers_follow_commits_inside_an_open_transaction(fresh_db):
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+    with connect(fresh_db, autocommit=False) as reader, connect(fresh_db) as admin:
+        assert count_checks(reader, "t2", "export") == 200
+        admin.execute("SELECT flux_subscribe('t2', 'starter')")
+        assert count_checks(reader, "t2", "export") == 0
+        admin.execute("BEGIN")
+        admin.execute("SELECT flux_subscribe('t2', 'pro')")
+        assert count_checks(reader, "t2", "export") == 0  # not committed yet
+        admin.execute("ROLLBACK")
+        assert count_checks(reader, "t2", "export") == 0
+        reader.execute("SELECT flux_subscribe('t2', 'pro')")  # its own change
+        assert count_checks(reader, "t2", "export") == 200
+        reader.rollback()
+        assert count_checks(reader, "t2", "export") == 0
+        reader.rollback()
+
+
+PARALLEL = [
+    "SET parallel_setup_cost = 0",
+    "SET parallel_tuple_cost = 0",
+    "SET min_parallel_table_scan_size = 0",
+    "SET max_parallel_workers_per_gather = 2",
+]
+
+
+def test_parallel_scans_agree_with_serial_and_see_changes(fresh_db):
+    """Parallel workers start with empty caches (and load every tenant at
+    once); what they answer must match the leader's serial answer."""
+    with connect(fresh_db) as admin:
+        admin.execute(CATALOGUE)
+        admin.execute(
+            "CREATE TABLE docs AS SELECT i, 't' || (i % 8) AS tenant FROM generate_series(1, 40000) i"
+        )
+        admin.execute("ANALYZE docs")
+    q = "SELECT tenant, count(*) FILTER (WHERE flux_check(tenant, 'export')) FROM docs GROUP BY 1 ORDER BY 1"
+    with connect(fresh_db) as c, connect(fresh_db) as admin:
+        for s in PARALLEL:
+            c.execute(s)
+        plan = "\n".join(r[0] for r in c.execute("EXPLAIN (ANALYZE, COSTS OFF) " + q))
+        assert "Workers Launched: 2" in plan or "Workers Launched: 1" in plan, plan
+        # t2, t4, t6 are on pro; t0 and t7 do not exist; t1, t3, t5 on starter.
+        want = [(f"t{i}", 5000 if i in (2, 4, 6) else 0) for i in range(8)]
+        assert c.execute(q).fetchall() == want
+        admin.execute("SELECT flux_subscribe('t1', 'pro')")
+        admin.execute("SELECT flux_subscribe('t7', 'pro')")
+        admin.execute("SELECT flux_override('t2', 'export', enabled => false)")
+        want = [(f"t{i}", 5000 if i in (1, 4, 6, 7) else 0) for i in range(8)]
+        assert c.execute(q).fetchall() == want
+        c.execute("SET max_parallel_workers_per_gather = 0")
+        assert c.execute(q).fetchall() == want
