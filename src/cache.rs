@@ -17,8 +17,8 @@
 //!   there is provisional and reloaded by the first lookup after it.
 //! - Time-dependent rules (trials, grace, override windows, flux.now) are
 //!   evaluated at decision time: levels 1 and 2 hold rows; level 3 holds
-//!   answers only for the instant (transaction and settings) they were
-//!   decided at.
+//!   answers only while the settings and the clock's steady window they
+//!   were decided in last.
 //!
 //! Costs that justify the three levels (benches/run.sh on the 2-core bench
 //! machine): through SPI, with every query parsed and planned, a decision
@@ -26,8 +26,8 @@
 //! whole) and level 2 (tenants, a bounded LRU) bring a warm decision to
 //! about 1 us, and pgbench sees 0.94 of a `SELECT` of a constant; a tenant
 //! load is 3 prepared queries, paid once per tenant until its rows change.
-//! Level 3 (flux_check's answers for this instant) brings a repeated check
-//! in a scan to about 35 ns, 1.6x a trivial predicate instead of 6x.
+//! Level 3 (flux_check's answers) brings a repeated check to about 35 ns:
+//! in a scan, 1.6x a trivial predicate instead of 6x.
 
 use crate::backend;
 use crate::error::FluxResult;
@@ -36,7 +36,6 @@ use crate::store::{self, Catalogue, TenantEntry};
 use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
 /// At most this many watched tables are remembered for the callback.
@@ -80,7 +79,10 @@ thread_local! {
             bulk_tried: Cell::new(false),
             watched: Cell::new([0; MAX_WATCHED]),
             answers: RefCell::new(Answers {
-                stamp: Stamp { epoch: 0, settings: 0, xact: 0 },
+                stamp: Stamp { epoch: 0, settings: 0 },
+                clock: None,
+                from: 0,
+                until: 0,
                 len: 0,
                 by_feature: Vec::new(),
                 last: 0,
@@ -332,18 +334,25 @@ pub fn cached_tenants() -> usize {
     TENANTS.with(|t| t.borrow().len())
 }
 
-/// Level 3: flux_check's answers for one instant. A decision is a pure
-/// function of the cached rows, the clock and flux.default_grace_period, so
-/// an answer that read no usage can be given again while all three stay the
-/// same: within a transaction (one clock), until the next invalidation (a
-/// reload bumps the epoch) or the next change of those settings. Time rules
-/// are still evaluated at decision time: the clock is part of the stamp.
+/// Level 3: flux_check's answers. A decision is a pure function of the
+/// cached rows, the clock and flux.default_grace_period, so an answer that
+/// read no usage can be given again until the next invalidation (a reload
+/// bumps the epoch), the next change of those settings, or the clock leaving
+/// the window in which every time rule answers the same (a trial ending, an
+/// override starting or expiring: see decision::steady_window).
 /// Measured on the bench machine: a check through levels 1 and 2 cost about
 /// 225 ns above a trivial predicate per row (setting reads, two hash
 /// lookups, the decision and its strings); an answer from here about 35 ns
 /// (one probe of a compact index; the rest is pgrx's call and the clock).
 struct Answers {
     stamp: Stamp,
+    /// The clock when flux.now is set (fixed until the settings change);
+    /// None: the transaction's start.
+    clock: Option<i64>,
+    /// Every kept answer holds for clocks in [from, until) (the
+    /// intersection of their steady windows, see decision::steady_window).
+    from: i64,
+    until: i64,
     len: usize,
     /// By feature; a statement usually asks about one, so the last one used
     /// is tried first.
@@ -351,51 +360,119 @@ struct Answers {
     last: usize,
 }
 
-/// One feature's answers: a compact index (hash to where the id is kept
-/// and the answer: 16 bytes a slot, so it stays in the CPU cache while a
-/// scan streams pages through) over the ids, stored one after the other.
-/// The id is always compared: a hash collision only means the answer is not
-/// kept.
+/// One feature's answers: an open-addressing table of 8-byte slots (where
+/// the id is kept, 16 bits of its hash, the answer), at most 7/8 full, over
+/// the ids stored one after the other. A lookup reads one slot (eight to a
+/// cache line, so 200,000 tenants take 2 MB) and the id, which is always
+/// compared. (hashbrown's 16-byte slots and separate control bytes took
+/// three cache misses a lookup once the table outgrew the CPU cache: most
+/// of a check's cost with 200,000 tenants.)
 #[derive(Default)]
 struct TenantAnswers {
-    index: HashMap<u64, Slot, BuildHasherDefault<Prehashed>>,
+    slots: Vec<Slot>,
+    len: usize,
     ids: Vec<u8>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Slot {
     at: u32,
-    len: u16,
-    allowed: bool,
+    tag: u16,
+    len: u8,
+    /// 0: empty, 1: denied, 2: allowed.
+    state: u8,
+}
+
+fn tag(hash: u64) -> u16 {
+    (hash >> 48) as u16
 }
 
 impl TenantAnswers {
-    fn get(&self, id: &[u8]) -> Option<bool> {
-        let slot = self.index.get(&xxhash_rust::xxh3::xxh3_64(id))?;
-        let at = slot.at as usize;
-        let kept = self.ids.get(at..at + usize::from(slot.len))?;
-        (kept == id).then_some(slot.allowed)
+    fn id(&self, s: &Slot) -> &[u8] {
+        let at = s.at as usize;
+        self.ids
+            .get(at..at + usize::from(s.len))
+            .unwrap_or_default()
     }
 
-    /// Insert; false when it was there (or its hash is taken, or the id is
-    /// too long to be worth keeping).
+    /// The slot holding `id` (hashed to `hash`), or the empty one where it
+    /// would go.
+    fn probe(&self, id: &[u8], hash: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = hash as usize & mask;
+        loop {
+            let s = &self.slots[i];
+            if s.state == 0 || (s.tag == tag(hash) && self.id(s) == id) {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn get(&self, id: &[u8]) -> Option<bool> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let s = self.slots[self.probe(id, xxhash_rust::xxh3::xxh3_64(id))];
+        (s.state != 0).then_some(s.state == 2)
+    }
+
+    /// Insert; false when it was there (or the id is too long to keep).
     fn insert(&mut self, id: &[u8], allowed: bool) -> bool {
-        let (Ok(at), Ok(len)) = (u32::try_from(self.ids.len()), u16::try_from(id.len())) else {
+        let (Ok(at), Ok(len)) = (u32::try_from(self.ids.len()), u8::try_from(id.len())) else {
             return false;
         };
-        match self.index.entry(xxhash_rust::xxh3::xxh3_64(id)) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(Slot { at, len, allowed });
-                self.ids.extend_from_slice(id);
-                true
-            }
+        if (self.len + 1) * 8 > self.slots.len() * 7 {
+            self.grow();
+        }
+        let hash = xxhash_rust::xxh3::xxh3_64(id);
+        let i = self.probe(id, hash);
+        if self.slots[i].state != 0 {
+            return false;
+        }
+        self.slots[i] = Slot {
+            at,
+            tag: tag(hash),
+            len,
+            state: if allowed { 2 } else { 1 },
+        };
+        self.ids.extend_from_slice(id);
+        self.len += 1;
+        true
+    }
+
+    fn grow(&mut self) {
+        let old = std::mem::take(&mut self.slots);
+        let n = (old.len() * 2).max(64);
+        self.slots = Vec::with_capacity(n);
+        // Before the pages are first written, or they stay small.
+        huge_pages(self.slots.spare_capacity_mut());
+        self.slots.resize(n, Slot::default());
+        for s in old.into_iter().filter(|s| s.state != 0) {
+            let id = self.id(&s);
+            let i = self.probe(id, xxhash_rust::xxh3::xxh3_64(id));
+            self.slots[i] = s;
         }
     }
 
     fn clear(&mut self) {
-        self.index.clear();
+        self.slots.clear();
+        self.len = 0;
         self.ids.clear();
+    }
+}
+
+/// Ask for transparent huge pages under a large table: with 4 kB pages,
+/// a lookup in a table of a few MB misses the TLB as well as the cache.
+fn huge_pages<T>(v: &[T]) {
+    const HUGE: usize = 2 << 20;
+    let (start, len) = (v.as_ptr() as usize, std::mem::size_of_val(v));
+    let first = start.next_multiple_of(HUGE);
+    let end = (start + len) / HUGE * HUGE;
+    if end > first {
+        // SAFETY: advice on whole pages inside our own live allocation; it
+        // changes how the kernel backs them, never their contents.
+        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
     }
 }
 
@@ -412,37 +489,27 @@ impl Answers {
     }
 }
 
-/// The identity hasher for keys that are already xxh3 hashes.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-/// What an answer was decided under: the cache's contents, the settings
-/// it depends on (flux.now, flux.default_grace_period) and the transaction
-/// (whose start is the clock when flux.now is unset).
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
+/// What an answer was decided from, besides the clock: the cache's
+/// contents and the settings it depends on (flux.now,
+/// flux.default_grace_period).
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     epoch: u64,
     settings: u64,
-    xact: i64,
 }
 
 fn stamp(st: &State) -> Stamp {
     Stamp {
         epoch: st.epoch.get(),
         settings: st.settings.get(),
-        xact: backend::transaction_start(),
+    }
+}
+
+impl Answers {
+    /// Whether the kept answers hold now.
+    fn hold(&self, stamp: Stamp) -> bool {
+        let now = self.clock.unwrap_or_else(backend::transaction_start);
+        self.stamp == stamp && self.from <= now && now < self.until
     }
 }
 
@@ -459,9 +526,8 @@ pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<bool>> {
         if must_reload(st) {
             return Err(());
         }
-        let now = stamp(st);
         let mut a = st.answers.borrow_mut();
-        if a.stamp != now {
+        if !a.hold(stamp(st)) {
             return Ok(None);
         }
         let Some(i) = a.feature(feature) else {
@@ -475,29 +541,41 @@ pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<bool>> {
     }
 }
 
-/// Remember an answer that read no usage (see Answers), decided just now.
-pub fn remember(tenant: &str, feature: &str, allowed: bool) {
-    // With an invalidation pending, the facts may be older than the epoch.
+/// Remember an answer that read no usage (see Answers), decided just now
+/// at clock `now` (`fixed`: from flux.now), steady in `window`.
+pub fn remember(
+    tenant: &str,
+    feature: &str,
+    allowed: bool,
+    now: i64,
+    fixed: bool,
+    window: (i64, i64),
+) {
     let capacity = crate::gucs::cache_tenants();
     STATE.with(|st| {
+        // With an invalidation pending, the facts may be older than the epoch.
         if st.stale.get() {
             return;
         }
-        let now = stamp(st);
+        let stamp = stamp(st);
         let mut a = st.answers.borrow_mut();
-        if a.stamp != now || a.len >= capacity {
-            // A new instant. Its first answer is not kept: one check per
-            // transaction (the common case) then costs no insertion, and a
-            // statement that checks many rows starts keeping from the second.
+        if !a.hold(stamp) || a.len >= capacity {
+            // Start over. The first answer is not kept: a backend that
+            // checks once per transaction under changing settings then costs
+            // no insertion.
             if a.len > 256 {
                 a.by_feature.clear();
             } else if a.len > 0 {
                 a.by_feature.iter_mut().for_each(|(_, m)| m.clear());
             }
-            a.stamp = now;
+            a.stamp = stamp;
+            a.clock = fixed.then_some(now);
+            (a.from, a.until) = (i64::MIN, i64::MAX);
             a.len = 0;
             return;
         }
+        a.from = a.from.max(window.0);
+        a.until = a.until.min(window.1);
         let i = match a.feature(feature.as_bytes()) {
             Some(i) => i,
             None => {
@@ -510,4 +588,35 @@ pub fn remember(tenant: &str, feature: &str, allowed: bool) {
             a.len += 1;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TenantAnswers;
+
+    #[test]
+    fn answers_table_keeps_every_id_apart_through_growth() {
+        let mut t = TenantAnswers::default();
+        let ids: Vec<String> = (0..20_000).map(|i| format!("tenant-{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(t.get(id.as_bytes()), None);
+            assert!(t.insert(id.as_bytes(), i % 3 == 0));
+            assert!(!t.insert(id.as_bytes(), i % 3 != 0), "kept twice: {id}");
+        }
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(t.get(id.as_bytes()), Some(i % 3 == 0), "{id}");
+        }
+        assert_eq!(t.get(b"tenant-20000"), None);
+        assert_eq!(t.get(b""), None);
+        assert!(t.insert(b"", true));
+        assert_eq!(t.get(b""), Some(true));
+        // Ids too long to keep are refused, not truncated.
+        let long = vec![b'x'; 300];
+        assert!(!t.insert(&long, true));
+        assert_eq!(t.get(&long), None);
+        t.clear();
+        assert_eq!(t.get(b"tenant-1"), None);
+        assert!(t.insert(b"tenant-1", false));
+        assert_eq!(t.get(b"tenant-1"), Some(false));
+    }
 }

@@ -64,6 +64,35 @@ pub fn grace_deadline(t: &TenantFacts, ctx: &Context) -> Option<i64> {
     })
 }
 
+/// The interval of clocks `[from, until)` around `ctx.now` in which every
+/// time rule answers as it does at `ctx.now`: between the instants the rules
+/// compare the clock with (trial end, period end, grace deadline, override
+/// window), the decision is the same, so an answer can be kept that long.
+/// Conservative: every such instant bounds it, whether or not it decided.
+pub fn steady_window(t: Option<&TenantFacts>, ctx: &Context) -> (i64, i64) {
+    let Some(t) = t else {
+        return (i64::MIN, i64::MAX);
+    };
+    let o = t.override_.as_ref();
+    let instants = [
+        t.trial_ends_at,
+        t.current_period_end,
+        grace_deadline(t, ctx),
+        o.and_then(|o| o.starts_at),
+        o.and_then(|o| o.expires_at),
+    ];
+    instants
+        .into_iter()
+        .flatten()
+        .fold((i64::MIN, i64::MAX), |(from, until), x| {
+            if x <= ctx.now {
+                (from.max(x), until)
+            } else {
+                (from, until.min(x))
+            }
+        })
+}
+
 /// The allowance computed from plan, addons and override.
 #[derive(Debug, Clone, PartialEq)]
 enum Allowance {
@@ -369,6 +398,63 @@ mod tests {
         let d = run(&export(), &tenant("pro", Status::Active), day(1));
         assert_eq!((d.allowed, d.reason), (true, Reason::Ok));
         assert_eq!(d.plan.as_deref(), Some("pro"));
+    }
+
+    #[test]
+    fn answers_are_the_same_throughout_the_steady_window() {
+        let mut trial = tenant("pro", Status::Trialing);
+        trial.trial_ends_at = Some(day(10));
+        let mut late = tenant("pro", Status::PastDue);
+        late.past_due_since = Some(day(3));
+        let mut leaving = tenant("pro", Status::Active);
+        leaving.cancel_at_period_end = true;
+        leaving.current_period_end = Some(day(20));
+        let mut promo = tenant("starter", Status::Active);
+        promo.override_ = Some(Override {
+            enabled: true,
+            limit: None,
+            value: None,
+            starts_at: Some(day(5)),
+            expires_at: Some(day(15)),
+            reason: None,
+        });
+        let plain = tenant("pro", Status::Active);
+        for t in [&trial, &late, &leaving, &promo, &plain] {
+            for f in [export(), seats()] {
+                for now in (0..30).map(|h| day(1) + h * USECS_PER_DAY - 1) {
+                    let (from, until) = steady_window(Some(t), &ctx(now));
+                    assert!(from <= now && now < until);
+                    let want = run(&f, t, now);
+                    // Every clock in the window decides the same; the
+                    // clocks just outside it may not.
+                    for c in [from, until - 1, now] {
+                        if c == i64::MIN || c == i64::MAX {
+                            continue;
+                        }
+                        let got = run(&f, t, c);
+                        assert_eq!((got.allowed, got.reason), (want.allowed, want.reason));
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            steady_window(Some(&trial), &ctx(day(2))),
+            (i64::MIN, day(10))
+        );
+        assert_eq!(
+            steady_window(Some(&late), &ctx(day(4))),
+            (i64::MIN, day(10))
+        );
+        assert_eq!(steady_window(Some(&promo), &ctx(day(7))), (day(5), day(15)));
+        assert_eq!(
+            steady_window(Some(&plain), &ctx(day(7))),
+            (i64::MIN, i64::MAX)
+        );
+        // The windows are tight: the answer changes at their ends.
+        assert!(run(&export(), &trial, day(10) - 1).allowed);
+        assert!(!run(&export(), &trial, day(10)).allowed);
+        assert!(!run(&export(), &promo, day(5) - 1).allowed);
+        assert!(run(&export(), &promo, day(5)).allowed);
     }
 
     #[test]

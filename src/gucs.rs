@@ -94,6 +94,11 @@ thread_local! {
     static NOW_MEMO: std::cell::RefCell<Option<(Vec<u8>, i64)>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Whether flux.now is set (the clock is then fixed, not the transaction's).
+pub fn clock_is_set() -> bool {
+    setting_bytes(&NOW).is_some()
+}
+
 /// The clock every time-dependent rule uses: `flux.now` when set, else the
 /// start of the current transaction (so one transaction sees one instant).
 pub fn clock() -> FluxResult<i64> {

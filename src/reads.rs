@@ -3,7 +3,7 @@
 //! hand them to `decision::decide`; they never write.
 
 use crate::backend::Text;
-use crate::decision::{decide, Context};
+use crate::decision::{decide, steady_window, Context};
 use crate::error::{FluxResult, OrRaise};
 use crate::model::{Decision, FeatureFacts, TenantFacts};
 use crate::{cache, gucs, identity, usage};
@@ -79,7 +79,15 @@ pub fn allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
     let mut x = entitle_with(tenant, feature, None, false)?;
     let read_usage = usage::observe(&mut x, 1)?;
     if !read_usage {
-        cache::remember(tenant, feature, x.d.allowed);
+        let window = steady_window(x.tenant(), &x.ctx);
+        cache::remember(
+            tenant,
+            feature,
+            x.d.allowed,
+            x.ctx.now,
+            gucs::clock_is_set(),
+            window,
+        );
     }
     Ok(x.d.allowed)
 }
