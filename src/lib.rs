@@ -27,6 +27,7 @@ pub mod audit;
 pub mod backend;
 pub mod billing;
 pub mod cache;
+pub mod counters;
 pub mod decision;
 pub mod error;
 pub mod gucs;

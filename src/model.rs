@@ -196,6 +196,24 @@ pub struct TenantFacts {
     pub override_: Option<Override>,
 }
 
+/// The attributes of the composite type `flux.decision`, in order.
+pub const DECISION_COLUMNS: [&str; 14] = [
+    "allowed",
+    "reason",
+    "message",
+    "tenant",
+    "feature",
+    "plan",
+    "limit",
+    "used",
+    "remaining",
+    "resets_at",
+    "retry_after",
+    "upgrade_plans",
+    "kind",
+    "subject",
+];
+
 /// The answer, field for field the composite type `flux.decision`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {

@@ -107,6 +107,13 @@ pub struct Catalogue {
     /// The composite type flux.decision (looking it up by name per call
     /// cost more than building the row).
     pub decision_type: pg_sys::Oid,
+    /// flux.decision's attributes are DECISION_COLUMNS (so a row can be
+    /// formed in one go, not set attribute by attribute).
+    pub decision_plain: bool,
+    /// flux.usage and its primary key (counters.rs reads and writes them
+    /// directly).
+    pub usage_table: pg_sys::Oid,
+    pub usage_pkey: pg_sys::Oid,
 }
 
 pub fn load_catalogue() -> FluxResult<Catalogue> {
@@ -220,6 +227,27 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                 .get_one::<pg_sys::Oid>()?,
                 "flux.decision",
             )?;
+            let names = c
+                .select(
+                    "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = (SELECT typrelid FROM pg_catalog.pg_type WHERE oid = $1) \
+                       AND attnum > 0 AND NOT attisdropped",
+                    Some(1),
+                    &[cat.decision_type.into()],
+                )?
+                .first()
+                .get_one::<Vec<String>>()?
+                .unwrap_or_default();
+            cat.decision_plain = names.iter().map(String::as_str).eq(DECISION_COLUMNS);
+            let usage = c.select(
+                "SELECT 'flux.usage'::pg_catalog.regclass::pg_catalog.oid, \
+                        'flux.usage_pkey'::pg_catalog.regclass::pg_catalog.oid",
+                Some(1),
+                &[],
+            )?;
+            let usage = usage.first();
+            cat.usage_table = required(usage.get::<pg_sys::Oid>(1)?, "flux.usage")?;
+            cat.usage_pkey = required(usage.get::<pg_sys::Oid>(2)?, "flux.usage_pkey")?;
             Ok(cat)
         })
     })
@@ -273,7 +301,6 @@ struct Plans {
     tenant: OwnedPreparedStatement,
     tenant_addons: OwnedPreparedStatement,
     tenant_overrides: OwnedPreparedStatement,
-    used: OwnedPreparedStatement,
     tat: OwnedPreparedStatement,
 }
 
@@ -282,7 +309,6 @@ thread_local! {
 }
 
 const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
 
 fn plans(c: &SpiClient) -> FluxResult<std::rc::Rc<Plans>> {
     if let Some(p) = PLANS.with(|p| p.borrow().clone()) {
@@ -290,19 +316,29 @@ fn plans(c: &SpiClient) -> FluxResult<std::rc::Rc<Plans>> {
     }
     let p = std::rc::Rc::new(Plans {
         tenant: c
-            .prepare(&format!("SELECT {TENANT_COLUMNS} FROM flux.tenants WHERE id = $1"), &[TEXT])?
-            .keep(),
-        tenant_addons: c.prepare("SELECT addon, quantity FROM flux.tenant_addons WHERE tenant = $1", &[TEXT])?.keep(),
-        tenant_overrides: c
-            .prepare(&format!("SELECT {OVERRIDE_COLUMNS} FROM flux.overrides WHERE tenant = $1"), &[TEXT])?
-            .keep(),
-        used: c
             .prepare(
-                "SELECT used FROM flux.usage WHERE tenant = $1 AND feature = $2 AND period_start = $3",
-                &[TEXT, TEXT, TSTZ],
+                &format!("SELECT {TENANT_COLUMNS} FROM flux.tenants WHERE id = $1"),
+                &[TEXT],
             )?
             .keep(),
-        tat: c.prepare("SELECT tat FROM flux.rate_state WHERE tenant = $1 AND feature = $2", &[TEXT, TEXT])?.keep(),
+        tenant_addons: c
+            .prepare(
+                "SELECT addon, quantity FROM flux.tenant_addons WHERE tenant = $1",
+                &[TEXT],
+            )?
+            .keep(),
+        tenant_overrides: c
+            .prepare(
+                &format!("SELECT {OVERRIDE_COLUMNS} FROM flux.overrides WHERE tenant = $1"),
+                &[TEXT],
+            )?
+            .keep(),
+        tat: c
+            .prepare(
+                "SELECT tat FROM flux.rate_state WHERE tenant = $1 AND feature = $2",
+                &[TEXT, TEXT],
+            )?
+            .keep(),
     });
     PLANS.with(|slot| *slot.borrow_mut() = Some(p.clone()));
     Ok(p)
@@ -472,21 +508,15 @@ pub fn load_all_tenants(max: usize) -> FluxResult<Option<Vec<TenantEntry>>> {
 /// Units recorded for a counter in the period starting at `period_start`
 /// (-infinity for limit features): one primary-key probe.
 pub fn load_used(tenant: &str, feature: &str, period_start: Option<i64>) -> FluxResult<i64> {
-    let start = ts_datum(period_start);
-    let _owner = crate::privilege::AsOwner::enter()?;
-    Spi::connect(|c| {
-        let p = plans(c)?;
-        let t = c.select(
-            &p.used,
-            Some(1),
-            &[tenant.into(), feature.into(), start.into()],
-        )?;
-        Ok(if t.is_empty() {
-            0
-        } else {
-            t.first().get_one::<i64>()?.unwrap_or(0)
-        })
-    })
+    let cat = crate::cache::catalogue()?;
+    let start = ts_datum(period_start).into_inner();
+    Ok(crate::counters::read_used(
+        cat.usage_table,
+        cat.usage_pkey,
+        tenant,
+        feature,
+        start,
+    ))
 }
 
 /// The rate limiter's theoretical arrival time, if any.

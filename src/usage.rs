@@ -95,7 +95,23 @@ fn record_counter(
     if limit.is_some_and(|l| amount > l) {
         return Ok(None);
     }
-    // The common case first: the period's row exists and the amount fits.
+    // The common case, without SQL (counters.rs): the row exists.
+    let cat = crate::cache::catalogue()?;
+    let key = ts_datum(start).into_inner();
+    match crate::counters::add(
+        cat.usage_table,
+        cat.usage_pkey,
+        tenant,
+        feature,
+        key,
+        amount,
+        limit,
+    )? {
+        crate::counters::Added::Total(n) => return Ok(Some(n)),
+        crate::counters::Added::Full(_) => return Ok(None),
+        crate::counters::Added::Fallback => {}
+    }
+    // Otherwise SQL. The common case first: the period's row exists and the amount fits.
     // A plain UPDATE is cheaper than INSERT ... ON CONFLICT (no speculative
     // insertion); under READ COMMITTED it locks the row and rechecks the
     // condition against the latest committed version, so it stays exact.

@@ -117,3 +117,58 @@ def test_concurrent_inserts_at_the_limit_cannot_both_pass(fresh_db):
     with connect(fresh_db) as c:
         assert c.execute("SELECT count(*) FROM members WHERE tenant_id = 'acme'").fetchone()[0] == 5
     assert len(inserted) == 1
+
+
+def test_counter_writes_keep_every_index_whole(fresh_db):
+    """Consume writes the counter row without SQL (counters.rs): a HOT
+    update when it can, new entries in every index when it cannot. An index
+    a DBA adds on `used` makes every update non-HOT; amcheck then checks
+    that every row version is in every index."""
+    with connect(fresh_db) as c:
+        c.execute(SETUP)
+        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        c.execute("CREATE INDEX usage_used ON flux.usage (used)")
+        c.execute("SELECT flux_consume('acme', 'exports')")  # creates the row
+        race(fresh_db, 4, 60, "SELECT allowed FROM flux_consume('acme', 'exports')")
+        assert c.execute("SELECT flux_usage('acme', 'exports')").fetchone()[0] == 241
+        for index in ("flux.usage_pkey", "flux.usage_feature", "flux.usage_used"):
+            c.execute("SELECT bt_index_check(%s::regclass, true)", (index,))
+        c.execute("SET enable_seqscan = off")
+        assert c.execute("SELECT count(*) FROM flux.usage WHERE used = 241").fetchone()[0] == 1
+        assert c.execute("SELECT count(*) FROM flux.usage WHERE used = 240").fetchone()[0] == 0
+
+
+def test_a_trigger_on_usage_still_fires(fresh_db):
+    """With a user trigger on flux.usage, consume goes through SQL so the
+    trigger sees every change."""
+    with connect(fresh_db) as c:
+        c.execute(SETUP)
+        c.execute("CREATE TABLE seen (used bigint)")
+        c.execute(
+            "CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN INSERT INTO public.seen VALUES (NEW.used); RETURN NEW; END $$"
+        )
+        c.execute("CREATE TRIGGER note AFTER INSERT OR UPDATE ON flux.usage FOR EACH ROW EXECUTE FUNCTION note()")
+        for _ in range(3):
+            c.execute("SELECT flux_consume('acme', 'exports')")
+        assert [r[0] for r in c.execute("SELECT used FROM seen ORDER BY 1")] == [1, 2, 3]
+
+
+def test_repeatable_read_consumers_get_serialization_failures(fresh_db):
+    """Under REPEATABLE READ a counter changed since the snapshot raises
+    40001, as the UPDATE it stands for does; nothing is double counted."""
+    import psycopg
+
+    with connect(fresh_db) as c:
+        c.execute(SETUP)
+        c.execute("SELECT flux_consume('acme', 'exports')")
+    with connect(fresh_db, autocommit=False) as a, connect(fresh_db) as b:
+        a.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        assert a.execute("SELECT flux_usage('acme', 'exports')").fetchone()[0] == 1
+        b.execute("SELECT flux_consume('acme', 'exports')")
+        try:
+            a.execute("SELECT flux_consume('acme', 'exports')")
+            raise AssertionError("expected a serialization failure")
+        except psycopg.errors.SerializationFailure:
+            a.rollback()
+        assert b.execute("SELECT flux_usage('acme', 'exports')").fetchone()[0] == 2
