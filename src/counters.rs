@@ -79,13 +79,21 @@ impl Opened {
                     return false;
                 }
             }
-            if !desc.constr.is_null() && (*desc.constr).num_check > 1 {
-                return false;
+            if !desc.constr.is_null() && (*desc.constr).num_check > 0 {
+                // Only ours: used >= 0, which an added positive amount keeps.
+                let c = &*desc.constr;
+                let checks = std::slice::from_raw_parts(c.check, c.num_check as usize);
+                if checks
+                    .iter()
+                    .any(|k| std::ffi::CStr::from_ptr(k.ccname).to_bytes() != b"usage_used_check")
+                {
+                    return false;
+                }
             }
             if (*rel.rd_rel).relforcerowsecurity {
                 return false;
             }
-            if !rel.trigdesc.is_null() {
+            if !rel.trigdesc.is_null() && (*rel.trigdesc).numtriggers > 0 {
                 let td = &*rel.trigdesc;
                 let triggers = std::slice::from_raw_parts(td.triggers, td.numtriggers as usize);
                 if triggers.iter().any(|t| !t.tgisinternal) {

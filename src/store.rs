@@ -78,6 +78,23 @@ pub fn in_parallel_mode() -> bool {
     crate::backend::in_parallel_mode()
 }
 
+/// The tables whose changes make the cache stale: those it loads (each has
+/// the statement trigger flux._cache_invalidate, see finalize.sql), and
+/// flux.usage, whose primary key counters.rs uses by OID.
+const WATCHED: [&str; 11] = [
+    "features",
+    "plans",
+    "grants",
+    "tenants",
+    "addons",
+    "addon_grants",
+    "tenant_addons",
+    "overrides",
+    "flags",
+    "flag_lists",
+    "usage",
+];
+
 /// A flag as the cache holds it: lists are sets of ids.
 #[derive(Debug, Clone, Default)]
 pub struct FlagEntry {
@@ -208,46 +225,29 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                     };
                 }
             }
-            for r in c.select(
-                "SELECT c.oid FROM pg_catalog.pg_class c \
-                 WHERE c.relnamespace = 'flux'::pg_catalog.regnamespace AND c.relkind = 'r'",
-                None,
-                &[],
-            )? {
-                cat.watched
-                    .push(required(r.get::<pg_sys::Oid>(1)?, "pg_class.oid")?);
-            }
-            cat.decision_type = required(
-                c.select(
-                    "SELECT 'flux.decision'::pg_catalog.regtype::pg_catalog.oid",
-                    Some(1),
-                    &[],
-                )?
-                .first()
-                .get_one::<pg_sys::Oid>()?,
-                "flux.decision",
-            )?;
-            let names = c
-                .select(
-                    "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_catalog.pg_attribute \
-                     WHERE attrelid = (SELECT typrelid FROM pg_catalog.pg_type WHERE oid = $1) \
-                       AND attnum > 0 AND NOT attisdropped",
-                    Some(1),
-                    &[cat.decision_type.into()],
-                )?
-                .first()
-                .get_one::<Vec<String>>()?
-                .unwrap_or_default();
-            cat.decision_plain = names.iter().map(String::as_str).eq(DECISION_COLUMNS);
-            let usage = c.select(
-                "SELECT 'flux.usage'::pg_catalog.regclass::pg_catalog.oid, \
+            // What the cache needs to know about the schema, in one query
+            // (a new backend, a parallel worker above all, pays the parse
+            // and plan of each; scanning pg_class for the schema's tables
+            // was half of a cold load).
+            let meta = c.select(
+                "SELECT $1::pg_catalog.regclass[]::pg_catalog.oid[], \
+                        'flux.decision'::pg_catalog.regtype::pg_catalog.oid, \
+                        (SELECT pg_catalog.array_agg(attname::text ORDER BY attnum) \
+                           FROM pg_catalog.pg_attribute \
+                          WHERE attrelid = 'flux.decision'::pg_catalog.regclass \
+                            AND attnum > 0 AND NOT attisdropped), \
+                        'flux.usage'::pg_catalog.regclass::pg_catalog.oid, \
                         'flux.usage_pkey'::pg_catalog.regclass::pg_catalog.oid",
                 Some(1),
-                &[],
+                &[WATCHED.map(|t| format!("flux.{t}")).to_vec().into()],
             )?;
-            let usage = usage.first();
-            cat.usage_table = required(usage.get::<pg_sys::Oid>(1)?, "flux.usage")?;
-            cat.usage_pkey = required(usage.get::<pg_sys::Oid>(2)?, "flux.usage_pkey")?;
+            let meta = meta.first();
+            cat.watched = required(meta.get::<Vec<pg_sys::Oid>>(1)?, "watched tables")?;
+            cat.decision_type = required(meta.get::<pg_sys::Oid>(2)?, "flux.decision")?;
+            let names = meta.get::<Vec<String>>(3)?.unwrap_or_default();
+            cat.decision_plain = names.iter().map(String::as_str).eq(DECISION_COLUMNS);
+            cat.usage_table = required(meta.get::<pg_sys::Oid>(4)?, "flux.usage")?;
+            cat.usage_pkey = required(meta.get::<pg_sys::Oid>(5)?, "flux.usage_pkey")?;
             Ok(cat)
         })
     })
