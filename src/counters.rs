@@ -40,19 +40,34 @@ pub enum Added {
     Fallback,
 }
 
-/// The table and its primary key, opened for one call; closed (locks kept
-/// until the end of the transaction, as the executor does) when dropped.
+/// flux.usage, opened for one call; closed (locks kept until the end of the
+/// transaction, as the executor does) when dropped.
 struct Opened {
     rel: pg_sys::Relation,
+    /// Its primary key.
+    pkey: pg_sys::Oid,
 }
 
 impl Opened {
-    fn open(table: pg_sys::Oid, lock: u32) -> Self {
-        // SAFETY: opens a relation of ours by OID under a lock; it stays open
-        // until drop (or until an error aborts the transaction, which closes
-        // it).
-        Opened {
-            rel: unsafe { pg_sys::table_open(table, lock as pg_sys::LOCKMODE) },
+    /// Found by name in the schema (the relcache and syscache make that a
+    /// hash lookup): an OID kept in the cache would go stale when the table
+    /// or its index is rebuilt, and watching the table for that would
+    /// reload every cache whenever autovacuum visits it.
+    fn open(namespace: pg_sys::Oid, lock: u32) -> Option<Self> {
+        // SAFETY: looks up and opens a relation of ours under a lock; it
+        // stays open until drop (or until an error aborts the transaction,
+        // which closes it).
+        unsafe {
+            let table = pg_sys::get_relname_relid(c"usage".as_ptr(), namespace);
+            if table == pg_sys::InvalidOid {
+                return None;
+            }
+            let rel = pg_sys::table_open(table, lock as pg_sys::LOCKMODE);
+            let opened = Opened {
+                rel,
+                pkey: pg_sys::RelationGetPrimaryKeyIndex(rel),
+            };
+            (opened.pkey != pg_sys::InvalidOid).then_some(opened)
         }
     }
 
@@ -157,7 +172,6 @@ fn keys(tenant: &str, feature: &str, start: i64) -> [pg_sys::ScanKeyData; 3] {
 /// The row's version visible to `snapshot`, copied out of the buffer.
 fn find(
     opened: &Opened,
-    pkey: pg_sys::Oid,
     snapshot: pg_sys::Snapshot,
     tenant: &str,
     feature: &str,
@@ -167,7 +181,8 @@ fn find(
     // SAFETY: an index scan of our own table under a live snapshot; the
     // tuple is copied before the scan ends (which releases its buffer).
     unsafe {
-        let scan = pg_sys::systable_beginscan(opened.rel, pkey, true, snapshot, 3, k.as_mut_ptr());
+        let scan =
+            pg_sys::systable_beginscan(opened.rel, opened.pkey, true, snapshot, 3, k.as_mut_ptr());
         let tuple = pg_sys::systable_getnext(scan);
         let found = (!tuple.is_null()).then(|| pg_sys::heap_copytuple(tuple));
         pg_sys::systable_endscan(scan);
@@ -194,27 +209,26 @@ unsafe fn used_of(opened: &Opened, tuple: pg_sys::HeapTuple) -> i64 {
 /// Units recorded in the period starting at `start` (i64::MIN: -infinity,
 /// for limit features), under the statement's snapshot: one index probe.
 pub fn read_used(
-    table: pg_sys::Oid,
-    pkey: pg_sys::Oid,
+    namespace: pg_sys::Oid,
     tenant: &str,
     feature: &str,
     start: i64,
-) -> i64 {
-    let opened = Opened::open(table, pg_sys::AccessShareLock);
+) -> FluxResult<i64> {
+    let opened = Opened::open(namespace, pg_sys::AccessShareLock)
+        .ok_or_else(|| FluxError::Internal("flux.usage or its primary key is missing".into()))?;
     // SAFETY: the active snapshot is the statement's, registered by it.
     let snapshot = unsafe { pg_sys::GetActiveSnapshot() };
-    match find(&opened, pkey, snapshot, tenant, feature, start) {
+    Ok(match find(&opened, snapshot, tenant, feature, start) {
         // SAFETY: a copy of a row of this relation.
         Some(t) => unsafe { used_of(&opened, t) },
         None => 0,
-    }
+    })
 }
 
 /// Add `amount` to an existing counter row if the total stays within
 /// `limit` (None: unlimited).
 pub fn add(
-    table: pg_sys::Oid,
-    pkey: pg_sys::Oid,
+    namespace: pg_sys::Oid,
     tenant: &str,
     feature: &str,
     start: i64,
@@ -225,7 +239,9 @@ pub fn add(
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         return Ok(Added::Fallback);
     }
-    let opened = Opened::open(table, pg_sys::RowExclusiveLock);
+    let Some(opened) = Opened::open(namespace, pg_sys::RowExclusiveLock) else {
+        return Ok(Added::Fallback);
+    };
     if !opened.plain() {
         return Ok(Added::Fallback);
     }
@@ -233,7 +249,7 @@ pub fn add(
     // own earlier writes.
     // SAFETY: a snapshot used within this call only.
     let snapshot = unsafe { pg_sys::GetLatestSnapshot() };
-    let Some(mut version) = find(&opened, pkey, snapshot, tenant, feature, start) else {
+    let Some(mut version) = find(&opened, snapshot, tenant, feature, start) else {
         return Ok(Added::Fallback);
     };
     // As ExecUpdate: update the version we see; if a concurrent transaction

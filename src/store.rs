@@ -79,9 +79,8 @@ pub fn in_parallel_mode() -> bool {
 }
 
 /// The tables whose changes make the cache stale: those it loads (each has
-/// the statement trigger flux._cache_invalidate, see finalize.sql), and
-/// flux.usage, whose primary key counters.rs uses by OID.
-const WATCHED: [&str; 11] = [
+/// the statement trigger flux._cache_invalidate, see finalize.sql).
+const WATCHED: [&str; 10] = [
     "features",
     "plans",
     "grants",
@@ -92,7 +91,6 @@ const WATCHED: [&str; 11] = [
     "overrides",
     "flags",
     "flag_lists",
-    "usage",
 ];
 
 /// A flag as the cache holds it: lists are sets of ids.
@@ -127,10 +125,8 @@ pub struct Catalogue {
     /// flux.decision's attributes are DECISION_COLUMNS (so a row can be
     /// formed in one go, not set attribute by attribute).
     pub decision_plain: bool,
-    /// flux.usage and its primary key (counters.rs reads and writes them
-    /// directly).
-    pub usage_table: pg_sys::Oid,
-    pub usage_pkey: pg_sys::Oid,
+    /// The schema flux (counters.rs finds flux.usage in it).
+    pub namespace: pg_sys::Oid,
 }
 
 pub fn load_catalogue() -> FluxResult<Catalogue> {
@@ -236,8 +232,7 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                            FROM pg_catalog.pg_attribute \
                           WHERE attrelid = 'flux.decision'::pg_catalog.regclass \
                             AND attnum > 0 AND NOT attisdropped), \
-                        'flux.usage'::pg_catalog.regclass::pg_catalog.oid, \
-                        'flux.usage_pkey'::pg_catalog.regclass::pg_catalog.oid",
+                        'flux'::pg_catalog.regnamespace::pg_catalog.oid",
                 Some(1),
                 &[WATCHED.map(|t| format!("flux.{t}")).to_vec().into()],
             )?;
@@ -246,8 +241,7 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
             cat.decision_type = required(meta.get::<pg_sys::Oid>(2)?, "flux.decision")?;
             let names = meta.get::<Vec<String>>(3)?.unwrap_or_default();
             cat.decision_plain = names.iter().map(String::as_str).eq(DECISION_COLUMNS);
-            cat.usage_table = required(meta.get::<pg_sys::Oid>(4)?, "flux.usage")?;
-            cat.usage_pkey = required(meta.get::<pg_sys::Oid>(5)?, "flux.usage_pkey")?;
+            cat.namespace = required(meta.get::<pg_sys::Oid>(4)?, "schema flux")?;
             Ok(cat)
         })
     })
@@ -510,13 +504,7 @@ pub fn load_all_tenants(max: usize) -> FluxResult<Option<Vec<TenantEntry>>> {
 pub fn load_used(tenant: &str, feature: &str, period_start: Option<i64>) -> FluxResult<i64> {
     let cat = crate::cache::catalogue()?;
     let start = ts_datum(period_start).into_inner();
-    Ok(crate::counters::read_used(
-        cat.usage_table,
-        cat.usage_pkey,
-        tenant,
-        feature,
-        start,
-    ))
+    crate::counters::read_used(cat.namespace, tenant, feature, start)
 }
 
 /// The rate limiter's theoretical arrival time, if any.

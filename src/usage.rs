@@ -98,15 +98,7 @@ fn record_counter(
     // The common case, without SQL (counters.rs): the row exists.
     let cat = crate::cache::catalogue()?;
     let key = ts_datum(start).into_inner();
-    match crate::counters::add(
-        cat.usage_table,
-        cat.usage_pkey,
-        tenant,
-        feature,
-        key,
-        amount,
-        limit,
-    )? {
+    match crate::counters::add(cat.namespace, tenant, feature, key, amount, limit)? {
         crate::counters::Added::Total(n) => return Ok(Some(n)),
         crate::counters::Added::Full(_) => return Ok(None),
         crate::counters::Added::Fallback => {}

@@ -172,3 +172,19 @@ def test_repeatable_read_consumers_get_serialization_failures(fresh_db):
         except psycopg.errors.SerializationFailure:
             a.rollback()
         assert b.execute("SELECT flux_usage('acme', 'exports')").fetchone()[0] == 2
+
+
+def test_rebuilding_usage_under_a_live_session(fresh_db):
+    """counters.rs finds flux.usage and its primary key by name on each
+    call: a rebuilt index (a new OID) is used at once."""
+    with connect(fresh_db) as c, connect(fresh_db) as dba:
+        c.execute(SETUP)
+        for _ in range(2):
+            c.execute("SELECT flux_consume('acme', 'exports')")
+        dba.execute("REINDEX INDEX CONCURRENTLY flux.usage_pkey")
+        dba.execute("VACUUM ANALYZE flux.usage")
+        for _ in range(2):
+            c.execute("SELECT flux_consume('acme', 'exports')")
+        assert c.execute("SELECT flux_usage('acme', 'exports')").fetchone()[0] == 4
+        dba.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        dba.execute("SELECT bt_index_check('flux.usage_pkey'::regclass, true)")
