@@ -489,6 +489,10 @@ impl Answers {
     }
 }
 
+/// How many remembered answers per cacheable tenant (features checked per
+/// tenant, on average, before the table starts over).
+const ANSWERS_PER_TENANT: usize = 8;
+
 /// What an answer was decided from, besides the clock: the cache's
 /// contents and the settings it depends on (flux.now,
 /// flux.default_grace_period).
@@ -551,7 +555,9 @@ pub fn remember(
     fixed: bool,
     window: (i64, i64),
 ) {
-    let capacity = crate::gucs::cache_tenants();
+    // Bounded with the tenant cache: up to ANSWERS_PER_TENANT answers (about
+    // 20 bytes each) per tenant it may hold, then it starts over.
+    let capacity = crate::gucs::cache_tenants().saturating_mul(ANSWERS_PER_TENANT);
     STATE.with(|st| {
         // With an invalidation pending, the facts may be older than the epoch.
         if st.stale.get() {
