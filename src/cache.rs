@@ -46,6 +46,9 @@ const MAX_WATCHED: usize = 32;
 struct State {
     /// Set by the relcache callback; the next lookup reloads.
     stale: Cell<bool>,
+    /// Set by the callback for a change to the tenants' tables only: the
+    /// next lookup forgets the tenants (and answers) but keeps the catalogue.
+    tenants_stale: Cell<bool>,
     /// Something was loaded during a parallel query, under the statement's
     /// snapshot rather than the latest: good for that statement only.
     provisional: Cell<bool>,
@@ -72,6 +75,7 @@ thread_local! {
     static STATE: State = const {
         State {
             stale: Cell::new(true),
+            tenants_stale: Cell::new(false),
             provisional: Cell::new(false),
             epoch: Cell::new(0),
             settings: Cell::new(0),
@@ -101,8 +105,14 @@ thread_local! {
 unsafe extern "C-unwind" fn on_relcache_invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let relid = u32::from(relid);
     STATE.with(|st| {
-        if relid == 0 || st.watched.get().contains(&relid) {
+        if relid == 0 {
             st.stale.set(true);
+        } else if let Some(i) = st.watched.get().iter().position(|&w| w == relid) {
+            if i < store::CATALOGUE_TABLES {
+                st.stale.set(true);
+            } else {
+                st.tenants_stale.set(true);
+            }
         }
     });
 }
@@ -174,7 +184,23 @@ fn must_reload(st: &State) -> bool {
     if st.provisional.get() && !backend::in_parallel_mode() {
         st.stale.set(true);
     }
+    if st.tenants_stale.get() && !st.stale.get() {
+        forget_tenants(st);
+    }
     st.stale.get()
+}
+
+/// A tenant's rows changed: forget every tenant and answer (they are
+/// reloaded as asked for, under the latest snapshot), keep the catalogue.
+/// Cheaper than a reload by the catalogue's queries; which tenant changed
+/// is not known here (a relcache invalidation names only the table).
+fn forget_tenants(st: &State) {
+    st.tenants_stale.set(false);
+    st.epoch.set(st.epoch.get().wrapping_add(1));
+    st.bulk_tried.set(false);
+    TENANTS.with(|t| t.borrow_mut().clear());
+    // Re-plan the tenant loads too, as a reload does: the tables grow.
+    store::forget_plans();
 }
 
 fn refresh_if_stale() -> FluxResult<Rc<Catalogue>> {
@@ -192,6 +218,7 @@ fn reload() -> FluxResult<Rc<Catalogue>> {
     // load sets it again and the next call reloads.
     STATE.with(|st| {
         st.stale.set(false);
+        st.tenants_stale.set(false);
         st.epoch.set(st.epoch.get().wrapping_add(1));
         st.provisional.set(parallel);
         st.bulk_tried.set(false);

@@ -79,19 +79,22 @@ pub fn in_parallel_mode() -> bool {
 }
 
 /// The tables whose changes make the cache stale: those it loads (each has
-/// the statement trigger flux._cache_invalidate, see finalize.sql).
+/// the statement trigger flux._cache_invalidate, see finalize.sql). The
+/// first CATALOGUE_TABLES hold the catalogue; a change to the others (the
+/// tenants' rows) leaves the catalogue loaded.
 const WATCHED: [&str; 10] = [
     "features",
     "plans",
     "grants",
-    "tenants",
     "addons",
     "addon_grants",
-    "tenant_addons",
-    "overrides",
     "flags",
     "flag_lists",
+    "tenants",
+    "tenant_addons",
+    "overrides",
 ];
+pub const CATALOGUE_TABLES: usize = 7;
 
 /// A flag as the cache holds it: lists are sets of ids.
 #[derive(Debug, Clone, Default)]
