@@ -122,6 +122,11 @@ impl Opened {
 
 impl Drop for Opened {
     fn drop(&mut self) {
+        // While an error unwinds, the aborting transaction releases the
+        // reference itself: no call into PostgreSQL then.
+        if std::thread::panicking() {
+            return;
+        }
         // SAFETY: closes what open() opened; NoLock keeps the lock.
         unsafe { pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
     }
