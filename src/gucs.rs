@@ -89,9 +89,32 @@ fn setting_bytes(g: &GucSetting<Option<CString>>) -> Option<&'static [u8]> {
     (!bytes.trim_ascii().is_empty()).then_some(bytes)
 }
 
+type Memo<T> = std::thread::LocalKey<std::cell::RefCell<Option<(Vec<u8>, T)>>>;
+
+/// The value of a setting's text, parsed once per text: parsing a timestamp
+/// or an interval on every decision cost more than the decision.
+fn parsed<T: Copy>(
+    memo: &'static Memo<T>,
+    bytes: &[u8],
+    parse: impl FnOnce(&str) -> FluxResult<T>,
+) -> FluxResult<T> {
+    let known = memo.with(|m| {
+        m.borrow()
+            .as_ref()
+            .filter(|(b, _)| b.as_slice() == bytes)
+            .map(|(_, v)| *v)
+    });
+    if let Some(v) = known {
+        return Ok(v);
+    }
+    let v = parse(&String::from_utf8_lossy(bytes))?;
+    memo.with(|m| *m.borrow_mut() = Some((bytes.to_vec(), v)));
+    Ok(v)
+}
+
 thread_local! {
-    /// The last flux.now text and its value (parsed once per SET).
     static NOW_MEMO: std::cell::RefCell<Option<(Vec<u8>, i64)>> = const { std::cell::RefCell::new(None) };
+    static GRACE_MEMO: std::cell::RefCell<Option<(Vec<u8>, Span)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Whether flux.now is set (the clock is then fixed, not the transaction's).
@@ -105,30 +128,21 @@ pub fn clock() -> FluxResult<i64> {
     let Some(bytes) = setting_bytes(&NOW) else {
         return Ok(crate::backend::transaction_start());
     };
-    if let Some(t) = NOW_MEMO.with(|m| {
-        m.borrow()
-            .as_ref()
-            .filter(|(b, _)| b.as_slice() == bytes)
-            .map(|(_, t)| *t)
-    }) {
-        return Ok(t);
-    }
-    let s = String::from_utf8_lossy(bytes).into_owned();
-    let ts = TimestampWithTimeZone::from_str(&s).map_err(|_| {
-        FluxError::BadDatetime(format!(
-            "invalid flux.now {}: expected a timestamptz such as '2026-12-01 00:00+00', or empty for the transaction time",
-            shown(&s)
-        ))
-    })?;
-    if !ts.is_finite() {
-        return Err(FluxError::BadDatetime(format!(
-            "invalid flux.now {}: the clock must be a finite time",
-            shown(&s)
-        )));
-    }
-    let t = ts.into_inner();
-    NOW_MEMO.with(|m| *m.borrow_mut() = Some((bytes.to_vec(), t)));
-    Ok(t)
+    parsed(&NOW_MEMO, bytes, |s| {
+        let ts = TimestampWithTimeZone::from_str(s).map_err(|_| {
+            FluxError::BadDatetime(format!(
+                "invalid flux.now {}: expected a timestamptz such as '2026-12-01 00:00+00', or empty for the transaction time",
+                shown(s)
+            ))
+        })?;
+        if !ts.is_finite() {
+            return Err(FluxError::BadDatetime(format!(
+                "invalid flux.now {}: the clock must be a finite time",
+                shown(s)
+            )));
+        }
+        Ok(ts.into_inner())
+    })
 }
 
 /// Parse an interval literal into a Span.
@@ -144,33 +158,17 @@ pub fn span_of(iv: Interval) -> Span {
     }
 }
 
-thread_local! {
-    /// The last flux.default_grace_period text and its value: parsing an
-    /// interval on every decision cost more than the decision.
-    static GRACE_MEMO: std::cell::RefCell<Option<(Vec<u8>, Span)>> = const { std::cell::RefCell::new(None) };
-}
-
 pub fn default_grace() -> FluxResult<Span> {
     let bytes = setting_bytes(&DEFAULT_GRACE_PERIOD).unwrap_or(b"7 days");
-    if let Some(span) = GRACE_MEMO.with(|m| {
-        m.borrow()
-            .as_ref()
-            .filter(|(b, _)| b.as_slice() == bytes)
-            .map(|(_, v)| *v)
-    }) {
-        return Ok(span);
-    }
-    let s = String::from_utf8_lossy(bytes).into_owned();
-    match parse_span(&s) {
-        Some(span) if span.months >= 0 && span.days >= 0 && span.micros >= 0 => {
-            GRACE_MEMO.with(|m| *m.borrow_mut() = Some((bytes.to_vec(), span)));
-            Ok(span)
-        }
+    parsed(&GRACE_MEMO, bytes, |s| {
+        match parse_span(s) {
+        Some(span) if span.months >= 0 && span.days >= 0 && span.micros >= 0 => Ok(span),
         _ => Err(FluxError::BadDatetime(format!(
             "invalid flux.default_grace_period {}: expected a non-negative interval such as '7 days'",
-            shown(&s)
+            shown(s)
         ))),
     }
+    })
 }
 
 pub static IDEMPOTENCY_TTL: GucSetting<Option<CString>> =

@@ -72,11 +72,16 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
 }
 
 /// Only whether it is allowed: no message is built (flux_check, policies).
-/// Answers that read no usage are remembered for the instant (cache.rs).
+/// Answers that read no usage are remembered (cache.rs).
 pub fn allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
-    if let Some(a) = cache::answer(tenant.as_bytes(), feature.as_bytes())? {
-        return Ok(a);
+    match cache::answer(tenant.as_bytes(), feature.as_bytes())? {
+        Some(a) => Ok(a),
+        None => decide_allowed(tenant, feature),
     }
+}
+
+/// `allowed` past the answer table: decide, and remember the answer.
+fn decide_allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
     let mut x = entitle_with(tenant, feature, None, false)?;
     let read_usage = usage::observe(&mut x, 1)?;
     if !read_usage {
@@ -159,7 +164,7 @@ pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decisio
 fn flux_check(tenant: Text, feature: Text) -> bool {
     (|| match cache::answer(tenant.bytes(), feature.bytes())? {
         Some(a) => Ok(a),
-        None => allowed(tenant.as_str()?, feature.as_str()?),
+        None => decide_allowed(tenant.as_str()?, feature.as_str()?),
     })()
     .or_raise()
 }

@@ -46,7 +46,7 @@ fn required<T>(v: Option<T>, what: &str) -> FluxResult<T> {
 /// what it loaded as provisional (see cache.rs).
 fn with_latest_snapshot<R>(f: impl FnOnce() -> FluxResult<R>) -> FluxResult<R> {
     let _owner = crate::privilege::AsOwner::enter()?;
-    if in_parallel_mode() {
+    if crate::backend::in_parallel_mode() {
         return f();
     }
     // SAFETY: GetLatestSnapshot returns a static snapshot that
@@ -71,11 +71,6 @@ pub fn ensure_writable(what: &str) -> FluxResult<()> {
         )));
     }
     Ok(())
-}
-
-/// True inside a parallel query, where snapshots cannot change.
-pub fn in_parallel_mode() -> bool {
-    crate::backend::in_parallel_mode()
 }
 
 /// The tables whose changes make the cache stale: those it loads (each has

@@ -83,24 +83,24 @@ fn fits(limit: Option<i64>, used: i64, amount: i64) -> bool {
     limit.is_none_or(|l| used.saturating_add(amount) <= l)
 }
 
-/// Record `amount` against a counter if it fits; returns the new total, or
-/// None when it would pass the limit (nothing recorded).
+/// Record `amount` against a counter if it fits. Returns whether it did and
+/// the total after (when it did not fit, the total as it stands).
 fn record_counter(
     tenant: &str,
     feature: &str,
     start: Option<i64>,
     amount: i64,
     limit: Option<i64>,
-) -> FluxResult<Option<i64>> {
+) -> FluxResult<(bool, i64)> {
     if limit.is_some_and(|l| amount > l) {
-        return Ok(None);
+        return Ok((false, store::load_used(tenant, feature, start)?));
     }
     // The common case, without SQL (counters.rs): the row exists.
     let cat = crate::cache::catalogue()?;
     let key = ts_datum(start).into_inner();
     match crate::counters::add(cat.namespace, tenant, feature, key, amount, limit)? {
-        crate::counters::Added::Total(n) => return Ok(Some(n)),
-        crate::counters::Added::Full(_) => return Ok(None),
+        crate::counters::Added::Total(n) => return Ok((true, n)),
+        crate::counters::Added::Full(used) => return Ok((false, used)),
         crate::counters::Added::Fallback => {}
     }
     // Otherwise SQL. The common case first: the period's row exists and the amount fits.
@@ -120,7 +120,7 @@ fn record_counter(
              SET used = u.used + EXCLUDED.used, updated_at = now() \
              WHERE $5::bigint IS NULL OR u.used + EXCLUDED.used <= $5::bigint \
          RETURNING used";
-    Spi::connect_mut(|c| {
+    let total = Spi::connect_mut(|c| {
         let args = [
             tenant.into(),
             feature.into(),
@@ -132,11 +132,15 @@ fn record_counter(
             let p = store::kept(c, sql, &[TEXT, TEXT, TSTZ, INT8, INT8], true)?;
             let t = c.update(&*p, Some(1), &args)?;
             if !t.is_empty() {
-                return Ok(t.first().get_one::<i64>()?);
+                return Ok::<_, FluxError>(t.first().get_one::<i64>()?);
             }
         }
         Ok(None)
-    })
+    })?;
+    match total {
+        Some(n) => Ok((true, n)),
+        None => Ok((false, store::load_used(tenant, feature, start)?)),
+    }
 }
 
 /// Advance the rate limiter by `amount` calls if they pass; returns the new
@@ -199,13 +203,8 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
                 Meter::Quota { start, .. } => Some(start),
                 _ => None,
             };
-            match record_counter(&tenant, &feature, start, amount, limit)? {
-                Some(used) => apply_counter(&mut x.d, m, used, true),
-                None => {
-                    let used = store::load_used(&tenant, &feature, start)?;
-                    apply_counter(&mut x.d, m, used, false);
-                }
-            }
+            let (fits, used) = record_counter(&tenant, &feature, start, amount, limit)?;
+            apply_counter(&mut x.d, m, used, fits);
         }
         Meter::Rate { window } => {
             let Some(limit) = limit else { return Ok(()) };
