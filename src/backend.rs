@@ -59,6 +59,27 @@ impl<'a> Text<'a> {
     }
 }
 
+impl Text<'_> {
+    /// A text datum stored inline and uncompressed (every short id), read
+    /// without any call into PostgreSQL; None for the other forms.
+    ///
+    /// # Safety
+    /// `datum` is a non-null text datum that outlives the returned value.
+    #[inline(always)]
+    pub unsafe fn inline(datum: pgrx::pg_sys::Datum) -> Option<Self> {
+        let p = datum.cast_mut_ptr::<pgrx::pg_sys::varlena>();
+        // SAFETY: reads the varlena header as PostgreSQL's VARATT macros do.
+        unsafe {
+            if p.is_null() || pgrx::varlena::varatt_is_1b_e(p) || pgrx::varlena::varatt_is_4b_c(p) {
+                return None;
+            }
+            let len = pgrx::varlena::varsize_any_exhdr(p);
+            let data = pgrx::varlena::vardata_any(p).cast::<u8>();
+            Some(Text(std::slice::from_raw_parts(data, len)))
+        }
+    }
+}
+
 impl pgrx::FromDatum for Text<'_> {
     unsafe fn from_polymorphic_datum(
         datum: pgrx::pg_sys::Datum,

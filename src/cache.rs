@@ -412,11 +412,31 @@ struct Slot {
     state: u8,
 }
 
+/// Byte equality for short ids without a call to memcmp (which was a
+/// seventh of a warm check): lengths, then two overlapping words.
+#[inline(always)]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let w8 = |s: &[u8], at: usize| u64::from_ne_bytes(s[at..at + 8].try_into().unwrap_or_default());
+    let w4 = |s: &[u8], at: usize| u32::from_ne_bytes(s[at..at + 4].try_into().unwrap_or_default());
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
+        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
+        _ => a == b,
+    }
+}
+
 fn tag(hash: u64) -> u16 {
     (hash >> 48) as u16
 }
 
 impl TenantAnswers {
+    #[inline]
     fn id(&self, s: &Slot) -> &[u8] {
         let at = s.at as usize;
         self.ids
@@ -426,18 +446,20 @@ impl TenantAnswers {
 
     /// The slot holding `id` (hashed to `hash`), or the empty one where it
     /// would go.
+    #[inline]
     fn probe(&self, id: &[u8], hash: u64) -> usize {
         let mask = self.slots.len() - 1;
         let mut i = hash as usize & mask;
         loop {
             let s = &self.slots[i];
-            if s.state == 0 || (s.tag == tag(hash) && self.id(s) == id) {
+            if s.state == 0 || (s.tag == tag(hash) && same(self.id(s), id)) {
                 return i;
             }
             i = (i + 1) & mask;
         }
     }
 
+    #[inline]
     fn get(&self, id: &[u8]) -> Option<bool> {
         if self.slots.is_empty() {
             return None;
@@ -506,9 +528,10 @@ fn huge_pages<T>(v: &[T]) {
 }
 
 impl Answers {
+    #[inline]
     fn feature(&mut self, feature: &[u8]) -> Option<usize> {
         if let Some((f, _)) = self.by_feature.get(self.last) {
-            if &**f == feature {
+            if same(f, feature) {
                 return Some(self.last);
             }
         }
@@ -541,7 +564,13 @@ fn stamp(st: &State) -> Stamp {
 impl Answers {
     /// Whether the kept answers hold now.
     fn hold(&self, stamp: Stamp) -> bool {
-        let now = self.clock.unwrap_or_else(backend::transaction_start);
+        self.hold_at(stamp, backend::transaction_start())
+    }
+
+    /// `hold`, given the transaction's start.
+    #[inline]
+    fn hold_at(&self, stamp: Stamp, xact_start: i64) -> bool {
+        let now = self.clock.unwrap_or(xact_start);
         self.stamp == stamp && self.from <= now && now < self.until
     }
 }
@@ -572,6 +601,32 @@ pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<bool>> {
         Ok(a) => Ok(a),
         Err(()) => reload().map(|_| None),
     }
+}
+
+/// The remembered answer, when it can be had without calling into
+/// PostgreSQL: invalidations already read in this statement, nothing
+/// pending. Never raises; None sends the caller to `answer` (flux_check's
+/// entry point, reads.rs).
+#[inline]
+pub fn answer_ready(tenant: &[u8], feature: &[u8]) -> Option<bool> {
+    STATE
+        .try_with(|st| {
+            let now = (backend::statement_start(), backend::transaction_start());
+            if st.polled.get() != now || st.stale.get() || st.tenants_stale.get() {
+                return None;
+            }
+            if st.provisional.get() && !backend::in_parallel_mode() {
+                return None;
+            }
+            let mut a = st.answers.try_borrow_mut().ok()?;
+            if !a.hold_at(stamp(st), now.1) {
+                return None;
+            }
+            let i = a.feature(feature)?;
+            a.by_feature[i].1.get(tenant)
+        })
+        .ok()
+        .flatten()
 }
 
 /// Remember an answer that read no usage (see Answers), decided just now
@@ -628,6 +683,28 @@ pub fn remember(
 #[cfg(test)]
 mod tests {
     use super::TenantAnswers;
+
+    #[test]
+    fn same_is_byte_equality_at_every_length() {
+        let ids: Vec<Vec<u8>> = (0..40)
+            .flat_map(|n| {
+                let base: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                // The same length, one byte different at each position.
+                let mut v = vec![base.clone()];
+                for at in 0..n {
+                    let mut other = base.clone();
+                    other[at] ^= 1;
+                    v.push(other);
+                }
+                v
+            })
+            .collect();
+        for a in &ids {
+            for b in &ids {
+                assert_eq!(super::same(a, b), a == b, "{a:?} vs {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn answers_table_keeps_every_id_apart_through_growth() {

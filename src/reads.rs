@@ -9,7 +9,7 @@ use crate::model::{Decision, FeatureFacts, TenantFacts};
 use crate::{cache, gucs, identity, usage};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::{IntoDatum, PgTupleDesc};
+use pgrx::{FromDatum, IntoDatum, PgTupleDesc};
 
 fn context(detail: bool) -> FluxResult<Context> {
     Ok(Context {
@@ -158,15 +158,79 @@ pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decisio
     row
 }
 
+// flux_check(tenant, feature) is the per-row hot path, so its entry point is
+// written by hand. pgrx's generated one (argument iterator, guard, memory
+// context switch) cost 9 ns of a 38 ns warm check, measured over 1M rows.
+// A kept answer is returned by code that cannot raise or call into
+// PostgreSQL (cache::answer_ready); everything else takes the guarded path.
+// The SQL is exactly what pgrx generated for the released 0.1.0.
+pgrx::extension_sql!(
+    r#"
+CREATE  FUNCTION "flux_check"(
+	"tenant" TEXT, /* & str */
+	"feature" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'flux_check_wrapper';
+"#,
+    name = "flux_check_tenant_feature",
+);
+
+#[doc(hidden)]
+#[no_mangle]
+pub extern "C" fn pg_finfo_flux_check_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
 /// May `tenant` use `feature` right now? Never raises for unknown keys.
-/// (Text arguments: this is the per-row hot path, see backend.rs.)
-#[pg_extern(stable, strict, parallel_safe)]
-fn flux_check(tenant: Text, feature: Text) -> bool {
-    (|| match cache::answer(tenant.bytes(), feature.bytes())? {
+///
+/// # Safety
+/// Called by PostgreSQL's function manager for the SQL function above
+/// (STRICT: both text arguments are present).
+#[doc(hidden)]
+#[no_mangle]
+pub unsafe extern "C-unwind" fn flux_check_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: the call frame holds the two arguments of the signature.
+    let (t, f) = unsafe {
+        let args = (*fcinfo).args.as_slice(2);
+        (args[0].value, args[1].value)
+    };
+    // SAFETY: both are non-null text datums (STRICT), read in place.
+    if let (Some(t), Some(f)) = unsafe { (Text::inline(t), Text::inline(f)) } {
+        // Nothing on this path panics; should it, the full path answers.
+        let kept = std::panic::catch_unwind(|| cache::answer_ready(t.bytes(), f.bytes()));
+        if let Ok(Some(allowed)) = kept {
+            return pg_sys::Datum::from(allowed);
+        }
+    }
+    // SAFETY: the same call frame, passed on.
+    unsafe { flux_check_full(fcinfo) }
+}
+
+/// flux_check's full path: reads pending invalidations, reloads, decides.
+#[pg_guard]
+unsafe extern "C-unwind" fn flux_check_full(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: as in flux_check_wrapper; Text detoasts what is not inline.
+    let (tenant, feature) = unsafe {
+        let args = (*fcinfo).args.as_slice(2);
+        (
+            Text::from_datum(args[0].value, false),
+            Text::from_datum(args[1].value, false),
+        )
+    };
+    let (Some(tenant), Some(feature)) = (tenant, feature) else {
+        crate::error::FluxError::Internal("flux_check called with NULL".into()).raise();
+    };
+    let allowed = (|| match cache::answer(tenant.bytes(), feature.bytes())? {
         Some(a) => Ok(a),
         None => decide_allowed(tenant.as_str()?, feature.as_str()?),
     })()
-    .or_raise()
+    .or_raise();
+    pg_sys::Datum::from(allowed)
 }
 
 /// flux_check for the session's tenant (flux_current_tenant()).
