@@ -197,3 +197,52 @@ def test_rebuilding_usage_under_a_live_session(fresh_db):
         assert c.execute("SELECT flux_usage('acme', 'exports')").fetchone()[0] == 4
         dba.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
         dba.execute("SELECT bt_index_check('flux.usage_pkey'::regclass, true)")
+
+
+def test_a_remembered_row_place_that_now_holds_another_row(fresh_db):
+    """counters.rs remembers where each counter row was found. When that
+    row is deleted and vacuumed and another counter takes its slot, the
+    next consume must not count against the other row."""
+    with connect(fresh_db) as c, connect(fresh_db) as dba:
+        c.execute(SETUP)
+        c.execute("SELECT flux_subscribe('globex', 'pro')")
+        c.execute("SELECT flux_subscribe('initech', 'pro')")
+        # acme's row first in the page, then globex's; the second consume
+        # of acme finds its row and keeps the place (the chain's root).
+        c.execute("SELECT flux_consume('acme', 'exports')")
+        (place,) = dba.execute("SELECT ctid FROM flux.usage WHERE tenant = 'acme'").fetchone()
+        for t in ("globex", "acme"):
+            c.execute("SELECT flux_consume(%s, 'exports')", (t,))
+        dba.execute("DELETE FROM flux.usage WHERE tenant = 'acme'")
+        dba.execute("VACUUM flux.usage")
+        dba.execute("SELECT flux_consume('initech', 'exports', 7)")
+        # The slot was reused (else this test proves nothing).
+        assert dba.execute("SELECT tenant FROM flux.usage WHERE ctid = %s", (place,)).fetchone() == ("initech",)
+        d = c.execute("SELECT used FROM flux_consume('acme', 'exports')").fetchone()
+        assert d == (1,)
+        rows = dict(dba.execute("SELECT tenant, used FROM flux.usage").fetchall())
+        assert rows == {"acme": 1, "globex": 1, "initech": 7}
+        assert c.execute("SELECT flux_usage('initech', 'exports')").fetchone()[0] == 7
+
+
+def test_a_remembered_row_place_past_the_end_of_a_truncated_table(fresh_db):
+    """A vacuum that truncates flux.usage leaves remembered places past its
+    end: consume and usage reads go on, exact, without an error."""
+    with connect(fresh_db) as c, connect(fresh_db) as dba:
+        c.execute(SETUP)
+        dba.execute("SELECT count(flux_subscribe('t' || i, 'pro')) FROM generate_series(1, 1500) i")
+        dba.execute("SELECT count(flux_consume('t' || i, 'exports')) FROM generate_series(1, 1500) i")
+        c.execute("SELECT flux_consume('t1500', 'exports')")
+        assert c.execute("SELECT flux_usage('t1500', 'exports')").fetchone()[0] == 2
+        pages = dba.execute("SELECT pg_relation_size('flux.usage') / 8192").fetchone()[0]
+        assert pages > 3
+        dba.execute("DELETE FROM flux.usage WHERE tenant <> 't1'")
+        dba.execute("VACUUM flux.usage")
+        assert dba.execute("SELECT pg_relation_size('flux.usage') / 8192").fetchone()[0] < pages
+        assert c.execute("SELECT flux_usage('t1500', 'exports')").fetchone()[0] == 0
+        assert c.execute("SELECT used FROM flux_consume('t1500', 'exports')").fetchone()[0] == 1
+        # A rewrite (new file, new places) in the same session.
+        dba.execute("VACUUM FULL flux.usage")
+        assert c.execute("SELECT used FROM flux_consume('t1500', 'exports')").fetchone()[0] == 2
+        assert c.execute("SELECT used FROM flux_consume('t1', 'exports')").fetchone()[0] == 2
+        assert dba.execute("SELECT count(*), sum(used) FROM flux.usage").fetchone() == (2, 4)
