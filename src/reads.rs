@@ -107,7 +107,13 @@ pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decisio
     if cat.decision_plain {
         // One heap_form_tuple: setting 14 attributes by name formed the
         // row 14 times (a tenth of flux_consume).
-        if let Some(desc) = PgTupleDesc::for_composite_type_by_oid(cat.decision_type) {
+        // The type cache's descriptor, pinned and released with the row
+        // (for_composite_type_by_oid copied it twice per call).
+        // SAFETY: lookup_rowtype_tupdesc returns a reference-counted
+        // descriptor (or raises); from_pg releases it on drop.
+        let desc =
+            unsafe { PgTupleDesc::from_pg(pg_sys::lookup_rowtype_tupdesc(cat.decision_type, -1)) };
+        {
             let datums = [
                 d.allowed.into_datum(),
                 d.reason.as_str().into_datum(),
