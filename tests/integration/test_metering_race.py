@@ -246,3 +246,31 @@ def test_a_remembered_row_place_past_the_end_of_a_truncated_table(fresh_db):
         assert c.execute("SELECT used FROM flux_consume('t1500', 'exports')").fetchone()[0] == 2
         assert c.execute("SELECT used FROM flux_consume('t1', 'exports')").fetchone()[0] == 2
         assert dba.execute("SELECT count(*), sum(used) FROM flux.usage").fetchone() == (2, 4)
+
+
+def test_counter_updates_stay_hot_and_the_table_small(fresh_db):
+    """flux_consume prunes a page only when the next version might not fit
+    (counters.rs, Prune::WhenNeeded): every update must stay a HOT update
+    and the dead versions must still be removed, so 20,000 consumes over
+    100 counters leave a table of a few pages."""
+    with connect(fresh_db) as c:
+        c.execute(SETUP)
+        c.execute("SELECT flux_grant('pro', 'exports', NULL, 'month')")
+        c.execute("SELECT count(flux_subscribe('t' || i, 'pro')) FROM generate_series(1, 100) i")
+        c.execute("SELECT count(flux_consume('t' || i, 'exports')) FROM generate_series(1, 100) i")
+        c.execute(
+            "CREATE PROCEDURE spend(n int) LANGUAGE plpgsql AS $$ BEGIN "
+            "FOR i IN 1..n LOOP PERFORM flux_consume('t' || (i % 100 + 1), 'exports'); COMMIT; END LOOP; END $$"
+        )
+        c.execute("CALL spend(20000)")
+        c.execute("SELECT pg_stat_force_next_flush()")
+        updated, hot, pages = c.execute(
+            "SELECT n_tup_upd, n_tup_hot_upd, pg_relation_size(relid) / 8192 "
+            "FROM pg_stat_user_tables WHERE relid = 'flux.usage'::regclass"
+        ).fetchone()
+        assert updated >= 20000
+        assert hot == updated
+        assert pages <= 4, f"flux.usage grew to {pages} pages"
+        assert c.execute("SELECT sum(used) FROM flux.usage").fetchone()[0] == 20100
+        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        assert c.execute("SELECT count(*) FROM verify_heapam('flux.usage')").fetchone()[0] == 0
