@@ -315,7 +315,7 @@ fn fetch_at(
     // is released.
     unsafe {
         let block = pgrx::itemptr::item_pointer_get_block_number(&root);
-        if block >= pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) {
+        if !block_exists(rel, block) {
             return None;
         }
         let buf = pg_sys::ReadBuffer(rel, block);
@@ -343,6 +343,31 @@ fn fetch_at(
         pg_sys::UnlockReleaseBuffer(buf);
         let copy = copy?;
         is_row(opened, copy, tenant, feature, start).then_some(copy)
+    }
+}
+
+/// Whether `block` is inside the table (open and locked by this call).
+/// The size smgr noted at its last look is trusted when the block is below
+/// it: a table only shrinks by truncation, which first sends every backend
+/// an invalidation that drops the note (read when this transaction locked
+/// the table; a truncation needs a lock that conflicts with ours). Else the
+/// size is asked of the file system (an lseek, 1% of flux_consume).
+///
+/// # Safety
+/// `rel` is an open relation locked by this transaction.
+unsafe fn block_exists(rel: pg_sys::Relation, block: pg_sys::BlockNumber) -> bool {
+    // SAFETY: per the function's contract; rd_smgr, when set, is the open
+    // storage manager handle of the relation.
+    unsafe {
+        let smgr = (*rel).rd_smgr;
+        let main = pg_sys::ForkNumber::MAIN_FORKNUM as usize;
+        if !smgr.is_null() {
+            let noted = (*smgr).smgr_cached_nblocks[main];
+            if noted != pg_sys::InvalidBlockNumber && block < noted {
+                return true;
+            }
+        }
+        block < pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM)
     }
 }
 
