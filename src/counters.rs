@@ -289,13 +289,15 @@ enum Prune {
     /// counter rows holds about a hundred; pruned at a tenth free, it was
     /// pruned every third update, each pass walking every item (a fifth of
     /// flux_consume). Pruning when under PRUNE_BELOW bytes are free keeps
-    /// the updates HOT and prunes a page a fifth as often.
+    /// the updates HOT and prunes such a page about a quarter as often.
     WhenNeeded,
 }
 
-/// Free bytes under which an update prunes first: room for a few versions
-/// (a counter row's is about 70 bytes).
-const PRUNE_BELOW: usize = 512;
+/// Free bytes under which an update prunes first: room for two versions of
+/// a counter row (about 64 bytes and a 4-byte line pointer each), ours and
+/// a concurrent writer's. Should the page still be full when the update
+/// comes, PostgreSQL writes the version on another page, as for any UPDATE.
+const PRUNE_BELOW: usize = 144;
 
 /// The version visible to `snapshot` in the chain rooted at `root`, if it
 /// is the row (tenant, feature, start); copied.
