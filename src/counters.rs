@@ -289,7 +289,7 @@ enum Prune {
     /// counter rows holds about a hundred; pruned at a tenth free, it was
     /// pruned every third update, each pass walking every item (a fifth of
     /// flux_consume). Pruning when under PRUNE_BELOW bytes are free keeps
-    /// the updates HOT and prunes such a page about a quarter as often.
+    /// the updates HOT and prunes such a page about a fifth as often.
     WhenNeeded,
 }
 
