@@ -89,17 +89,16 @@ impl pgrx::FromDatum for Text<'_> {
         if is_null || datum.is_null() {
             return None;
         }
-        let mut p = datum.cast_mut_ptr::<pgrx::pg_sys::varlena>();
-        // SAFETY: a non-null text datum points at a varlena; the helpers
-        // read its header as PostgreSQL's VARATT macros do, and the bytes
-        // live in the function call's memory context for the call.
+        // SAFETY: a non-null text datum points at a varlena; a compressed or
+        // out-of-line one is detoasted (a plain inline varlena) into the
+        // function call's memory context, which outlives the call.
         unsafe {
-            if pgrx::varlena::varatt_is_1b_e(p) || pgrx::varlena::varatt_is_4b_c(p) {
-                p = pgrx::pg_sys::pg_detoast_datum_packed(p);
-            }
-            let len = pgrx::varlena::varsize_any_exhdr(p);
-            let data = pgrx::varlena::vardata_any(p).cast::<u8>();
-            Some(Text(std::slice::from_raw_parts(data, len)))
+            Text::inline(datum).or_else(|| {
+                let p = datum.cast_mut_ptr::<pgrx::pg_sys::varlena>();
+                Text::inline(pgrx::pg_sys::Datum::from(
+                    pgrx::pg_sys::pg_detoast_datum_packed(p),
+                ))
+            })
         }
     }
 }
@@ -115,3 +114,27 @@ unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for Text<'fcx> {
 }
 
 pgrx::impl_sql_translatable!(Text<'_>, "text");
+
+/// Read the fixed part of one catalog row through the syscache: `read` gets
+/// the row's struct, and the row is released before returning. None when
+/// there is no such row.
+///
+/// # Safety
+/// Inside a transaction; `T` is the catalog struct of syscache `cache`.
+pub unsafe fn syscache_row<T, R>(
+    cache: pgrx::pg_sys::SysCacheIdentifier::Type,
+    key: pgrx::pg_sys::Datum,
+    read: impl FnOnce(&T) -> R,
+) -> Option<R> {
+    // SAFETY: per the function's contract; the struct is only borrowed
+    // while the row is held.
+    unsafe {
+        let tup = pgrx::pg_sys::SearchSysCache1(cache as i32, key);
+        if tup.is_null() {
+            return None;
+        }
+        let r = read(&*pgrx::pg_sys::heap_tuple_get_struct::<T>(tup));
+        pgrx::pg_sys::ReleaseSysCache(tup);
+        Some(r)
+    }
+}

@@ -181,8 +181,24 @@ fn poll(st: &State) {
     }
 }
 
+/// Whether pending invalidations were read in this statement and nothing
+/// is left to do before a lookup (no reload, no tenants to forget).
+#[inline]
+fn settled(st: &State, now: (i64, i64)) -> bool {
+    st.polled.get() == now
+        && !st.stale.get()
+        && !st.tenants_stale.get()
+        && (!st.provisional.get() || backend::in_parallel_mode())
+}
+
 /// Whether the cache must be reloaded before its next use.
 fn must_reload(st: &State) -> bool {
+    if settled(
+        st,
+        (backend::statement_start(), backend::transaction_start()),
+    ) {
+        return false;
+    }
     poll(st);
     if st.provisional.get() && !backend::in_parallel_mode() {
         st.stale.set(true);
@@ -730,10 +746,7 @@ pub fn answer_ready(tenant: &[u8], feature: &[u8]) -> Option<bool> {
     STATE
         .try_with(|st| {
             let now = (backend::statement_start(), backend::transaction_start());
-            if st.polled.get() != now || st.stale.get() || st.tenants_stale.get() {
-                return None;
-            }
-            if st.provisional.get() && !backend::in_parallel_mode() {
+            if !settled(st, now) {
                 return None;
             }
             let mut a = st.answers.try_borrow_mut().ok()?;

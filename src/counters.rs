@@ -138,25 +138,21 @@ unsafe fn key_columns_first(index: pg_sys::Oid) -> bool {
     if CHECKED_KEY.get() == index {
         return true;
     }
-    // SAFETY: a syscache lookup, released before returning; reads the
-    // fixed part of pg_index, indkey included.
-    unsafe {
-        let tup = pg_sys::SearchSysCache1(
-            pg_sys::SysCacheIdentifier::INDEXRELID as i32,
+    // SAFETY: a syscache lookup; reads the fixed part of pg_index, indkey
+    // included (its first indnkeyatts entries).
+    let ok = unsafe {
+        crate::backend::syscache_row(
+            pg_sys::SysCacheIdentifier::INDEXRELID,
             pg_sys::Datum::from(index),
-        );
-        if tup.is_null() {
-            return false;
-        }
-        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_index>(tup);
-        let n = (*form).indnkeyatts as usize;
-        let ok = n == 3 && (*form).indkey.values.as_slice(3) == [1, 2, 3];
-        pg_sys::ReleaseSysCache(tup);
-        if ok {
-            CHECKED_KEY.set(index);
-        }
-        ok
+            |form: &pg_sys::FormData_pg_index| {
+                form.indnkeyatts == 3 && form.indkey.values.as_slice(3) == [1, 2, 3]
+            },
+        )
+    } == Some(true);
+    if ok {
+        CHECKED_KEY.set(index);
     }
+    ok
 }
 
 impl Drop for Opened {

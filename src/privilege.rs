@@ -14,24 +14,18 @@ use pgrx::pg_sys;
 
 /// The owner of schema `flux`, from the syscache (no SPI).
 fn flux_owner() -> Option<pg_sys::Oid> {
-    // SAFETY: syscache lookups inside a transaction; the tuple is released
-    // before returning and only a plain Oid is copied out of it.
+    // SAFETY: syscache lookups inside a transaction; only a plain Oid is
+    // copied out of the row.
     unsafe {
         let ns = pg_sys::get_namespace_oid(c"flux".as_ptr(), true);
         if ns == pg_sys::InvalidOid {
             return None;
         }
-        let tup = pg_sys::SearchSysCache1(
-            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+        crate::backend::syscache_row(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID,
             pg_sys::Datum::from(ns),
-        );
-        if tup.is_null() {
-            return None;
-        }
-        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_namespace>(tup);
-        let owner = (*form).nspowner;
-        pg_sys::ReleaseSysCache(tup);
-        Some(owner)
+            |form: &pg_sys::FormData_pg_namespace| form.nspowner,
+        )
     }
 }
 

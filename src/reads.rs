@@ -113,30 +113,28 @@ pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decisio
         // descriptor (or raises); from_pg releases it on drop.
         let desc =
             unsafe { PgTupleDesc::from_pg(pg_sys::lookup_rowtype_tupdesc(cat.decision_type, -1)) };
-        {
-            let datums = [
-                d.allowed.into_datum(),
-                d.reason.as_str().into_datum(),
-                d.message.into_datum(),
-                d.tenant.into_datum(),
-                d.feature.into_datum(),
-                d.plan.into_datum(),
-                d.limit.into_datum(),
-                d.used.into_datum(),
-                d.remaining.into_datum(),
-                ts(d.resets_at).into_datum(),
-                retry.into_datum(),
-                d.upgrade_plans.into_datum(),
-                d.kind.map(|k| k.as_str()).into_datum(),
-                d.subject.into_datum(),
-            ];
-            // SAFETY: the datums follow DECISION_COLUMNS, which the catalogue
-            // load checked against the type (decision_plain), each of the
-            // attribute's type.
-            match unsafe { PgHeapTuple::from_datums(desc, datums) } {
-                Ok(row) => return row,
-                Err(e) => crate::error::FluxError::Internal(e.to_string()).raise(),
-            }
+        let datums = [
+            d.allowed.into_datum(),
+            d.reason.as_str().into_datum(),
+            d.message.into_datum(),
+            d.tenant.into_datum(),
+            d.feature.into_datum(),
+            d.plan.into_datum(),
+            d.limit.into_datum(),
+            d.used.into_datum(),
+            d.remaining.into_datum(),
+            ts(d.resets_at).into_datum(),
+            retry.into_datum(),
+            d.upgrade_plans.into_datum(),
+            d.kind.map(|k| k.as_str()).into_datum(),
+            d.subject.into_datum(),
+        ];
+        // SAFETY: the datums follow DECISION_COLUMNS, which the catalogue
+        // load checked against the type (decision_plain), each of the
+        // attribute's type.
+        match unsafe { PgHeapTuple::from_datums(desc, datums) } {
+            Ok(row) => return row,
+            Err(e) => crate::error::FluxError::Internal(e.to_string()).raise(),
         }
     }
     let mut row = PgHeapTuple::new_composite_type_by_oid(cat.decision_type)
