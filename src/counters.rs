@@ -28,10 +28,14 @@ use crate::error::{FluxError, FluxResult};
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 
-/// Columns of flux.usage, in order.
-const COLUMNS: [&str; 5] = ["tenant", "feature", "period_start", "used", "updated_at"];
-const USED: usize = 3;
-const UPDATED_AT: usize = 4;
+/// The columns of flux.usage, in order, with their types.
+const COLUMNS: [(&str, pg_sys::Oid); 5] = [
+    ("tenant", pg_sys::TEXTOID),
+    ("feature", pg_sys::TEXTOID),
+    ("period_start", pg_sys::TIMESTAMPTZOID),
+    ("used", pg_sys::INT8OID),
+    ("updated_at", pg_sys::TIMESTAMPTZOID),
+];
 
 /// What a direct write did.
 pub enum Added {
@@ -71,33 +75,39 @@ impl Opened {
                 rel,
                 pkey: pg_sys::RelationGetPrimaryKeyIndex(rel),
             };
-            (opened.pkey != pg_sys::InvalidOid && key_columns_first(opened.pkey)).then_some(opened)
+            (opened.pkey != pg_sys::InvalidOid && key_columns_first(opened.pkey) && opened.shaped())
+                .then_some(opened)
         }
     }
 
-    /// The columns are the ones this module knows, and nothing else acts on
-    /// an update: no user trigger (the foreign keys' internal triggers skip
-    /// updates that keep the key), only our CHECK constraint, no forced row
-    /// security.
-    fn plain(&self) -> bool {
-        // SAFETY: reads the open relation's descriptor fields.
+    /// The first columns are the ones this module reads in place (Row):
+    /// their names and types, none dropped.
+    fn shaped(&self) -> bool {
+        // SAFETY: reads the open relation's descriptor.
         unsafe {
-            let rel = &*self.rel;
-            let desc = &*rel.rd_att;
+            let desc = &*(*self.rel).rd_att;
             let natts = desc.natts as usize;
             if natts < COLUMNS.len() {
                 return false;
             }
             let attrs = desc.attrs.as_slice(natts);
-            for (i, name) in COLUMNS.iter().enumerate() {
-                let a = &attrs[i];
-                if a.attisdropped
-                    || std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes()
-                        != name.as_bytes()
-                {
-                    return false;
-                }
-            }
+            COLUMNS.iter().zip(attrs).all(|((name, ty), a)| {
+                !a.attisdropped
+                    && a.atttypid == *ty
+                    && std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes()
+                        == name.as_bytes()
+            })
+        }
+    }
+
+    /// Nothing but the update acts on an update: no user trigger (the
+    /// foreign keys' internal triggers skip updates that keep the key), only
+    /// our CHECK constraint, no forced row security.
+    fn plain(&self) -> bool {
+        // SAFETY: reads the open relation's descriptor fields.
+        unsafe {
+            let rel = &*self.rel;
+            let desc = &*rel.rd_att;
             if !desc.constr.is_null() && (*desc.constr).num_check > 0 {
                 // Only ours: used >= 0, which an added positive amount keeps.
                 let c = &*desc.constr;
@@ -340,7 +350,9 @@ fn fetch_at(
         let copy = found.then(|| pg_sys::heap_copytuple(&mut tuple));
         pg_sys::UnlockReleaseBuffer(buf);
         let copy = copy?;
-        is_row(opened, copy, tenant, feature, start).then_some(copy)
+        Row::of(copy)
+            .is_some_and(|r| r.is(tenant, feature, start))
+            .then_some(copy)
     }
 }
 
@@ -369,38 +381,125 @@ unsafe fn block_exists(rel: pg_sys::Relation, block: pg_sys::BlockNumber) -> boo
     }
 }
 
-/// Whether a version holds the key (tenant, feature, start).
-///
-/// # Safety
-/// `tuple` is a valid tuple of `opened`'s relation.
-unsafe fn is_row(
-    opened: &Opened,
-    tuple: pg_sys::HeapTuple,
-    tenant: &str,
-    feature: &str,
-    start: i64,
-) -> bool {
-    // SAFETY: per the function's contract; a text held compressed or out of
-    // line is not compared here (the index is asked instead).
-    unsafe {
-        let desc = (*opened.rel).rd_att;
-        let mut isnull = false;
-        let text_is = |attno: i32, want: &str| {
-            let mut isnull = false;
-            let d = pg_sys::heap_getattr(tuple, attno, desc, &mut isnull);
-            if isnull {
-                return false;
+/// A version of a counter row (a copy), read and written in place. Its
+/// first columns are two texts and three 8-byte values (Opened::shaped), so
+/// the fixed ones sit at the first multiple of 8 after the second text, as
+/// heap_form_tuple lays them out. Reading them so replaced heap_getattr's
+/// walks and forming the new version anew (a twentieth of flux_consume).
+struct Row {
+    data: *mut u8,
+    tenant: usize,
+    feature: usize,
+    fixed: usize,
+}
+
+/// The 8-byte columns, in order after the texts.
+#[derive(Clone, Copy)]
+enum Fixed {
+    PeriodStart = 0,
+    Used = 1,
+    UpdatedAt = 2,
+}
+
+impl Row {
+    /// None when one of these columns is null or the version is not as
+    /// long as its columns say (neither can happen to a row of ours): the
+    /// caller then asks the index or SQL.
+    ///
+    /// # Safety
+    /// `tuple` is a copy of a version of a relation Opened::shaped accepted.
+    unsafe fn of(tuple: pg_sys::HeapTuple) -> Option<Row> {
+        // SAFETY: per the function's contract; every offset is checked
+        // against the tuple's length before it is read.
+        unsafe {
+            let header = (*tuple).t_data;
+            let natts = (*header).t_infomask2 as u32 & pg_sys::HEAP_NATTS_MASK;
+            // A later column may be null; these (the bitmap's first bits,
+            // set when not null) may not.
+            let all = (1u8 << COLUMNS.len()) - 1;
+            if (natts as usize) < COLUMNS.len()
+                || ((*header).t_infomask as u32 & pg_sys::HEAP_HASNULL != 0
+                    && *(*header).t_bits.as_ptr() & all != all)
+            {
+                return None;
             }
-            let p = d.cast_mut_ptr::<pg_sys::varlena>();
+            let hoff = (*header).t_hoff as usize;
+            let len = ((*tuple).t_len as usize).checked_sub(hoff)?;
+            let data = header.cast::<u8>().add(hoff);
+            // A text starts at the next 4-byte boundary unless its header
+            // is a short one, which is never preceded by padding (the
+            // padding bytes are zero, a short header never is).
+            let text_at = |off: usize| -> Option<(usize, usize)> {
+                if off >= len {
+                    return None;
+                }
+                let off = if *data.add(off) != 0 {
+                    off
+                } else {
+                    off.next_multiple_of(4)
+                };
+                // Room for the longest header (three 8-byte values follow
+                // anyway).
+                if off + 4 > len {
+                    return None;
+                }
+                let size = pgrx::varlena::varsize_any(data.add(off).cast());
+                (off + size <= len).then_some((off, size))
+            };
+            let (tenant, size) = text_at(0)?;
+            let (feature, size) = text_at(tenant + size)?;
+            let fixed = (feature + size).next_multiple_of(8);
+            (fixed + 24 <= len).then_some(Row {
+                data,
+                tenant,
+                feature,
+                fixed,
+            })
+        }
+    }
+
+    /// A text column's bytes; None when held compressed or out of line
+    /// (never compared here: the index is asked instead).
+    fn text(&self, off: usize) -> Option<&[u8]> {
+        // SAFETY: Row::of checked the text lies inside the tuple.
+        unsafe {
+            let p = self.data.add(off).cast::<pg_sys::varlena>();
             if pgrx::varlena::varatt_is_1b_e(p) || pgrx::varlena::varatt_is_4b_c(p) {
-                return false;
+                return None;
             }
-            let len = pgrx::varlena::varsize_any_exhdr(p);
-            std::slice::from_raw_parts(pgrx::varlena::vardata_any(p).cast::<u8>(), len)
-                == want.as_bytes()
-        };
-        let at = pg_sys::heap_getattr(tuple, 3, desc, &mut isnull);
-        !isnull && at.value() as i64 == start && text_is(1, tenant) && text_is(2, feature)
+            let n = pgrx::varlena::varsize_any_exhdr(p);
+            Some(std::slice::from_raw_parts(
+                pgrx::varlena::vardata_any(p).cast::<u8>(),
+                n,
+            ))
+        }
+    }
+
+    fn get(&self, f: Fixed) -> i64 {
+        // SAFETY: Row::of checked the three values lie inside the tuple.
+        unsafe {
+            self.data
+                .add(self.fixed + 8 * f as usize)
+                .cast::<i64>()
+                .read_unaligned()
+        }
+    }
+
+    fn set(&self, f: Fixed, v: i64) {
+        // SAFETY: as get; the tuple is our own copy.
+        unsafe {
+            self.data
+                .add(self.fixed + 8 * f as usize)
+                .cast::<i64>()
+                .write_unaligned(v)
+        }
+    }
+
+    /// Whether this is the row (tenant, feature, start).
+    fn is(&self, tenant: &str, feature: &str, start: i64) -> bool {
+        self.get(Fixed::PeriodStart) == start
+            && self.text(self.tenant) == Some(tenant.as_bytes())
+            && self.text(self.feature) == Some(feature.as_bytes())
     }
 }
 
@@ -451,22 +550,6 @@ fn find_by_key(
     }
 }
 
-/// `used` of a version of a flux.usage row.
-///
-/// # Safety
-/// `tuple` is a valid tuple of `opened`'s relation.
-unsafe fn used_of(opened: &Opened, tuple: pg_sys::HeapTuple) -> i64 {
-    let mut isnull = false;
-    // SAFETY: per the function's contract; attribute numbers are 1-based.
-    let used =
-        unsafe { pg_sys::heap_getattr(tuple, USED as i32 + 1, (*opened.rel).rd_att, &mut isnull) };
-    if isnull {
-        0
-    } else {
-        used.value() as i64
-    }
-}
-
 /// Units recorded in the period starting at `start` (i64::MIN: -infinity,
 /// for limit features), under the statement's snapshot: one index probe.
 pub fn read_used(
@@ -489,7 +572,13 @@ pub fn read_used(
             Prune::Opportunistic,
         ) {
             // SAFETY: a copy of a row of this relation.
-            Some(t) => unsafe { used_of(&opened, t) },
+            Some(t) => unsafe { Row::of(t) }
+                .ok_or_else(|| {
+                    FluxError::Internal(format!(
+                        "the flux.usage row of {tenant} / {feature} has a null or is cut short"
+                    ))
+                })?
+                .get(Fixed::Used),
             None => 0,
         },
     )
@@ -529,7 +618,10 @@ pub fn add(
     // locking first cost a WAL record on every call.
     for _ in 0..2 {
         // SAFETY: `version` is a copy of a row of this relation.
-        let used = unsafe { used_of(&opened, version) };
+        let Some(row) = (unsafe { Row::of(version) }) else {
+            return Ok(Added::Fallback);
+        };
+        let used = row.get(Fixed::Used);
         if limit.is_some_and(|l| used.saturating_add(amount) > l) {
             return Ok(Added::Full(used));
         }
@@ -538,21 +630,16 @@ pub fn add(
                 "usage would overflow: {used} + {amount} is out of range for bigint"
             ))
         })?;
-        // SAFETY: forms the new version from the old one's values, of the
-        // relation's width, and updates the old one in place of the
+        // The new version is our copy with its two values rewritten, as
+        // catalog updates do with fixed-width fields; heap_update resets
+        // its header.
+        row.set(Fixed::Used, total);
+        row.set(Fixed::UpdatedAt, crate::backend::transaction_start());
+        let new = version;
+        // SAFETY: updates the old version with the new one in place of the
         // executor; pg_sys calls raise errors through the guard.
         let done = unsafe {
             let rel = opened.rel;
-            let desc = (*rel).rd_att;
-            let natts = (*desc).natts as usize;
-            let mut values = vec![pg_sys::Datum::from(0); natts];
-            let mut nulls = vec![false; natts];
-            pg_sys::heap_deform_tuple(version, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            values[USED] = pg_sys::Datum::from(total);
-            nulls[USED] = false;
-            values[UPDATED_AT] = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
-            nulls[UPDATED_AT] = false;
-            let new = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
             let mut tmfd = pg_sys::TM_FailureData::default();
             let mut lockmode = pg_sys::LockTupleMode::LockTupleNoKeyExclusive;
             let mut otid = (*version).t_self;

@@ -274,3 +274,44 @@ def test_counter_updates_stay_hot_and_the_table_small(fresh_db):
         assert c.execute("SELECT sum(used) FROM flux.usage").fetchone()[0] == 20100
         c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
         assert c.execute("SELECT count(*) FROM verify_heapam('flux.usage')").fetchone()[0] == 0
+
+
+def test_counter_rows_with_long_ids_and_a_later_column(fresh_db):
+    """counters.rs reads and rewrites a counter row in place: its texts may
+    have long headers (over 126 bytes) after padding, and a column added to
+    flux.usage later leaves rows with a null bitmap. Every count stays exact
+    and the added column keeps its value across consumes."""
+    feature = "f" * 150
+    tenants = ["a", "é" * 200]
+    with connect(fresh_db) as c:
+        c.execute(SETUP)
+        c.execute("SELECT flux_define_feature(%s, 'metered')", (feature,))
+        c.execute("SELECT flux_grant('pro', %s, 1000, 'month')", (feature,))
+        for t in tenants:
+            c.execute("SELECT flux_subscribe(%s, 'pro')", (t,))
+        for f in (feature, "exports"):
+            for i, t in enumerate(tenants):
+                for _ in range(i + 2):
+                    c.execute("SELECT flux_consume(%s, %s)", (t, f))
+        c.execute("ALTER TABLE flux.usage ADD COLUMN note text")
+        c.execute("SELECT flux_subscribe('late', 'pro')")
+        for t in tenants + ["late"]:
+            c.execute("SELECT flux_consume(%s, %s, 10)", (t, feature))
+        c.execute("UPDATE flux.usage SET note = 'kept' WHERE tenant = 'late'")
+        c.execute("SELECT flux_consume('late', %s, 5)", (feature,))
+        got = {
+            (t, f[:1]): (used, note)
+            for t, f, used, note in c.execute("SELECT tenant, feature, used, note FROM flux.usage").fetchall()
+        }
+        assert got == {
+            ("a", "f"): (12, None),
+            (tenants[1], "f"): (13, None),
+            ("late", "f"): (15, "kept"),
+            ("a", "e"): (2, None),
+            (tenants[1], "e"): (3, None),
+        }
+        for t, n in zip(tenants + ["late"], (12, 13, 15)):
+            assert c.execute("SELECT flux_usage(%s, %s)", (t, feature)).fetchone()[0] == n
+        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        assert c.execute("SELECT count(*) FROM verify_heapam('flux.usage')").fetchone()[0] == 0
+
