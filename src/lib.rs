@@ -61,6 +61,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     gucs::init_metering();
     cache::init();
+    privilege::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -315,3 +315,27 @@ def test_counter_rows_with_long_ids_and_a_later_column(fresh_db):
         c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
         assert c.execute("SELECT count(*) FROM verify_heapam('flux.usage')").fetchone()[0] == 0
 
+
+def test_a_new_owner_of_schema_flux_is_seen_by_a_live_session(fresh_db):
+    """The tables are read and written as the owner of schema flux, which
+    privilege.rs keeps until pg_namespace changes. Another session's
+    ALTER SCHEMA ... OWNER TO must apply to this session's next call."""
+    role = "flux_it_owner_" + fresh_db[-10:]
+    with connect(fresh_db) as c, connect(fresh_db) as dba:
+        c.execute(SETUP)
+        c.execute("SELECT flux_consume('acme', 'seats')")
+        dba.execute(f"CREATE ROLE {role} NOLOGIN")
+        try:
+            dba.execute(f"ALTER SCHEMA flux OWNER TO {role}")
+            # The new owner has no privilege on the tables: the next write
+            # of a new counter row (SQL, as the owner) is refused.
+            try:
+                c.execute("SELECT flux_consume('acme', 'exports')")
+                raise AssertionError("consumed as the previous owner")
+            except Exception as e:  # noqa: BLE001
+                assert "permission denied" in str(e), e
+            dba.execute("ALTER SCHEMA flux OWNER TO postgres")
+            assert c.execute("SELECT used FROM flux_consume('acme', 'exports')").fetchone() == (1,)
+        finally:
+            dba.execute("ALTER SCHEMA flux OWNER TO postgres")
+            dba.execute(f"DROP ROLE {role}")
