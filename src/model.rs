@@ -236,7 +236,25 @@ pub struct Decision {
     /// metered: the reset period; rate: the window. From the applied plan's
     /// grant, else the highest-ranked grant that has one. Not in the type.
     pub period: Option<String>,
-    /// Where the grant came from, for messages: "on the pro plan",
-    /// "through an override", "through an addon". Not in the type.
-    pub source: Option<String>,
+    /// Where the grant came from, for messages. Not in the type.
+    pub source: Option<Source>,
+}
+
+/// Where a grant came from. Phrased only for a message that says it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Source {
+    Override,
+    Plan,
+    Addon,
+}
+
+impl Source {
+    /// "on the pro plan", "through an override", "through an addon".
+    pub fn phrase(self, plan: Option<&str>) -> std::borrow::Cow<'static, str> {
+        match (self, plan) {
+            (Source::Override, _) => "through an override".into(),
+            (Source::Plan, Some(p)) => format!("on the {p} plan").into(),
+            _ => "through an addon".into(),
+        }
+    }
 }
