@@ -15,7 +15,7 @@ REGRESS    := $(shell ls tests/pg_regress/sql 2>/dev/null | sed 's/\.sql$$//' | 
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs))/../test/regress/pg_regress
 RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_ROOT)/pgrx-test,)
 
-.PHONY: demo test deps build install fmt-check clippy pgtest regress integration soak release-snapshot bench clean-clusters
+.PHONY: demo test deps build install fmt-check clippy pgtest regress integration soak release-snapshot bench bench-instructions clean-clusters
 
 deps:
 	@scripts/deps.sh
@@ -86,6 +86,11 @@ test: deps fmt-check clippy pgtest regress integration soak
 bench: install
 	benches/run.sh
 	@scripts/pg.sh stop $(PGX_ROOT)/bench
+
+# Instructions per call under callgrind (benches/instructions.sh): the same
+# figure on every run.
+bench-instructions: install
+	benches/instructions.sh
 
 clean-clusters:
 	scripts/pg.sh destroy $(DEMO_DIR)
