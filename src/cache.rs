@@ -489,14 +489,14 @@ fn tag(hash: u64) -> u16 {
 }
 
 impl TenantAnswers {
-    /// The id a full slot holds.
-    fn id_of(&self, s: Slot) -> Vec<u8> {
+    /// The hash of the id a full slot holds.
+    fn hash_of(&self, s: Slot) -> u64 {
         if s & INLINE != 0 {
             let n = ((s >> 3) & 0b111) as usize;
-            (s >> 8).to_le_bytes()[..n].to_vec()
+            xxhash_rust::xxh3::xxh3_64(&(s >> 8).to_le_bytes()[..n])
         } else {
             let (at, n) = ((s >> 32) as usize, ((s >> 8) & 0xff) as usize);
-            self.ids.get(at..at + n).unwrap_or_default().to_vec()
+            xxhash_rust::xxh3::xxh3_64(self.ids.get(at..at + n).unwrap_or_default())
         }
     }
 
@@ -562,9 +562,14 @@ impl TenantAnswers {
     fn grow(&mut self) {
         let n = (self.slots.len() * 2).max(64);
         let old = std::mem::replace(&mut self.slots, SlotArray::new(n));
+        // The ids are distinct: each goes to the first empty slot from its
+        // hash, without comparing ids.
+        let mask = n - 1;
         for &s in old.iter().filter(|&&s| s != 0) {
-            let id = self.id_of(s);
-            let i = self.probe(&id, xxhash_rust::xxh3::xxh3_64(&id));
+            let mut i = self.hash_of(s) as usize & mask;
+            while self.slots[i] != 0 {
+                i = (i + 1) & mask;
+            }
             self.slots[i] = s;
         }
     }

@@ -562,26 +562,23 @@ pub fn read_used(
         .ok_or_else(|| FluxError::Internal("flux.usage or its primary key is missing".into()))?;
     // SAFETY: the active snapshot is the statement's, registered by it.
     let snapshot = unsafe { pg_sys::GetActiveSnapshot() };
-    Ok(
-        match find(
-            &opened,
-            snapshot,
-            tenant,
-            feature,
-            start,
-            Prune::Opportunistic,
-        ) {
-            // SAFETY: a copy of a row of this relation.
-            Some(t) => unsafe { Row::of(t) }
-                .ok_or_else(|| {
-                    FluxError::Internal(format!(
-                        "the flux.usage row of {tenant} / {feature} has a null or is cut short"
-                    ))
-                })?
-                .get(Fixed::Used),
-            None => 0,
-        },
-    )
+    let Some(t) = find(
+        &opened,
+        snapshot,
+        tenant,
+        feature,
+        start,
+        Prune::Opportunistic,
+    ) else {
+        return Ok(0);
+    };
+    // SAFETY: a copy of a row of this relation.
+    let row = unsafe { Row::of(t) }.ok_or_else(|| {
+        FluxError::Internal(format!(
+            "the flux.usage row of {tenant} / {feature} has a null or is cut short"
+        ))
+    })?;
+    Ok(row.get(Fixed::Used))
 }
 
 /// Add `amount` to an existing counter row if the total stays within
@@ -635,7 +632,6 @@ pub fn add(
         // its header.
         row.set(Fixed::Used, total);
         row.set(Fixed::UpdatedAt, crate::backend::transaction_start());
-        let new = version;
         // SAFETY: updates the old version with the new one in place of the
         // executor; pg_sys calls raise errors through the guard.
         let done = unsafe {
@@ -646,7 +642,7 @@ pub fn add(
             let r = pg_sys::heap_update(
                 rel,
                 &mut otid,
-                new,
+                version,
                 pg_sys::GetCurrentCommandId(true),
                 std::ptr::null_mut(),
                 true,
@@ -654,13 +650,13 @@ pub fn add(
                 &mut lockmode,
             );
             if r == pg_sys::TM_Result::TM_Ok {
-                if !pg_sys::HeapTupleHeaderIsHeapOnly((*new).t_data) {
-                    insert_index_entries(rel, new);
+                if !pg_sys::HeapTupleHeaderIsHeapOnly((*version).t_data) {
+                    insert_index_entries(rel, version);
                     // A new chain: its index entries point here.
                     remember_place(
                         place_key(tenant, feature, start),
                         (*rel).rd_node.relNode,
-                        (*new).t_self,
+                        (*version).t_self,
                     );
                 }
                 // Our next command (or the next consume in this
