@@ -8,41 +8,69 @@
 CREATE FUNCTION flux_grant(plan text, feature text, "limit" bigint DEFAULT NULL, period text DEFAULT NULL,
                            value jsonb DEFAULT NULL)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._grant(plan, feature, "limit", period, value::text) $$;
+AS $$ SELECT flux._grant(plan, feature, "limit", period, value::pg_catalog.text) $$;
 CREATE FUNCTION flux_override(tenant text, feature text, enabled boolean DEFAULT true, "limit" bigint DEFAULT NULL,
                               starts_at timestamptz DEFAULT NULL, expires_at timestamptz DEFAULT NULL,
                               reason text DEFAULT NULL, value jsonb DEFAULT NULL)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._override(tenant, feature, enabled, "limit", starts_at, expires_at, reason, value::text) $$;
+AS $$ SELECT flux._override(tenant, feature, enabled, "limit", starts_at, expires_at, reason, value::pg_catalog.text) $$;
 CREATE FUNCTION flux_grant_addon(addon text, feature text, "limit" bigint DEFAULT NULL, value jsonb DEFAULT NULL)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._grant_addon(addon, feature, "limit", value::text) $$;
+AS $$ SELECT flux._grant_addon(addon, feature, "limit", value::pg_catalog.text) $$;
 CREATE FUNCTION flux_apply_stripe_event(event jsonb)
 RETURNS text LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._apply_stripe_event(event::text) $$;
+AS $$ SELECT flux._apply_stripe_event(event::pg_catalog.text) $$;
 COMMENT ON FUNCTION flux_apply_stripe_event(jsonb) IS 'Admin: apply one Stripe webhook event to the tenant''s subscription in this transaction; answers applied, duplicate, stale, unmapped or ignored; malformed events raise 22023';
 COMMENT ON FUNCTION flux._apply_stripe_event(text) IS 'The body of flux_apply_stripe_event (the event as jsonb text)';
+-- flux_value's result is made by jsonb_in from the stored text (src/reads.rs).
 CREATE FUNCTION flux_value(tenant text, feature text)
-RETURNS jsonb LANGUAGE sql STABLE STRICT PARALLEL SAFE
-AS $$ SELECT flux._value(tenant, feature)::jsonb $$;
+RETURNS jsonb LANGUAGE c STABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'flux_value_wrapper';
 COMMENT ON FUNCTION flux._grant(text, text, bigint, text, text) IS 'The body of flux_grant (value as jsonb text)';
 COMMENT ON FUNCTION flux._override(text, text, boolean, bigint, timestamptz, timestamptz, text, text) IS 'The body of flux_override (value as jsonb text)';
 COMMENT ON FUNCTION flux._grant_addon(text, text, bigint, text) IS 'The body of flux_grant_addon (value as jsonb text)';
-COMMENT ON FUNCTION flux._value(text, text) IS 'The body of flux_value, as jsonb text';
 
--- The admin role: created when missing, never dropped (other objects may
--- depend on it after the extension is gone).
+-- The roles: created when missing, never dropped (other objects may depend
+-- on them after the extension is gone).
+--   flux_admin    the people who run pricing: admin functions, DML on the tables;
+--   flux_service  trusted application backends: may act for any tenant
+--                 (everyone else only for its current tenant);
+--   flux_owner    owns schema flux, its tables and functions; flux runs with
+--                 its rights where it must (src/privilege.rs). NOLOGIN, not a
+--                 superuser, and nobody should be made a member of it.
 DO $$
+DECLARE
+    r text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'flux_admin') THEN
-        CREATE ROLE flux_admin NOLOGIN;
-    END IF;
+    FOREACH r IN ARRAY ARRAY['flux_admin', 'flux_service', 'flux_owner'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) r) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
 END
 $$;
+COMMENT ON ROLE flux_service IS 'flux_entitlements: grant to trusted application backends that act for any tenant (flux_consume(tenant, ...) for a tenant other than flux_current_tenant())';
+COMMENT ON ROLE flux_owner IS 'flux_entitlements: owns schema flux and runs flux''s table access; NOLOGIN, never a superuser, no members';
+
+-- The clock and the audit log's actor are not the caller's to move: the
+-- settings are superuser-only (PGC_SUSET), and flux_admin may set them.
+GRANT SET ON PARAMETER flux.now, flux.actor TO flux_admin;
+
+-- The row locks flux_enforce_limit's trigger queues on, one per (table,
+-- feature, tenant): a table only flux_owner can touch, so no other role can
+-- hold a tenant's insert lock (an advisory lock's key is visible to every
+-- role in pg_locks). No user data: not dumped.
+CREATE TABLE flux.limit_locks (
+    tbl     pg_catalog.oid NOT NULL,
+    feature pg_catalog.text NOT NULL,
+    tenant  pg_catalog.text NOT NULL,
+    PRIMARY KEY (tbl, feature, tenant)
+);
+COMMENT ON TABLE flux.limit_locks IS 'Internal: the row each flux_enforce_limit check locks for (table, feature, tenant) while it counts; no user data';
 
 -- Audit and change events (src/audit.rs): one row trigger per table, its
 -- arguments the key columns.
-COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit';
+COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 
 DO $$
 DECLARE
@@ -55,10 +83,10 @@ BEGIN
         ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', ''],
         ['billing_prices', 'price', '']
     ] LOOP
-        EXECUTE format('CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
-                       'FOR EACH ROW EXECUTE FUNCTION flux._audit(%s)', spec[1],
-                       CASE WHEN spec[3] = '' THEN quote_literal(spec[2])
-                            ELSE quote_literal(spec[2]) || ', ' || quote_literal(spec[3]) END);
+        EXECUTE pg_catalog.format('CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
+                                  'FOR EACH ROW EXECUTE FUNCTION flux._audit(%s)', spec[1],
+                                  CASE WHEN spec[3] OPERATOR(pg_catalog.=) '' THEN pg_catalog.quote_literal(spec[2])
+                                       ELSE pg_catalog.format('%L, %L', spec[2], spec[3]) END);
     END LOOP;
 END
 $$;
@@ -66,14 +94,16 @@ $$;
 -- What changed for a tenant, and who did it.
 CREATE FUNCTION flux_history(tenant text, since timestamptz DEFAULT NULL)
 RETURNS SETOF flux.audit_log LANGUAGE sql STABLE
-AS $$ SELECT * FROM flux.audit_log a WHERE a.tenant = $1 AND ($2 IS NULL OR a.at >= $2) ORDER BY a.id $$;
+AS $$ SELECT * FROM flux.audit_log a
+       WHERE a.tenant OPERATOR(pg_catalog.=) $1 AND ($2 IS NULL OR a.at OPERATOR(pg_catalog.>=) $2)
+       ORDER BY a.id $$;
 COMMENT ON FUNCTION flux_history(text, timestamptz) IS 'Admin: the audit log of one tenant (its subscription, addons, overrides, API keys and flag-list entries), oldest first';
 
 -- flux_enforce_limit takes regclass and name as the contract says; the
 -- work is in Rust (src/limits.rs).
 CREATE FUNCTION flux_enforce_limit(tbl regclass, feature text, tenant_column name DEFAULT 'tenant_id')
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._enforce_limit_setup(tbl::oid, feature, tenant_column::text) $$;
+AS $$ SELECT flux._enforce_limit_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text) $$;
 
 -- Cache invalidation (src/cache.rs): every table the decision reads
 -- announces its changes, whoever makes them (functions or plain DML).
@@ -82,7 +112,7 @@ DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'tenants', 'addons', 'addon_grants',
                              'tenant_addons', 'overrides', 'flags', 'flag_lists'] LOOP
-        EXECUTE format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flux.%I '
+        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flux.%I '
                        'FOR EACH STATEMENT EXECUTE FUNCTION flux._cache_invalidate()', t);
     END LOOP;
 END
@@ -94,7 +124,7 @@ COMMENT ON FUNCTION flux._cache_invalidate() IS 'Trigger: tells every backend''s
 CREATE FUNCTION flux_protect(tbl regclass, feature text, tenant_column name DEFAULT 'tenant_id',
                              force boolean DEFAULT false)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._protect_setup(tbl::oid, feature, tenant_column::text, force) $$;
+AS $$ SELECT flux._protect_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text, force) $$;
 
 -- PUBLIC may use the schema (for the type flux.decision) and call the
 -- reads, consume, release, flux_current_tenant and flux_authenticate; it
@@ -164,7 +194,7 @@ COMMENT ON FUNCTION flux_usage(text, text) IS 'Units used in the current period 
 COMMENT ON FUNCTION flux_prune_usage_keys() IS 'Admin: delete idempotency keys older than flux.idempotency_ttl; returns how many';
 COMMENT ON FUNCTION flux_enforce_limit(regclass, text, name) IS 'Admin: refuse INSERTs (and tenant changes) that would take a tenant''s row count in tbl past its limit of feature; existing rows are never touched';
 COMMENT ON FUNCTION flux._enforce_limit_setup(oid, text, text) IS 'The body of flux_enforce_limit';
-COMMENT ON FUNCTION flux._check_row_limit(oid, text, text, text) IS 'Called by the flux_enforce_limit trigger: counts the tenant''s rows under an advisory lock';
+COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';
 COMMENT ON FUNCTION flux._cached_tenants() IS 'How many tenants this backend''s decision cache holds (at most flux.cache_tenants)';
 COMMENT ON FUNCTION flux_create_api_key(text, text, timestamptz) IS 'Admin: create an API key for a tenant; returns flux_<id>_<secret> once, stores only SHA-256 of the secret';
 COMMENT ON FUNCTION flux_authenticate(text) IS 'Check an API key; sets flux.tenant for the current transaction and returns the tenant; unknown, revoked or expired keys raise 28000';
@@ -173,3 +203,56 @@ COMMENT ON FUNCTION flux_protect(regclass, text, name, boolean) IS 'Admin: row-l
 COMMENT ON FUNCTION flux._protect_setup(oid, text, text, boolean) IS 'The body of flux_protect';
 COMMENT ON FUNCTION flux_map_price(text, text, text) IS 'Admin: map a Stripe price id or lookup_key to a plan or to an addon (exactly one)';
 COMMENT ON FUNCTION flux_verify_stripe_signature(text, text, text, interval) IS 'Stripe-Signature check: HMAC-SHA256 of t.payload against any v1 entry, constant-time, false when t is outside the tolerance of the flux clock';
+
+-- Internal functions are not PUBLIC (src/privilege.rs). Trigger functions
+-- fire whoever changes the table (EXECUTE is checked only when a trigger is
+-- created), so revoking them keeps anyone from attaching them to a table of
+-- their own. flux_admin gets what the admin functions and the validation
+-- triggers it fires call.
+DO $$
+DECLARE
+    f pg_catalog.regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace OPERATOR(pg_catalog.=) 'flux'::pg_catalog.regnamespace LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$$;
+GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, flux._check_plan_unused,
+    flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
+    flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
+    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants()
+    TO flux_admin;
+
+-- Everything of the extension belongs to flux_owner, never to the superuser
+-- who ran CREATE EXTENSION; pg_dump / pg_restore and ALTER EXTENSION UPDATE
+-- rerun this script, so the owner survives them. Sequences owned by a
+-- column follow their table.
+DO $$
+DECLARE
+    o record;
+BEGIN
+    ALTER SCHEMA flux OWNER TO flux_owner;
+    FOR o IN
+        SELECT d.classid, d.objid
+          FROM pg_catalog.pg_depend d
+          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+         WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+           AND e.extname OPERATOR(pg_catalog.=) 'flux_entitlements'
+           AND d.deptype OPERATOR(pg_catalog.=) 'e'
+    LOOP
+        IF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
+            EXECUTE pg_catalog.format('ALTER ROUTINE %s OWNER TO flux_owner', o.objid::pg_catalog.regprocedure);
+        ELSIF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass THEN
+            EXECUTE pg_catalog.format('ALTER TYPE %s OWNER TO flux_owner', o.objid::pg_catalog.regtype);
+        ELSIF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+              AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend s
+                               WHERE s.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                                 AND s.objid OPERATOR(pg_catalog.=) o.objid
+                                 AND s.deptype OPERATOR(pg_catalog.=) 'a') THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO flux_owner', o.objid::pg_catalog.regclass);
+        END IF;
+    END LOOP;
+END
+$$;

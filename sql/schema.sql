@@ -235,13 +235,17 @@ CREATE TABLE flux.audit_log (
     tenant text,
     old    jsonb,
     new    jsonb,
-    xact   bigint NOT NULL DEFAULT txid_current()
+    xact   bigint NOT NULL DEFAULT txid_current(),
+    -- Last, where ALTER TABLE ... ADD COLUMN puts it in a database upgraded
+    -- from 0.1.0, so both have the same row type.
+    role   text
 );
 CREATE INDEX audit_log_tenant ON flux.audit_log (tenant, at);
 CREATE INDEX audit_log_entity ON flux.audit_log (entity, key, at);
 COMMENT ON TABLE flux.audit_log IS 'Who changed what: one row per inserted, updated or deleted row of the flux catalogue, tenants, flags and API keys (never a key''s hash), written in the same transaction';
 COMMENT ON COLUMN flux.audit_log.at IS 'Transaction time of the change';
-COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g. a Stripe event id), else the role that made the change (current_user)';
+COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g. a Stripe event id), else the role that made the change (current_user); only superusers and members of flux_admin can set flux.actor';
+COMMENT ON COLUMN flux.audit_log.role IS 'The role that made the change (current_user at the time, which flux.actor cannot change)';
 COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists or api_keys';
 COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
 COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
@@ -286,47 +290,75 @@ COMMENT ON TABLE flux.billing_subscriptions IS 'Per Stripe subscription, the cre
 -- Validation triggers: thin wrappers that hand the row to the Rust validators
 -- (src/validate.rs), so psql DML gets the same errors as the admin functions.
 
-CREATE FUNCTION flux._features_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._features_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM flux._check_feature(NEW.key, NEW.kind, CASE WHEN TG_OP = 'UPDATE' THEN OLD.key END);
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.features'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._features_validate()', 'flux.features', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_feature(NEW.key, NEW.kind, CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.key END);
     RETURN NEW;
 END $$;
 CREATE TRIGGER features_validate BEFORE INSERT OR UPDATE ON flux.features
     FOR EACH ROW EXECUTE FUNCTION flux._features_validate();
 
-CREATE FUNCTION flux._plans_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._plans_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM flux._check_plan(NEW.key, NEW.is_default, NEW.grace_period, CASE WHEN TG_OP = 'UPDATE' THEN OLD.key END);
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.plans'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._plans_validate()', 'flux.plans', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_plan(NEW.key, NEW.is_default, NEW.grace_period, CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.key END);
     RETURN NEW;
 END $$;
 CREATE TRIGGER plans_validate BEFORE INSERT OR UPDATE ON flux.plans
     FOR EACH ROW EXECUTE FUNCTION flux._plans_validate();
 
-CREATE FUNCTION flux._plans_guard_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._plans_guard_delete() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.plans'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._plans_guard_delete()', 'flux.plans', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_plan_unused(OLD.key);
     RETURN OLD;
 END $$;
 CREATE TRIGGER plans_guard_delete BEFORE DELETE ON flux.plans
     FOR EACH ROW EXECUTE FUNCTION flux._plans_guard_delete();
 
-CREATE FUNCTION flux._grants_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._grants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.grants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._grants_validate()', 'flux.grants', TG_RELID::pg_catalog.regclass);
+    END IF;
     NEW.period := flux._check_grant(NEW.plan, NEW.feature, NEW."limit", NEW.period);
     RETURN NEW;
 END $$;
 CREATE TRIGGER grants_validate BEFORE INSERT OR UPDATE ON flux.grants
     FOR EACH ROW EXECUTE FUNCTION flux._grants_validate();
 
-CREATE FUNCTION flux._tenants_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._tenants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.tenants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._tenants_validate()', 'flux.tenants', TG_RELID::pg_catalog.regclass);
+    END IF;
     -- past_due_since follows the status: set from the clock when it becomes
     -- past_due (unless this statement sets it), cleared when it leaves.
-    IF NEW.status = 'past_due' THEN
-        IF TG_OP = 'INSERT' THEN
+    IF NEW.status OPERATOR(pg_catalog.=) 'past_due' THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
             NEW.past_due_since := coalesce(NEW.past_due_since, flux._clock());
-        ELSIF OLD.status IS DISTINCT FROM 'past_due'
-              AND NEW.past_due_since IS NOT DISTINCT FROM OLD.past_due_since THEN
+        -- The status becomes past_due and past_due_since is not being set
+        -- (IS [NOT] DISTINCT FROM spelled out with the qualified =).
+        ELSIF (OLD.status OPERATOR(pg_catalog.=) 'past_due') IS NOT TRUE
+              AND coalesce(NEW.past_due_since OPERATOR(pg_catalog.=) OLD.past_due_since,
+                           NEW.past_due_since IS NULL AND OLD.past_due_since IS NULL) THEN
             NEW.past_due_since := flux._clock();
         ELSIF NEW.past_due_since IS NULL THEN
             NEW.past_due_since := flux._clock();
@@ -337,83 +369,102 @@ BEGIN
     END IF;
     PERFORM flux._check_tenant(NEW.id, NEW.plan, NEW.status, NEW.trial_ends_at,
                                NEW.current_period_start, NEW.current_period_end,
-                               CASE WHEN TG_OP = 'UPDATE' THEN OLD.id END);
+                               CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.id END);
     RETURN NEW;
 END $$;
 CREATE TRIGGER tenants_validate BEFORE INSERT OR UPDATE ON flux.tenants
     FOR EACH ROW EXECUTE FUNCTION flux._tenants_validate();
 
-CREATE FUNCTION flux._addons_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._addons_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.addons'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._addons_validate()', 'flux.addons', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_addon(NEW.key);
     RETURN NEW;
 END $$;
 CREATE TRIGGER addons_validate BEFORE INSERT OR UPDATE ON flux.addons
     FOR EACH ROW EXECUTE FUNCTION flux._addons_validate();
 
-CREATE FUNCTION flux._addons_guard_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._addons_guard_delete() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.addons'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._addons_guard_delete()', 'flux.addons', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_addon_unused(OLD.key);
     RETURN OLD;
 END $$;
 CREATE TRIGGER addons_guard_delete BEFORE DELETE ON flux.addons
     FOR EACH ROW EXECUTE FUNCTION flux._addons_guard_delete();
 
-CREATE FUNCTION flux._addon_grants_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._addon_grants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.addon_grants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._addon_grants_validate()', 'flux.addon_grants', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_addon_grant(NEW.addon, NEW.feature, NEW."limit");
     RETURN NEW;
 END $$;
 CREATE TRIGGER addon_grants_validate BEFORE INSERT OR UPDATE ON flux.addon_grants
     FOR EACH ROW EXECUTE FUNCTION flux._addon_grants_validate();
 
-CREATE FUNCTION flux._tenant_addons_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._tenant_addons_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.tenant_addons'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._tenant_addons_validate()', 'flux.tenant_addons', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_tenant_addon(NEW.tenant, NEW.addon, NEW.quantity);
     RETURN NEW;
 END $$;
 CREATE TRIGGER tenant_addons_validate BEFORE INSERT OR UPDATE ON flux.tenant_addons
     FOR EACH ROW EXECUTE FUNCTION flux._tenant_addons_validate();
 
-CREATE FUNCTION flux._overrides_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._overrides_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.overrides'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._overrides_validate()', 'flux.overrides', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_override(NEW.tenant, NEW.feature, NEW."limit", NEW.starts_at, NEW.expires_at);
     RETURN NEW;
 END $$;
 CREATE TRIGGER overrides_validate BEFORE INSERT OR UPDATE ON flux.overrides
     FOR EACH ROW EXECUTE FUNCTION flux._overrides_validate();
 
-CREATE FUNCTION flux._flags_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._flags_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.flags'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._flags_validate()', 'flux.flags', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_flag(NEW.feature, NEW.rollout_percent, NEW.salt);
     RETURN NEW;
 END $$;
 CREATE TRIGGER flags_validate BEFORE INSERT OR UPDATE ON flux.flags
     FOR EACH ROW EXECUTE FUNCTION flux._flags_validate();
 
-CREATE FUNCTION flux._flag_lists_validate() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION flux._flag_lists_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.flag_lists'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._flag_lists_validate()', 'flux.flag_lists', TG_RELID::pg_catalog.regclass);
+    END IF;
     PERFORM flux._check_flag_list(NEW.feature, NEW.id, NEW.list);
     RETURN NEW;
 END $$;
 CREATE TRIGGER flag_lists_validate BEFORE INSERT OR UPDATE ON flux.flag_lists
     FOR EACH ROW EXECUTE FUNCTION flux._flag_lists_validate();
-
--- flux_enforce_limit attaches this to application tables: it hands the
--- row's tenant to flux._check_row_limit, which counts under a lock.
-CREATE FUNCTION flux._enforce_limit() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    new_tenant text := to_jsonb(NEW) ->> TG_ARGV[1];
-BEGIN
-    IF TG_OP = 'UPDATE' AND new_tenant IS NOT DISTINCT FROM (to_jsonb(OLD) ->> TG_ARGV[1]) THEN
-        RETURN NEW;
-    END IF;
-    IF new_tenant IS NOT NULL THEN
-        PERFORM flux._check_row_limit(TG_RELID, TG_ARGV[0], TG_ARGV[1], new_tenant);
-    END IF;
-    RETURN NEW;
-END $$;
-COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit: refuses a row that would take its tenant past the limit of a feature (arguments: feature, tenant column)';
 
 COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature row (flux._check_feature)';
 COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';

@@ -70,7 +70,7 @@ fn flux_revoke(plan: Option<&str>, feature: Option<&str>) {
         require_plan(plan)?;
         feature_kind(feature)?;
         store::exec(
-            "DELETE FROM flux.grants WHERE plan = $1 AND feature = $2",
+            "DELETE FROM flux.grants WHERE plan OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2",
             &[plan.into(), feature.into()],
         )
     })()
@@ -153,7 +153,8 @@ fn flux_attach_addon(
             require_tenant(tenant)?;
             require_addon(addon)?;
             return store::exec(
-                "DELETE FROM flux.tenant_addons WHERE tenant = $1 AND addon = $2",
+                "DELETE FROM flux.tenant_addons \
+                 WHERE tenant OPERATOR(pg_catalog.=) $1 AND addon OPERATOR(pg_catalog.=) $2",
                 &[tenant.into(), addon.into()],
             );
         }
@@ -227,7 +228,8 @@ fn flux_flag_clear(feature: Option<&str>, id: Option<&str>) {
         let id = need(id, "id")?;
         feature_kind(feature)?;
         store::exec(
-            "DELETE FROM flux.flag_lists WHERE feature = $1 AND id = $2",
+            "DELETE FROM flux.flag_lists \
+             WHERE feature OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.=) $2",
             &[feature.into(), id.into()],
         )
     })()
@@ -255,7 +257,7 @@ mod flux {
             let feature = need(feature, "feature")?;
             store::exec(
                 "INSERT INTO flux.grants (plan, feature, enabled, \"limit\", period, value) \
-                 VALUES ($1, $2, true, $3, $4, $5::jsonb) \
+                 VALUES ($1, $2, true, $3, $4, $5::pg_catalog.jsonb) \
                  ON CONFLICT (plan, feature) DO UPDATE SET enabled = true, \"limit\" = EXCLUDED.\"limit\", \
                      period = EXCLUDED.period, value = EXCLUDED.value",
                 &[plan.into(), feature.into(), limit.into(), period.into(), value.into()],
@@ -283,7 +285,7 @@ mod flux {
             let enabled = need(enabled, "enabled")?;
             store::exec(
                 "INSERT INTO flux.overrides (tenant, feature, enabled, \"limit\", starts_at, expires_at, reason, value) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::pg_catalog.jsonb) \
                  ON CONFLICT (tenant, feature) DO UPDATE SET enabled = EXCLUDED.enabled, \
                      \"limit\" = EXCLUDED.\"limit\", starts_at = EXCLUDED.starts_at, \
                      expires_at = EXCLUDED.expires_at, reason = EXCLUDED.reason, value = EXCLUDED.value",
@@ -313,7 +315,7 @@ mod flux {
             let addon = need(addon, "addon")?;
             let feature = need(feature, "feature")?;
             store::exec(
-                "INSERT INTO flux.addon_grants (addon, feature, \"limit\", value) VALUES ($1, $2, $3, $4::jsonb) \
+                "INSERT INTO flux.addon_grants (addon, feature, \"limit\", value) VALUES ($1, $2, $3, $4::pg_catalog.jsonb) \
                  ON CONFLICT (addon, feature) DO UPDATE SET \"limit\" = EXCLUDED.\"limit\", value = EXCLUDED.value",
                 &[addon.into(), feature.into(), limit.into(), value.into()],
             )

@@ -3,6 +3,18 @@
 //! made the change (a SECURITY DEFINER trigger would only see its owner)
 //! while the insert into flux.audit_log runs as the tables' owner (no role
 //! gets a privilege to write the log itself).
+//!
+//! The trigger function is not executable by PUBLIC (so no role can attach
+//! it to a table of its own, whose column types could run the role's code
+//! as the owner while the row is turned into json), and it refuses to run on
+//! a table outside schema flux. `role` records the real role; `actor` is
+//! `flux.actor` when set, which only superusers and flux_admin may set.
+//!
+//! pg_restore loads the tables (and the log itself) with COPY FROM, and
+//! those rows are not logged a second time. Whether this row comes from
+//! such a COPY is read from the statement being executed (the active
+//! portal's parse tree: a COPY FROM into this very table), never from the
+//! client's query text, which a client could shape at will.
 
 use crate::error::FluxError;
 use crate::privilege::AsOwner;
@@ -26,30 +38,74 @@ fn current_role() -> String {
 }
 
 const AUDIT: &str = "WITH r AS (
-        SELECT to_jsonb($5::record) - 'secret_hash' AS old, to_jsonb($6::record) - 'secret_hash' AS new
+        SELECT pg_catalog.to_jsonb($5::pg_catalog.record) OPERATOR(pg_catalog.-) 'secret_hash'::pg_catalog.text AS old,
+               pg_catalog.to_jsonb($6::pg_catalog.record) OPERATOR(pg_catalog.-) 'secret_hash'::pg_catalog.text AS new
     ), k AS (
-        SELECT old, new, coalesce(new, old) AS row FROM r WHERE old IS DISTINCT FROM new
+        SELECT old, new, COALESCE(new, old) AS row FROM r
+         WHERE old IS NULL OR new IS NULL OR NOT (old OPERATOR(pg_catalog.=) new)
     ), a AS (
-        INSERT INTO flux.audit_log (actor, action, entity, key, tenant, old, new)
-        SELECT $1, $2, $3,
-               (SELECT string_agg(row ->> col, '/' ORDER BY n) FROM unnest($4::text[]) WITH ORDINALITY u(col, n)),
-               CASE WHEN $3 IN ('tenants', 'flag_lists') THEN row ->> 'id' ELSE row ->> 'tenant' END,
+        INSERT INTO flux.audit_log (actor, role, action, entity, key, tenant, old, new)
+        SELECT $1, $7, $2, $3,
+               (SELECT pg_catalog.string_agg(row OPERATOR(pg_catalog.->>) col, '/' ORDER BY n)
+                  FROM pg_catalog.unnest($4::pg_catalog.text[]) WITH ORDINALITY u(col, n)),
+               CASE WHEN $3 OPERATOR(pg_catalog.=) ANY ('{tenants,flag_lists}'::pg_catalog.text[])
+                    THEN row OPERATOR(pg_catalog.->>) 'id' ELSE row OPERATOR(pg_catalog.->>) 'tenant' END,
                old, new
           FROM k
-         WHERE pg_catalog.current_query() !~* '^\\s*copy\\s'
         RETURNING action, entity, key, tenant
     )
     SELECT pg_catalog.pg_notify('flux_changes',
-               json_build_object('entity', entity, 'key', key, 'tenant', tenant, 'action', action)::text)
+               pg_catalog.json_build_object('entity', entity, 'key', key, 'tenant', tenant, 'action', action)::pg_catalog.text)
       FROM a";
+
+/// Whether flux.audit_log has the column role (added in 0.2.0).
+fn audit_log_has_role() -> bool {
+    // SAFETY: syscache lookups by name inside a transaction.
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"flux".as_ptr(), true);
+        let rel = pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns);
+        rel != pg_sys::InvalidOid && pg_sys::get_attnum(rel, c"role".as_ptr()) > 0
+    }
+}
+
+/// Whether the statement running is a COPY FROM into the table `relname`
+/// (how pg_restore loads data), read from the active portal's statement.
+fn copying_into(relname: &str) -> bool {
+    // SAFETY: ActivePortal is the portal being run (NULL outside one); its
+    // statement list and the nodes in it live as long as the portal, which
+    // outlives this trigger call. Only tags and plain fields are read.
+    unsafe {
+        let portal = pg_sys::ActivePortal;
+        if portal.is_null() || (*portal).stmts.is_null() {
+            return false;
+        }
+        let stmts = &*(*portal).stmts;
+        if stmts.length != 1 {
+            return false;
+        }
+        let first = (*stmts.elements).ptr_value as *mut pg_sys::Node;
+        if first.is_null() || (*first).type_ != pg_sys::NodeTag::T_PlannedStmt {
+            return false;
+        }
+        let utility = (*(first as *mut pg_sys::PlannedStmt)).utilityStmt;
+        if utility.is_null() || (*utility).type_ != pg_sys::NodeTag::T_CopyStmt {
+            return false;
+        }
+        let copy = &*(utility as *mut pg_sys::CopyStmt);
+        if !copy.is_from || copy.relation.is_null() || (*copy.relation).relname.is_null() {
+            return false;
+        }
+        CStr::from_ptr((*copy.relation).relname).to_bytes() == relname.as_bytes()
+    }
+}
 
 #[pg_schema]
 mod flux {
     use super::*;
 
     /// Trigger: append the change to flux.audit_log and announce it with
-    /// NOTIFY flux_changes at commit. Arguments: the key columns. COPY (how
-    /// pg_restore loads the tables and the log itself) is not recorded again.
+    /// NOTIFY flux_changes at commit. Arguments: the key columns. A COPY
+    /// FROM into the table (how pg_restore loads it) is not recorded again.
     #[pg_trigger]
     fn _audit<'a>(
         trigger: &'a PgTrigger<'a>,
@@ -63,11 +119,23 @@ mod flux {
         };
         let entity = trigger.table_name()?;
         let keys = trigger.extra_args()?;
-        let rowtype = {
+        let (rowtype, namespace) = {
             let rel = trigger.relation()?;
             // SAFETY: rd_rel is valid while the trigger's relation is open.
-            unsafe { (*rel.rd_rel).reltype }
+            unsafe { ((*rel.rd_rel).reltype, (*rel.rd_rel).relnamespace) }
         };
+        // SAFETY: a syscache lookup by name.
+        let flux = unsafe { pg_sys::get_namespace_oid(c"flux".as_ptr(), true) };
+        if namespace != flux {
+            FluxError::Forbidden(format!(
+                "flux._audit is the audit trigger of the flux tables, not of {entity}"
+            ))
+            .raise();
+        }
+        if copying_into(&entity) {
+            return Ok(None);
+        }
+        let role = current_role();
         let row = |t: Option<PgHeapTuple<'_, AllocatedByPostgres>>| match t {
             // SAFETY: the datum is the row of the trigger's relation, typed
             // by that relation's row type.
@@ -77,9 +145,20 @@ mod flux {
         let (old, new) = (row(trigger.old()), row(trigger.new()));
         let result = (|| -> Result<(), FluxError> {
             let _owner = AsOwner::enter()?;
+            // A 0.1.0 database on this library, before ALTER EXTENSION
+            // UPDATE adds the role column: log without it.
+            let sql = if audit_log_has_role() {
+                std::borrow::Cow::Borrowed(AUDIT)
+            } else {
+                std::borrow::Cow::Owned(
+                    AUDIT
+                        .replace("actor, role,", "actor,")
+                        .replace("$1, $7,", "$1,"),
+                )
+            };
             Spi::connect_mut(|c| {
                 c.update(
-                    AUDIT,
+                    sql.as_ref(),
                     None,
                     &[
                         actor.as_str().into(),
@@ -88,6 +167,7 @@ mod flux {
                         keys.into(),
                         old,
                         new,
+                        role.as_str().into(),
                     ],
                 )
                 .map(|_| ())

@@ -260,13 +260,16 @@ fn resolve_tenant(
     customer: Option<&str>,
 ) -> FluxResult<Option<(String, bool)>> {
     if let Some(t) = meta {
-        let exists =
-            store::one::<i32>("SELECT 1 FROM flux.tenants WHERE id = $1", &[t.into()])?.is_some();
+        let exists = store::one::<i32>(
+            "SELECT 1 FROM flux.tenants WHERE id OPERATOR(pg_catalog.=) $1",
+            &[t.into()],
+        )?
+        .is_some();
         return Ok(Some((t.to_string(), exists)));
     }
     if let Some(c) = customer {
         if let Some(t) = store::one::<String>(
-            "SELECT id FROM flux.tenants WHERE billing_customer = $1",
+            "SELECT id FROM flux.tenants WHERE billing_customer OPERATOR(pg_catalog.=) $1",
             &[c.into()],
         )? {
             return Ok(Some((t, true)));
@@ -283,7 +286,8 @@ fn is_stale(subscription: &str, created: i64) -> FluxResult<bool> {
         &[subscription.into()],
     )?;
     let last = store::one_mut::<i64>(
-        "SELECT last_event_created FROM flux.billing_subscriptions WHERE id = $1 FOR UPDATE",
+        "SELECT last_event_created FROM flux.billing_subscriptions \
+         WHERE id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
         &[subscription.into()],
     )?;
     Ok(last.is_some_and(|l| created < l))
@@ -291,7 +295,8 @@ fn is_stale(subscription: &str, created: i64) -> FluxResult<bool> {
 
 fn mark_applied(subscription: &str, tenant: &str, created: i64) -> FluxResult<()> {
     store::exec(
-        "UPDATE flux.billing_subscriptions SET last_event_created = $2, tenant = $3 WHERE id = $1",
+        "UPDATE flux.billing_subscriptions SET last_event_created = $2, tenant = $3 \
+         WHERE id OPERATOR(pg_catalog.=) $1",
         &[subscription.into(), created.into(), tenant.into()],
     )
 }
@@ -316,9 +321,12 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
     let mut plan = None;
     let mut addons: Vec<(String, i64)> = Vec::new();
     for it in &sub.items {
+        let _path = crate::privilege::Pinned::enter();
         let mapped = Spi::connect(|c| {
             let t = c.select(
-                "SELECT plan, addon FROM flux.billing_prices WHERE price = $1 OR price = $2 ORDER BY price = $1 DESC LIMIT 1",
+                "SELECT plan, addon FROM flux.billing_prices \
+                 WHERE price OPERATOR(pg_catalog.=) $1 OR price OPERATOR(pg_catalog.=) $2 \
+                 ORDER BY price OPERATOR(pg_catalog.=) $1 DESC LIMIT 1",
                 Some(1),
                 &[it.price.as_str().into(), it.lookup_key.as_deref().into()],
             )?;
@@ -344,15 +352,17 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
         None
     };
     let sql = if exists {
-        "UPDATE flux.tenants SET plan = $2, status = $3, trial_ends_at = to_timestamp($4::bigint), \
-             current_period_start = coalesce(to_timestamp($5::bigint), current_period_start), \
-             current_period_end = to_timestamp($6::bigint), cancel_at_period_end = $7, \
-             billing_customer = coalesce($8, billing_customer) WHERE id = $1"
+        "UPDATE flux.tenants SET plan = $2, status = $3, \
+             trial_ends_at = pg_catalog.to_timestamp($4::pg_catalog.int8), \
+             current_period_start = coalesce(pg_catalog.to_timestamp($5::pg_catalog.int8), current_period_start), \
+             current_period_end = pg_catalog.to_timestamp($6::pg_catalog.int8), cancel_at_period_end = $7, \
+             billing_customer = coalesce($8, billing_customer) WHERE id OPERATOR(pg_catalog.=) $1"
     } else {
         "INSERT INTO flux.tenants (id, plan, status, trial_ends_at, current_period_start, current_period_end, \
              cancel_at_period_end, billing_customer) \
-         VALUES ($1, $2, $3, to_timestamp($4::bigint), coalesce(to_timestamp($5::bigint), flux._clock()), \
-             to_timestamp($6::bigint), $7, $8)"
+         VALUES ($1, $2, $3, pg_catalog.to_timestamp($4::pg_catalog.int8), \
+             coalesce(pg_catalog.to_timestamp($5::pg_catalog.int8), flux._clock()), \
+             pg_catalog.to_timestamp($6::pg_catalog.int8), $7, $8)"
     };
     store::exec(
         sql,
@@ -381,8 +391,9 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
         }
     }
     store::exec(
-        "DELETE FROM flux.tenant_addons ta WHERE ta.tenant = $1 AND NOT (ta.addon = ANY ($2)) \
-           AND EXISTS (SELECT 1 FROM flux.billing_prices bp WHERE bp.addon = ta.addon)",
+        "DELETE FROM flux.tenant_addons ta \
+         WHERE ta.tenant OPERATOR(pg_catalog.=) $1 AND NOT (ta.addon OPERATOR(pg_catalog.=) ANY ($2)) \
+           AND EXISTS (SELECT 1 FROM flux.billing_prices bp WHERE bp.addon OPERATOR(pg_catalog.=) ta.addon)",
         &[tenant.as_str().into(), on.into()],
     )?;
     mark_applied(&sub.id, &tenant, ev.created)?;
@@ -403,9 +414,12 @@ fn apply_invoice(ev: &Event, paid: bool) -> FluxResult<(&'static str, Option<Str
     // A failed payment makes a live subscription past_due (its grace starts
     // from the clock); a paid invoice makes a past_due one active again.
     let sql = if paid {
-        "UPDATE flux.tenants SET status = 'active' WHERE id = $1 AND status = 'past_due'"
+        "UPDATE flux.tenants SET status = 'active' \
+         WHERE id OPERATOR(pg_catalog.=) $1 AND status OPERATOR(pg_catalog.=) 'past_due'"
     } else {
-        "UPDATE flux.tenants SET status = 'past_due' WHERE id = $1 AND status IN ('active', 'trialing')"
+        "UPDATE flux.tenants SET status = 'past_due' \
+         WHERE id OPERATOR(pg_catalog.=) $1 \
+           AND status OPERATOR(pg_catalog.=) ANY (ARRAY['active', 'trialing'])"
     };
     store::exec(sql, &[tenant.as_str().into()])?;
     if let Some(s) = &subscription {
@@ -423,9 +437,15 @@ pub fn apply(text: &str) -> FluxResult<&'static str> {
     // event (even at the same moment) waits for the first and counts as a
     // duplicate.
     let first = store::one_mut::<bool>(
-        "INSERT INTO flux.billing_events AS b (id, type, created) VALUES ($1, $2, to_timestamp($3::bigint)) \
-         ON CONFLICT (id) DO UPDATE SET deliveries = b.deliveries + 1 RETURNING b.deliveries = 1",
-        &[ev.id.as_str().into(), ev.kind.as_str().into(), ev.created.into()],
+        "INSERT INTO flux.billing_events AS b (id, type, created) \
+         VALUES ($1, $2, pg_catalog.to_timestamp($3::pg_catalog.int8)) \
+         ON CONFLICT (id) DO UPDATE SET deliveries = b.deliveries OPERATOR(pg_catalog.+) 1 \
+         RETURNING b.deliveries OPERATOR(pg_catalog.=) 1",
+        &[
+            ev.id.as_str().into(),
+            ev.kind.as_str().into(),
+            ev.created.into(),
+        ],
     )?
     .unwrap_or(false);
     if !first {
@@ -447,7 +467,7 @@ pub fn apply(text: &str) -> FluxResult<&'static str> {
     crate::identity::set_local("flux.actor", &previous_actor)?;
     let (outcome, tenant) = result?;
     store::exec(
-        "UPDATE flux.billing_events SET outcome = $2, tenant = $3 WHERE id = $1",
+        "UPDATE flux.billing_events SET outcome = $2, tenant = $3 WHERE id OPERATOR(pg_catalog.=) $1",
         &[
             ev.id.as_str().into(),
             outcome.into(),

@@ -32,6 +32,23 @@ pub enum FluxError {
     /// A date or interval setting that does not parse: 22007.
     #[error("{0}")]
     BadDatetime(String),
+    /// The caller may not do this (act for another tenant, set flux.now):
+    /// 42501 insufficient_privilege.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Text that is not valid in the database encoding: 22021
+    /// character_not_in_repertoire.
+    #[error("{0}")]
+    BadEncoding(String),
+    /// A flux table or column no longer has the type flux expects (someone
+    /// altered it): 42804 datatype_mismatch.
+    #[error("{0}")]
+    WrongType(String),
+    /// The installation is not in a state flux can run in (the schema owned
+    /// by a superuser after a binary upgrade without ALTER EXTENSION UPDATE):
+    /// 55000 object_not_in_prerequisite_state.
+    #[error("{0}")]
+    NotReady(String),
     /// A database error we did not expect; reported with its own text.
     #[error("internal error in flux_entitlements: {0}")]
     Internal(String),
@@ -51,6 +68,10 @@ impl FluxError {
                 PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION
             }
             FluxError::BadDatetime(_) => PgSqlErrorCode::ERRCODE_INVALID_DATETIME_FORMAT,
+            FluxError::Forbidden(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            FluxError::BadEncoding(_) => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            FluxError::WrongType(_) => PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            FluxError::NotReady(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             FluxError::Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -29,9 +29,12 @@ pub fn init() {
         GucRegistry::define_string_guc_with_hooks(
             c"flux.now",
             c"When set, the clock flux_entitlements uses instead of the transaction time.",
-            c"For tests, simulations and what-if questions (\"what will this tenant have on the 1st?\"). Any timestamptz literal; empty or unset means the transaction start time.",
+            c"For tests, simulations and what-if questions (\"what will this tenant have on the 1st?\"). Any timestamptz literal; empty or unset means the transaction start time. Only superusers and members of flux_admin may set it.",
             &NOW,
-            GucContext::Userset,
+            // Every time rule (trials, key expiry, quota periods) follows
+            // this clock: only superusers and flux_admin (GRANT SET ON
+            // PARAMETER in the install script) may move it.
+            GucContext::Suset,
             GucFlags::default(),
             None,
             Some(decision_setting_assigned),
@@ -117,6 +120,12 @@ thread_local! {
     static GRACE_MEMO: std::cell::RefCell<Option<(Vec<u8>, Span)>> = const { std::cell::RefCell::new(None) };
 }
 
+/// The bytes of flux.tenant when set and not blank, read in place (the
+/// per-row check compares them with its tenant argument).
+pub fn tenant_bytes() -> Option<&'static [u8]> {
+    setting_bytes(&TENANT)
+}
+
 /// Whether flux.now is set (the clock is then fixed, not the transaction's).
 pub fn clock_is_set() -> bool {
     setting_bytes(&NOW).is_some()
@@ -186,9 +195,11 @@ pub fn init_metering() {
     GucRegistry::define_string_guc(
         c"flux.actor",
         c"Who the audit log names for changes made in this session (default: the role).",
-        c"Set it to attribute changes to something other than the database role, such as a billing event id or an application user.",
+        c"Set it to attribute changes to something other than the database role, such as a billing event id or an application user. Only superusers and members of flux_admin may set it; flux.audit_log.role always records the real role.",
         &ACTOR,
-        GucContext::Userset,
+        // The audit log's signature: not the caller's to forge (superusers
+        // and flux_admin only, like flux.now).
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -22,11 +22,12 @@ fn setting(name: &str) -> Option<String> {
 
 /// The tenant named by a claim in a JWT claims JSON object. Malformed JSON,
 /// a missing claim, or a claim that is not a non-empty string or number
-/// gives None: an unreadable identity is no identity.
+/// gives None: an unreadable identity is no identity. So does a claim with
+/// a NUL in it (`\u0000`), which no tenant id can hold.
 pub fn tenant_from_claims(claims: &str, claim: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(claims).ok()?;
     match v.get(claim)? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::String(s) if !s.is_empty() && !s.contains('\0') => Some(s.clone()),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
@@ -70,6 +71,10 @@ mod tests {
         );
         assert_eq!(tenant_from_claims("not json", "tenant_id"), None);
         assert_eq!(tenant_from_claims("[1,2]", "tenant_id"), None);
+        assert_eq!(
+            tenant_from_claims(r#"{"tenant_id":"acme\u0000x"}"#, "tenant_id"),
+            None
+        );
     }
 }
 
@@ -134,7 +139,7 @@ fn flux_create_api_key(
         require_tenant(tenant)?;
         let id = random_hex(6)?;
         let secret = random_hex(32)?;
-        Spi::run_with_args(
+        crate::store::exec(
             "INSERT INTO flux.api_keys (id, tenant, name, secret_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
             &[id.as_str().into(), tenant.into(), name.into(), hash(&secret).into(), expires_at.into()],
         )?;
@@ -156,7 +161,8 @@ fn flux_authenticate(api_key: Option<&str>) -> String {
             let _owner = crate::privilege::AsOwner::enter()?;
             Spi::connect(|c| {
                 let t = c.select(
-                    "SELECT tenant, secret_hash, expires_at, revoked_at FROM flux.api_keys WHERE id = $1",
+                    "SELECT tenant, secret_hash, expires_at, revoked_at FROM flux.api_keys \
+                     WHERE id OPERATOR(pg_catalog.=) $1",
                     Some(1),
                     &[id.into()],
                 )?;
@@ -217,7 +223,8 @@ fn flux_revoke_api_key(id: Option<&str>) {
     (|| -> FluxResult<()> {
         let id = need(id, "id")?;
         let found = crate::store::one_mut::<i32>(
-            "UPDATE flux.api_keys SET revoked_at = coalesce(revoked_at, flux._clock()) WHERE id = $1 RETURNING 1",
+            "UPDATE flux.api_keys SET revoked_at = COALESCE(revoked_at, flux._clock()) \
+             WHERE id OPERATOR(pg_catalog.=) $1 RETURNING 1",
             &[id.into()],
         )?
         .is_some();

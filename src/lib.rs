@@ -9,7 +9,9 @@
 //! - `validate`: the rules every row must meet (admin functions and psql DML);
 //! - `identity`: flux_current_tenant and API keys;
 //! - `rls`: flux_protect (row-level security policies);
-//! - `privilege`: running table access as the flux tables' owner;
+//! - `privilege`: flux's SQL under a pinned search_path, and table access
+//!   as the flux tables' owner (why nothing a caller creates runs with it);
+//! - `access`: who may act for a tenant (flux_service, the current tenant);
 //! - `cache`: the per-backend decision cache and its invalidation;
 //! - `metering`, `usage`, `limits`: periods and GCRA, recording usage,
 //!   flux_enforce_limit;
@@ -18,10 +20,12 @@
 //! - `billing`: Stripe events and signatures;
 //! - `gucs`: the flux.* settings and the clock;
 //! - `error`: the error type and its SQLSTATEs;
-//! - `timeutil`: calendar arithmetic in UTC.
+//! - `timeutil`: calendar arithmetic in UTC;
+//! - `removed`: entry points older install scripts declare.
 
 use pgrx::prelude::*;
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod backend;
@@ -37,6 +41,7 @@ pub mod metering;
 pub mod model;
 pub mod privilege;
 pub mod reads;
+pub mod removed;
 pub mod rls;
 pub mod rollout;
 pub mod store;
@@ -62,6 +67,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init_metering();
     cache::init();
     privilege::init();
+    access::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

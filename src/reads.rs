@@ -6,7 +6,7 @@ use crate::backend::Text;
 use crate::decision::{decide, steady_window, Context};
 use crate::error::{FluxResult, OrRaise};
 use crate::model::{Decision, FeatureFacts, TenantFacts};
-use crate::{cache, gucs, identity, usage};
+use crate::{access, cache, gucs, identity, usage};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum, PgTupleDesc};
@@ -206,7 +206,12 @@ pub unsafe extern "C-unwind" fn flux_check_wrapper(
     // SAFETY: both are non-null text datums (STRICT), read in place.
     if let (Some(t), Some(f)) = unsafe { (Text::inline(t), Text::inline(f)) } {
         // Nothing on this path panics; should it, the full path answers.
-        let kept = std::panic::catch_unwind(|| cache::answer_ready(t.bytes(), f.bytes()));
+        // Another tenant's answer only for a trusted role (access.rs).
+        let kept = std::panic::catch_unwind(|| match access::may_act_for_fast(t.bytes()) {
+            Some(true) => cache::answer_ready(t.bytes(), f.bytes()),
+            Some(false) => Some(false),
+            None => None,
+        });
         if let Ok(Some(allowed)) = kept {
             return pg_sys::Datum::from(allowed);
         }
@@ -229,9 +234,16 @@ unsafe extern "C-unwind" fn flux_check_full(fcinfo: pg_sys::FunctionCallInfo) ->
     let (Some(tenant), Some(feature)) = (tenant, feature) else {
         crate::error::FluxError::Internal("flux_check called with NULL".into()).raise();
     };
-    let allowed = (|| match cache::answer(tenant.bytes(), feature.bytes())? {
-        Some(a) => Ok(a),
-        None => decide_allowed(tenant.as_str()?, feature.as_str()?),
+    let allowed = (|| {
+        // Never raises for another tenant: a policy evaluated over other
+        // tenants' rows answers false for them.
+        if !access::may_act_for(tenant.as_str()?) {
+            return Ok(false);
+        }
+        match cache::answer(tenant.bytes(), feature.bytes())? {
+            Some(a) => Ok(a),
+            None => decide_allowed(tenant.as_str()?, feature.as_str()?),
+        }
     })()
     .or_raise();
     pg_sys::Datum::from(allowed)
@@ -252,6 +264,7 @@ fn flux_decide(
     subject: default!(Option<&str>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "flux.decision")> {
     let (tenant, feature) = (tenant?, feature?);
+    access::require_act_for("flux_decide", tenant).or_raise();
     Some(to_composite(
         decide_one(tenant, feature, subject).or_raise(),
     ))
@@ -262,6 +275,7 @@ fn flux_decide(
 fn flux_entitlements(
     tenant: &str,
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "flux.decision")> {
+    access::require_act_for("flux_entitlements", tenant).or_raise();
     let keys = cache::catalogue().or_raise().keys.clone();
     let rows: Vec<_> = keys
         .iter()
@@ -270,20 +284,77 @@ fn flux_entitlements(
     SetOfIterator::new(rows)
 }
 
+// flux_value returns the grant value as stored: jsonb made from its text by
+// jsonb_in, never parsed in Rust (where a deeply nested document would hit
+// the parser's recursion limit). Written by hand (finalize.sql declares it)
+// because pgrx would go through serde for a jsonb result.
+#[doc(hidden)]
+#[no_mangle]
+pub extern "C" fn pg_finfo_flux_value_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The effective grant value when the tenant is entitled, else NULL.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager for flux_value(text, text)
+/// (STRICT: both text arguments are present).
+#[doc(hidden)]
+#[no_mangle]
+pub unsafe extern "C-unwind" fn flux_value_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: the same call frame, passed on.
+    unsafe { flux_value_full(fcinfo) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn flux_value_full(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: the call frame holds the two text arguments of the signature
+    // (non-null: STRICT); Text detoasts what is not inline.
+    let (tenant, feature) = unsafe {
+        let args = (*fcinfo).args.as_slice(2);
+        (
+            Text::from_datum(args[0].value, false),
+            Text::from_datum(args[1].value, false),
+        )
+    };
+    let value = (|| -> FluxResult<Option<std::ffi::CString>> {
+        let (Some(tenant), Some(feature)) = (tenant, feature) else {
+            return Ok(None);
+        };
+        let tenant = tenant.as_str()?;
+        access::require_act_for("flux_value", tenant)?;
+        let d = decide_one(tenant, feature.as_str()?, None)?;
+        match d.value.filter(|_| d.allowed) {
+            None => Ok(None),
+            Some(v) => std::ffi::CString::new(v).map(Some).map_err(|_| {
+                crate::error::FluxError::BadEncoding("a grant value contains a NUL byte".into())
+            }),
+        }
+    })()
+    .or_raise();
+    match value {
+        // SAFETY: jsonb's input function reads a NUL-terminated string that
+        // outlives the call and returns a jsonb palloc'd in the function's
+        // context (it raises for text that is not json).
+        Some(text) => unsafe {
+            let (mut input, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+            pg_sys::getTypeInputInfo(pg_sys::JSONBOID, &mut input, &mut ioparam);
+            pg_sys::OidInputFunctionCall(input, text.as_ptr() as *mut _, ioparam, -1)
+        },
+        None => {
+            // SAFETY: the call frame of this call.
+            unsafe { (*fcinfo).isnull = true };
+            pg_sys::Datum::from(0)
+        }
+    }
+}
+
 #[pg_schema]
 mod flux {
     use super::*;
-
-    /// The body of flux_value, as jsonb text (the SQL wrapper casts it).
-    #[pg_extern(stable, strict, parallel_safe)]
-    fn _value(tenant: &str, feature: &str) -> Option<String> {
-        let d = decide_one(tenant, feature, None).or_raise();
-        if d.allowed {
-            d.value
-        } else {
-            None
-        }
-    }
 
     /// How many tenants this backend's decision cache holds (bounded by
     /// flux.cache_tenants).

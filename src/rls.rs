@@ -12,11 +12,51 @@
 //! on the tenant column, also read once per statement. The
 //! functions they call read through the decision cache as the tables' owner,
 //! so they work for roles with no grant on the `flux` tables.
+//!
+//! The tenant column is compared with the current tenant as text: a
+//! `varchar(8)` column compared after casting the tenant to `varchar(8)`
+//! truncated `org-0001-attacker` to `org-0001` and let it read, update and
+//! insert org-0001's rows. For types other than text and varchar a typed
+//! comparison is kept beside the text one, as the index qual. The policies
+//! are written with every function and operator qualified, and created
+//! under a pinned search_path (privilege.rs).
 
 use crate::error::{FluxResult, OrRaise};
 use crate::store;
 use crate::validate::{feature_kind, need};
 use pgrx::prelude::*;
+
+/// The type of a column, schema-qualified and without its modifier (a
+/// cast to `bpchar(8)` would truncate, a cast to `bpchar` does not).
+pub fn column_type(tbl: pg_sys::Oid, column: &str) -> FluxResult<String> {
+    Ok(store::one::<String>(
+        "SELECT pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' \
+                OPERATOR(pg_catalog.||) pg_catalog.quote_ident(t.typname) \
+           FROM pg_catalog.pg_attribute a \
+           JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid \
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.typnamespace \
+          WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2",
+        &[tbl.into(), column.into()],
+    )?
+    .unwrap_or_else(|| "pg_catalog.text".into()))
+}
+
+/// SQL that is true when the tenant column `col` (of type `coltype` as
+/// format_type prints it, `qualified` as column_type does) holds the tenant
+/// `value` (a text expression), compared as text. For types other than text
+/// and varchar a typed comparison stands beside it as the index qual.
+pub fn tenant_equals(col: &str, coltype: &str, qualified: &str, value: &str) -> String {
+    let as_text = format!("{col}::pg_catalog.text OPERATOR(pg_catalog.=) {value}");
+    if coltype == "text" {
+        format!("{col} OPERATOR(pg_catalog.=) {value}")
+    } else if coltype.starts_with("character varying") {
+        // varchar to text is a relabelling: the index still serves it.
+        as_text
+    } else {
+        // sql-check: ok (the type name comes qualified from column_type)
+        format!("{col} OPERATOR(pg_catalog.=) ({value})::{qualified} AND {as_text}")
+    }
+}
 
 #[pg_schema]
 mod flux {
@@ -31,6 +71,7 @@ mod flux {
         force: Option<bool>,
     ) {
         (|| -> FluxResult<()> {
+            let _path = crate::privilege::Pinned::enter();
             let tbl = need(tbl, "tbl")?;
             let feature = need(feature, "feature")?;
             let column = need(tenant_column, "tenant_column")?;
@@ -38,8 +79,9 @@ mod flux {
             let (table, coltype) = store::table_and_column(tbl, column)?;
             // Qualify our functions so a caller's search_path cannot swap them.
             let schema = store::one::<String>(
-                "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
-                 JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'flux_entitlements'",
+                "SELECT n.nspname::pg_catalog.text FROM pg_catalog.pg_extension e \
+                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
+                 WHERE e.extname OPERATOR(pg_catalog.=) 'flux_entitlements'",
                 &[],
             )?
             .unwrap_or_else(|| "public".into());
@@ -48,16 +90,16 @@ mod flux {
             // Also a scalar subquery: the tenant is read once per statement
             // and each row is compared with a parameter, as with a constant
             // (an index qual either way).
-            let tenant_match = if coltype == "text" {
-                format!("{col} = (SELECT {schema}.flux_current_tenant())")
-            } else {
-                format!("{col} = (SELECT {schema}.flux_current_tenant())::{coltype}")
-            };
+            let current = format!("(SELECT {schema}.flux_current_tenant())");
+            let tenant_match = tenant_equals(&col, &coltype, &column_type(tbl, column)?, &current);
             // A scalar subquery: the planner runs it once per statement as an
             // InitPlan and each row only reads its result (a plain call in a
             // policy is evaluated per row: RLS quals are not turned into
             // one-time filters).
-            let entitled = format!("(SELECT {schema}.flux_check({}))", spi::quote_literal(feature));
+            let entitled = format!(
+                "(SELECT {schema}.flux_check({}))",
+                spi::quote_literal(feature)
+            );
             let feature_policy = spi::quote_identifier(format!("flux_feature_{feature}"));
 
             Spi::run(&format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))?;
@@ -67,7 +109,8 @@ mod flux {
             let existing: Vec<String> = Spi::connect(|c| {
                 let mut v = Vec::new();
                 for r in c.select(
-                    "SELECT polname::text FROM pg_catalog.pg_policy WHERE polrelid = $1",
+                    "SELECT polname::pg_catalog.text FROM pg_catalog.pg_policy \
+                     WHERE polrelid OPERATOR(pg_catalog.=) $1",
                     None,
                     &[tbl.into()],
                 )? {
@@ -76,18 +119,35 @@ mod flux {
                 Ok::<_, pgrx::spi::SpiError>(v)
             })?;
             let policies = [
-                ("flux_tenant_select", format!("FOR SELECT USING ({tenant_match})")),
-                ("flux_tenant_insert", format!("FOR INSERT WITH CHECK ({tenant_match})")),
-                ("flux_tenant_update", format!("FOR UPDATE USING ({tenant_match}) WITH CHECK ({tenant_match})")),
-                ("flux_tenant_delete", format!("FOR DELETE USING ({tenant_match})")),
+                (
+                    "flux_tenant_select",
+                    format!("FOR SELECT USING ({tenant_match})"),
+                ),
+                (
+                    "flux_tenant_insert",
+                    format!("FOR INSERT WITH CHECK ({tenant_match})"),
+                ),
+                (
+                    "flux_tenant_update",
+                    format!("FOR UPDATE USING ({tenant_match}) WITH CHECK ({tenant_match})"),
+                ),
+                (
+                    "flux_tenant_delete",
+                    format!("FOR DELETE USING ({tenant_match})"),
+                ),
             ];
             for (name, body) in policies {
                 if existing.iter().any(|e| e == name) {
                     Spi::run(&format!("DROP POLICY {name} ON {table}"))?;
                 }
-                Spi::run(&format!("CREATE POLICY {name} ON {table} AS PERMISSIVE {body}"))?;
+                Spi::run(&format!(
+                    "CREATE POLICY {name} ON {table} AS PERMISSIVE {body}"
+                ))?;
             }
-            if existing.iter().any(|e| *e == format!("flux_feature_{feature}")) {
+            if existing
+                .iter()
+                .any(|e| *e == format!("flux_feature_{feature}"))
+            {
                 Spi::run(&format!("DROP POLICY {feature_policy} ON {table}"))?;
             }
             Spi::run(&format!(

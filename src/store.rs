@@ -146,8 +146,8 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
             }
             let mut grants: HashMap<String, Vec<PlanGrant>> = HashMap::new();
             for r in c.select(
-                "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value::text \
-                 FROM flux.grants g JOIN flux.plans p ON p.key = g.plan \
+                "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value::pg_catalog.text \
+                 FROM flux.grants g JOIN flux.plans p ON p.key OPERATOR(pg_catalog.=) g.plan \
                  WHERE g.enabled ORDER BY g.feature, p.rank, p.key",
                 None,
                 &[],
@@ -180,7 +180,7 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                 cat.features.insert(key, std::rc::Rc::new(facts));
             }
             for r in c.select(
-                "SELECT feature, addon, \"limit\", value::text FROM flux.addon_grants ORDER BY addon",
+                "SELECT feature, addon, \"limit\", value::pg_catalog.text FROM flux.addon_grants ORDER BY addon",
                 None,
                 &[],
             )? {
@@ -194,7 +194,7 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
                     ));
             }
             for r in c.select(
-                "SELECT feature, enabled, rollout_percent::text, coalesce(salt, feature) FROM flux.flags",
+                "SELECT feature, enabled, rollout_percent::pg_catalog.text, coalesce(salt, feature) FROM flux.flags",
                 None,
                 &[],
             )? {
@@ -226,10 +226,10 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
             let meta = c.select(
                 "SELECT $1::pg_catalog.regclass[]::pg_catalog.oid[], \
                         'flux.decision'::pg_catalog.regtype::pg_catalog.oid, \
-                        (SELECT pg_catalog.array_agg(attname::text ORDER BY attnum) \
+                        (SELECT pg_catalog.array_agg(attname::pg_catalog.text ORDER BY attnum) \
                            FROM pg_catalog.pg_attribute \
-                          WHERE attrelid = 'flux.decision'::pg_catalog.regclass \
-                            AND attnum > 0 AND NOT attisdropped), \
+                          WHERE attrelid OPERATOR(pg_catalog.=) 'flux.decision'::pg_catalog.regclass \
+                            AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped), \
                         'flux'::pg_catalog.regnamespace::pg_catalog.oid",
                 Some(1),
                 &[WATCHED.map(|t| format!("flux.{t}")).to_vec().into()],
@@ -309,25 +309,26 @@ fn plans(c: &SpiClient) -> FluxResult<std::rc::Rc<Plans>> {
     let p = std::rc::Rc::new(Plans {
         tenant: c
             .prepare(
-                &format!("SELECT {TENANT_COLUMNS} FROM flux.tenants WHERE id = $1"),
+                &format!("SELECT {TENANT_COLUMNS} FROM flux.tenants WHERE id OPERATOR(pg_catalog.=) $1"),
                 &[TEXT],
             )?
             .keep(),
         tenant_addons: c
             .prepare(
-                "SELECT addon, quantity FROM flux.tenant_addons WHERE tenant = $1",
+                "SELECT addon, quantity FROM flux.tenant_addons WHERE tenant OPERATOR(pg_catalog.=) $1",
                 &[TEXT],
             )?
             .keep(),
         tenant_overrides: c
             .prepare(
-                &format!("SELECT {OVERRIDE_COLUMNS} FROM flux.overrides WHERE tenant = $1"),
+                &format!("SELECT {OVERRIDE_COLUMNS} FROM flux.overrides WHERE tenant OPERATOR(pg_catalog.=) $1"),
                 &[TEXT],
             )?
             .keep(),
         tat: c
             .prepare(
-                "SELECT tat FROM flux.rate_state WHERE tenant = $1 AND feature = $2",
+                "SELECT tat FROM flux.rate_state \
+                 WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2",
                 &[TEXT, TEXT],
             )?
             .keep(),
@@ -370,7 +371,7 @@ pub fn forget_plans() {
 const TENANT_COLUMNS: &str = "plan, status, trial_ends_at, current_period_start, \
      current_period_end, cancel_at_period_end, past_due_since, grace_until";
 const OVERRIDE_COLUMNS: &str =
-    "feature, enabled, \"limit\", value::text, starts_at, expires_at, reason";
+    "feature, enabled, \"limit\", value::pg_catalog.text, starts_at, expires_at, reason";
 
 /// A tenant's subscription from TENANT_COLUMNS starting at column `at`.
 fn tenant_base(id: &str, r: &SpiHeapTupleData, at: usize) -> FluxResult<TenantFacts> {
@@ -527,6 +528,7 @@ pub fn ts_datum(t: Option<i64>) -> TimestampWithTimeZone {
 /// Run a statement that writes (refused on a read-only connection).
 pub fn exec(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> FluxResult<()> {
     ensure_writable("this function")?;
+    let _path = crate::privilege::Pinned::enter();
     Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()))?;
     Ok(())
 }
@@ -536,6 +538,7 @@ pub fn one<T: FromDatum + IntoDatum>(
     sql: &str,
     args: &[pgrx::datum::DatumWithOid],
 ) -> FluxResult<Option<T>> {
+    let _path = crate::privilege::Pinned::enter();
     Spi::connect(|c| {
         let t = c.select(sql, Some(1), args)?;
         Ok(if t.is_empty() {
@@ -551,6 +554,7 @@ pub fn one_mut<T: FromDatum + IntoDatum>(
     sql: &str,
     args: &[pgrx::datum::DatumWithOid],
 ) -> FluxResult<Option<T>> {
+    let _path = crate::privilege::Pinned::enter();
     Spi::connect_mut(|c| {
         let t = c.update(sql, Some(1), args)?;
         Ok(if t.is_empty() {
@@ -565,11 +569,15 @@ pub fn one_mut<T: FromDatum + IntoDatum>(
 /// the type of its tenant column; a missing column is an error that says
 /// what to pass instead.
 pub fn table_and_column(tbl: pg_sys::Oid, column: &str) -> FluxResult<(String, String)> {
-    let table =
-        one::<String>("SELECT $1::pg_catalog.regclass::text", &[tbl.into()])?.unwrap_or_default();
+    let table = one::<String>(
+        "SELECT $1::pg_catalog.regclass::pg_catalog.text",
+        &[tbl.into()],
+    )?
+    .unwrap_or_default();
     let coltype = one::<String>(
         "SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute \
-         WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+         WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attname OPERATOR(pg_catalog.=) $2 \
+           AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped",
         &[tbl.into(), column.into()],
     )?
     .ok_or_else(|| {

@@ -1,11 +1,16 @@
 //! Recording usage: flux_consume, flux_release, flux_usage.
 //!
-//! Exact under concurrency without read-then-write: a counter is one
-//! `INSERT ... ON CONFLICT DO UPDATE ... WHERE used + amount <= limit`, and
-//! the rate limiter one conditional upsert of its timestamp. PostgreSQL locks
-//! the row and re-checks the WHERE against the latest committed version, so
-//! concurrent callers queue on the row and none can pass the limit. Every
-//! write is in the caller's transaction and rolls back with it.
+//! Exact under concurrency without read-then-write: a counter's row is
+//! updated in place when it exists (counters.rs, under the row lock, with
+//! the limit re-checked on the latest version), else by one `UPDATE` or
+//! `INSERT ... ON CONFLICT DO UPDATE ... WHERE used + amount <= limit`; the
+//! rate limiter is one conditional upsert of its timestamp. Concurrent
+//! callers queue on the row and none can pass the limit. Every write is in
+//! the caller's transaction and rolls back with it.
+//!
+//! Each function acts only for a tenant the caller may act for (access.rs).
+//! An idempotency key is claimed only once the tenant and feature are known,
+//! and binds the amount: a replay with another amount is refused.
 
 use crate::error::{shown, FluxError, FluxResult, OrRaise};
 use crate::gucs;
@@ -107,18 +112,22 @@ fn record_counter(
     // A plain UPDATE is cheaper than INSERT ... ON CONFLICT (no speculative
     // insertion); under READ COMMITTED it locks the row and rechecks the
     // condition against the latest committed version, so it stays exact.
-    const UPDATE: &str = "UPDATE flux.usage SET used = used + $4, updated_at = now() \
-         WHERE tenant = $1 AND feature = $2 AND period_start = $3 \
-           AND ($5::bigint IS NULL OR used + $4 <= $5::bigint) \
+    const UPDATE: &str = "UPDATE flux.usage \
+            SET used = used OPERATOR(pg_catalog.+) $4, updated_at = pg_catalog.now() \
+         WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+           AND period_start OPERATOR(pg_catalog.=) $3 \
+           AND ($5::pg_catalog.int8 IS NULL \
+                OR used OPERATOR(pg_catalog.+) $4 OPERATOR(pg_catalog.<=) $5::pg_catalog.int8) \
          RETURNING used";
     // No row yet for this period, or the amount does not fit: the upsert
     // creates the row, or updates it under the same condition.
     const UPSERT: &str =
         "INSERT INTO flux.usage AS u (tenant, feature, period_start, used, updated_at) \
-         VALUES ($1, $2, $3, $4, now()) \
+         VALUES ($1, $2, $3, $4, pg_catalog.now()) \
          ON CONFLICT (tenant, feature, period_start) DO UPDATE \
-             SET used = u.used + EXCLUDED.used, updated_at = now() \
-             WHERE $5::bigint IS NULL OR u.used + EXCLUDED.used <= $5::bigint \
+             SET used = u.used OPERATOR(pg_catalog.+) EXCLUDED.used, updated_at = pg_catalog.now() \
+             WHERE $5::pg_catalog.int8 IS NULL \
+                OR u.used OPERATOR(pg_catalog.+) EXCLUDED.used OPERATOR(pg_catalog.<=) $5::pg_catalog.int8 \
          RETURNING used";
     let total = Spi::connect_mut(|c| {
         let args = [
@@ -162,9 +171,11 @@ fn record_rate(
     let win = Interval::new(0, 0, window).map_err(|e| FluxError::Internal(e.to_string()))?;
     let now_ts = ts_datum(Some(now));
     const SQL: &str =
-        "INSERT INTO flux.rate_state AS r (tenant, feature, tat) VALUES ($1, $2, $3 + $4) \
-         ON CONFLICT (tenant, feature) DO UPDATE SET tat = greatest(r.tat, $3) + $4 \
-             WHERE greatest(r.tat, $3) + $4 - $5 <= $3 \
+        "INSERT INTO flux.rate_state AS r (tenant, feature, tat) \
+         VALUES ($1, $2, $3 OPERATOR(pg_catalog.+) $4) \
+         ON CONFLICT (tenant, feature) DO UPDATE SET tat = GREATEST(r.tat, $3) OPERATOR(pg_catalog.+) $4 \
+             WHERE GREATEST(r.tat, $3) OPERATOR(pg_catalog.+) $4 OPERATOR(pg_catalog.-) $5 \
+                   OPERATOR(pg_catalog.<=) $3 \
          RETURNING tat";
     let tat: Option<TimestampWithTimeZone> = Spi::connect_mut(|c| {
         let p = store::kept(c, SQL, &[TEXT, TEXT, TSTZ, INTERVAL, INTERVAL], true)?;
@@ -237,8 +248,11 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
 
 // ---- idempotency ------------------------------------------------------------
 
-fn decision_to_json(d: &Decision) -> Value {
+/// The decision remembered for an idempotency key, with the amount the key
+/// was first used with.
+fn decision_to_json(d: &Decision, amount: i64) -> Value {
     json!({
+        "amount": amount,
         "allowed": d.allowed, "reason": d.reason.as_str(), "message": d.message,
         "tenant": d.tenant, "feature": d.feature, "plan": d.plan, "limit": d.limit,
         "used": d.used, "remaining": d.remaining, "resets_at": d.resets_at,
@@ -294,34 +308,57 @@ fn decision_from_json(v: &Value) -> Decision {
 /// Claim an idempotency key. Returns the first decision when the key was
 /// used before (within flux.idempotency_ttl), None when this call owns it.
 /// A concurrent caller with the same key waits on the unique index until the
-/// first commits, then sees its decision.
-fn claim_key(tenant: &str, feature: &str, key: &str) -> FluxResult<Option<Decision>> {
+/// first commits, then sees its decision. A replay with another amount is
+/// refused (22023): it is not the same request.
+fn claim_key(tenant: &str, feature: &str, key: &str, amount: i64) -> FluxResult<Option<Decision>> {
     let ttl = gucs::idempotency_ttl()?;
     let ttl = Interval::new(ttl.months, ttl.days, ttl.micros)
         .map_err(|e| FluxError::Internal(e.to_string()))?;
+    let claim = JsonB(json!({ "amount": amount }));
     let claimed = store::one_mut::<i32>(
         "INSERT INTO flux.usage_keys AS k (tenant, feature, idempotency_key, decision, created_at) \
-         VALUES ($1, $2, $3, '{}', now()) \
-         ON CONFLICT (tenant, feature, idempotency_key) DO UPDATE SET decision = '{}', created_at = now() \
-             WHERE k.created_at < now() - $4 \
+         VALUES ($1, $2, $3, $5, pg_catalog.now()) \
+         ON CONFLICT (tenant, feature, idempotency_key) DO UPDATE \
+             SET decision = EXCLUDED.decision, created_at = pg_catalog.now() \
+             WHERE k.created_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $4) \
          RETURNING 1",
-        &[tenant.into(), feature.into(), key.into(), ttl.into()],
+        &[tenant.into(), feature.into(), key.into(), ttl.into(), claim.into()],
     )?
     .is_some();
     if claimed {
         return Ok(None);
     }
     let first = store::one::<JsonB>(
-        "SELECT decision FROM flux.usage_keys WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
+        "SELECT decision FROM flux.usage_keys \
+         WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+           AND idempotency_key OPERATOR(pg_catalog.=) $3",
         &[tenant.into(), feature.into(), key.into()],
     )?;
-    Ok(first.map(|j| decision_from_json(&j.0)))
+    let Some(first) = first else { return Ok(None) };
+    // Keys stored by 0.1.0 carry no amount: they replay as before.
+    if let Some(was) = first.0.get("amount").and_then(Value::as_i64) {
+        if was != amount {
+            return Err(FluxError::InvalidValue(format!(
+                "idempotency_key {} was used with amount {was} for {feature}; this call has amount {amount}: \
+                 a replay must repeat the first request, a new request needs a new key",
+                shown(key)
+            )));
+        }
+    }
+    Ok(Some(decision_from_json(&first.0)))
 }
 
-fn store_key(tenant: &str, feature: &str, key: &str, d: &Decision) -> FluxResult<()> {
+fn store_key(tenant: &str, feature: &str, key: &str, d: &Decision, amount: i64) -> FluxResult<()> {
     store::exec(
-        "UPDATE flux.usage_keys SET decision = $4 WHERE tenant = $1 AND feature = $2 AND idempotency_key = $3",
-        &[tenant.into(), feature.into(), key.into(), JsonB(decision_to_json(d)).into()],
+        "UPDATE flux.usage_keys SET decision = $4 \
+         WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+           AND idempotency_key OPERATOR(pg_catalog.=) $3",
+        &[
+            tenant.into(),
+            feature.into(),
+            key.into(),
+            JsonB(decision_to_json(d, amount)).into(),
+        ],
     )
 }
 
@@ -332,6 +369,7 @@ pub fn consume(
     key: Option<&str>,
 ) -> FluxResult<Decision> {
     store::ensure_writable("flux_consume")?;
+    crate::access::require_act_for("flux_consume", tenant)?;
     let _owner = crate::privilege::AsOwner::enter()?;
     if amount <= 0 {
         return Err(FluxError::InvalidValue(format!(
@@ -345,14 +383,19 @@ pub fn consume(
                 shown(k)
             )));
         }
-        if let Some(first) = claim_key(tenant, feature, k)? {
+    }
+    let mut x = entitle(tenant, feature, None)?;
+    // An unknown tenant or feature records nothing, and so stores no key
+    // (2,000 calls with junk keys stored 6.5 MB).
+    let known = !matches!(x.d.reason, Reason::UnknownFeature | Reason::UnknownTenant);
+    if let (Some(k), true) = (key, known) {
+        if let Some(first) = claim_key(tenant, feature, k, amount)? {
             return Ok(first);
         }
     }
-    let mut x = entitle(tenant, feature, None)?;
     record(&mut x, amount)?;
-    if let Some(k) = key {
-        store_key(tenant, feature, k, &x.d)?;
+    if let (Some(k), true) = (key, known) {
+        store_key(tenant, feature, k, &x.d, amount)?;
     }
     Ok(x.d)
 }
@@ -386,6 +429,10 @@ fn flux_release(
     let amount = amount.unwrap_or(1);
     (|| -> FluxResult<i64> {
         store::ensure_writable("flux_release")?;
+        crate::access::require_act_for("flux_release", tenant)?;
+        // The feature and tenant are looked up as the owner too: the caller
+        // needs no grant on the flux tables.
+        let _owner = crate::privilege::AsOwner::enter()?;
         if amount <= 0 {
             return Err(FluxError::InvalidValue(format!(
                 "amount {amount} must be > 0"
@@ -399,10 +446,12 @@ fn flux_release(
             )));
         }
         crate::validate::require_tenant(tenant)?;
-        let _owner = crate::privilege::AsOwner::enter()?;
         Ok(store::one_mut::<i64>(
-            "UPDATE flux.usage SET used = greatest(used - $3, 0), updated_at = now() \
-             WHERE tenant = $1 AND feature = $2 AND period_start = '-infinity' RETURNING used",
+            "UPDATE flux.usage \
+                SET used = GREATEST(used OPERATOR(pg_catalog.-) $3, 0), updated_at = pg_catalog.now() \
+              WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+                AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
+             RETURNING used",
             &[tenant.into(), feature.into(), amount.into()],
         )?
         .unwrap_or(0))
@@ -417,6 +466,7 @@ fn flux_release(
 #[pg_extern(stable, strict, parallel_safe)]
 fn flux_usage(tenant: &str, feature: &str) -> Option<i64> {
     (|| -> FluxResult<Option<i64>> {
+        crate::access::require_act_for("flux_usage", tenant)?;
         let mut x = entitle(tenant, feature, None)?;
         let (Some(f), Some(_)) = (x.facts.feature.clone(), x.tenant()) else {
             return Ok(None);
@@ -455,7 +505,10 @@ fn flux_prune_usage_keys() -> i64 {
         let ttl = gucs::idempotency_ttl()?;
         let ttl = Interval::new(ttl.months, ttl.days, ttl.micros).map_err(|e| FluxError::Internal(e.to_string()))?;
         Ok(store::one_mut::<i64>(
-            "WITH d AS (DELETE FROM flux.usage_keys WHERE created_at < now() - $1 RETURNING 1) SELECT count(*) FROM d",
+            "WITH d AS (DELETE FROM flux.usage_keys \
+                         WHERE created_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $1) \
+                         RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM d",
             &[ttl.into()],
         )?
         .unwrap_or(0))

@@ -97,7 +97,7 @@ fn exists(sql: &str, key: &str) -> FluxResult<bool> {
 
 pub fn feature_kind(key: &str) -> FluxResult<Kind> {
     match store::one::<String>(
-        "SELECT kind FROM flux.features WHERE key = $1",
+        "SELECT kind FROM flux.features WHERE key OPERATOR(pg_catalog.=) $1",
         &[key.into()],
     )? {
         Some(k) => Kind::parse(&k),
@@ -109,7 +109,10 @@ pub fn feature_kind(key: &str) -> FluxResult<Kind> {
 }
 
 pub fn require_plan(key: &str) -> FluxResult<()> {
-    if exists("SELECT 1 FROM flux.plans WHERE key = $1", key)? {
+    if exists(
+        "SELECT 1 FROM flux.plans WHERE key OPERATOR(pg_catalog.=) $1",
+        key,
+    )? {
         Ok(())
     } else {
         Err(FluxError::UnknownReference(format!(
@@ -120,7 +123,10 @@ pub fn require_plan(key: &str) -> FluxResult<()> {
 }
 
 pub fn require_tenant(id: &str) -> FluxResult<()> {
-    if exists("SELECT 1 FROM flux.tenants WHERE id = $1", id)? {
+    if exists(
+        "SELECT 1 FROM flux.tenants WHERE id OPERATOR(pg_catalog.=) $1",
+        id,
+    )? {
         Ok(())
     } else {
         Err(FluxError::UnknownReference(format!(
@@ -131,7 +137,10 @@ pub fn require_tenant(id: &str) -> FluxResult<()> {
 }
 
 pub fn require_addon(key: &str) -> FluxResult<()> {
-    if exists("SELECT 1 FROM flux.addons WHERE key = $1", key)? {
+    if exists(
+        "SELECT 1 FROM flux.addons WHERE key OPERATOR(pg_catalog.=) $1",
+        key,
+    )? {
         Ok(())
     } else {
         Err(FluxError::UnknownReference(format!(
@@ -158,11 +167,15 @@ mod flux {
             let kind = Kind::parse(need(kind, "feature kind")?)?;
             // A kind change must keep every existing grant valid.
             if let Some(old) = old_key {
+                let _path = crate::privilege::Pinned::enter();
                 let rows: Vec<(String, Option<i64>, Option<String>)> = Spi::connect(|c| {
                     let t = c.select(
-                        "SELECT 'plan ' || plan, \"limit\", period FROM flux.grants WHERE feature = $1 \
-                         UNION ALL SELECT 'addon ' || addon, \"limit\", NULL FROM flux.addon_grants WHERE feature = $1 \
-                         UNION ALL SELECT 'override for tenant ' || tenant, \"limit\", NULL FROM flux.overrides WHERE feature = $1",
+                        "SELECT 'plan ' OPERATOR(pg_catalog.||) plan, \"limit\", period \
+                           FROM flux.grants WHERE feature OPERATOR(pg_catalog.=) $1 \
+                         UNION ALL SELECT 'addon ' OPERATOR(pg_catalog.||) addon, \"limit\", NULL \
+                           FROM flux.addon_grants WHERE feature OPERATOR(pg_catalog.=) $1 \
+                         UNION ALL SELECT 'override for tenant ' OPERATOR(pg_catalog.||) tenant, \"limit\", NULL \
+                           FROM flux.overrides WHERE feature OPERATOR(pg_catalog.=) $1",
                         None,
                         &[old.into()],
                     )?;
@@ -213,7 +226,7 @@ mod flux {
             if is_default == Some(true) {
                 let me = old_key.unwrap_or(key);
                 let other = store::one::<String>(
-                    "SELECT key FROM flux.plans WHERE is_default AND key <> $1",
+                    "SELECT key FROM flux.plans WHERE is_default AND key OPERATOR(pg_catalog.<>) $1",
                     &[me.into()],
                 )?;
                 if let Some(other) = other {
@@ -230,9 +243,11 @@ mod flux {
     #[pg_extern(volatile, parallel_unsafe)]
     fn _check_plan_unused(key: &str) {
         (|| -> FluxResult<()> {
+            let _path = crate::privilege::Pinned::enter();
             let (n, example) = Spi::connect(|c| {
                 let t = c.select(
-                    "SELECT count(*), min(id) FROM flux.tenants WHERE plan = $1",
+                    "SELECT pg_catalog.count(*), pg_catalog.min(id) FROM flux.tenants \
+                     WHERE plan OPERATOR(pg_catalog.=) $1",
                     Some(1),
                     &[key.into()],
                 )?;
@@ -311,7 +326,10 @@ mod flux {
     #[pg_extern(volatile, parallel_unsafe)]
     fn _check_addon_unused(key: &str) {
         (|| -> FluxResult<()> {
-            let n = store::one::<i64>("SELECT count(*) FROM flux.tenant_addons WHERE addon = $1", &[key.into()])?
+            let n = store::one::<i64>(
+                "SELECT pg_catalog.count(*) FROM flux.tenant_addons WHERE addon OPERATOR(pg_catalog.=) $1",
+                &[key.into()],
+            )?
                 .unwrap_or(0);
             if n > 0 {
                 return Err(FluxError::InUse(format!(
@@ -404,7 +422,10 @@ mod flux {
                     shown(list)
                 )));
             }
-            let has_flag = exists("SELECT 1 FROM flux.flags WHERE feature = $1", feature)?;
+            let has_flag = exists(
+                "SELECT 1 FROM flux.flags WHERE feature OPERATOR(pg_catalog.=) $1",
+                feature,
+            )?;
             if !has_flag {
                 feature_kind(feature)?;
                 return Err(FluxError::UnknownReference(format!(

@@ -76,8 +76,12 @@ SELECT try($$SELECT flux_override('acme', 'export')$$);
 SELECT try($$SELECT flux_grant('pro', 'export')$$);
 SELECT try($$SELECT flux_set_flag('export')$$);
 SELECT try($$SELECT flux_protect('pg_class', 'export')$$);
--- ... and what it may.
+-- ... and what it may: act for its own tenant, not for another one.
+SET flux.tenant = 'acme';
 SELECT flux_check('acme', 'export'), (flux_decide('acme', 'export')).reason, flux_usage('acme', 'export') IS NULL;
+SELECT flux_check('globex', 'export') AS other_tenant;
+SELECT try($$SELECT flux_decide('globex', 'export')$$);
+RESET flux.tenant;
 RESET ROLE;
 RESET flux.now;
 DROP EXTENSION flux_entitlements;

@@ -1,0 +1,306 @@
+-- flux_entitlements 0.1.0 -> 0.2.0: the security model of release 0.2
+-- (../shared/CONTRACT.md, "Security model"): the role flux_owner owns
+-- everything and nothing runs as the superuser who installed 0.1.0; internal
+-- functions are no longer PUBLIC; flux.now and flux.actor are superuser-only
+-- (and flux_admin's); every SQL body is schema-qualified under a pinned
+-- search_path; flux_enforce_limit's trigger is Rust and locks rows of
+-- flux.limit_locks instead of advisory locks; flux_value is made in Rust;
+-- audit_log records the real role.
+\echo Use "ALTER EXTENSION flux_entitlements UPDATE TO '0.2.0'" to load this file. \quit
+-- The roles: created when missing, never dropped (other objects may depend
+-- on them after the extension is gone).
+--   flux_admin    the people who run pricing: admin functions, DML on the tables;
+--   flux_service  trusted application backends: may act for any tenant
+--                 (everyone else only for its current tenant);
+--   flux_owner    owns schema flux, its tables and functions; flux runs with
+--                 its rights where it must (src/privilege.rs). NOLOGIN, not a
+--                 superuser, and nobody should be made a member of it.
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['flux_admin', 'flux_service', 'flux_owner'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) r) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON ROLE flux_service IS 'flux_entitlements: grant to trusted application backends that act for any tenant (flux_consume(tenant, ...) for a tenant other than flux_current_tenant())';
+COMMENT ON ROLE flux_owner IS 'flux_entitlements: owns schema flux and runs flux''s table access; NOLOGIN, never a superuser, no members';
+
+-- The clock and the audit log's actor are not the caller's to move: the
+-- settings are superuser-only (PGC_SUSET), and flux_admin may set them.
+GRANT SET ON PARAMETER flux.now, flux.actor TO flux_admin;
+
+-- The row locks flux_enforce_limit's trigger queues on, one per (table,
+-- feature, tenant): a table only flux_owner can touch, so no other role can
+-- hold a tenant's insert lock (an advisory lock's key is visible to every
+-- role in pg_locks). No user data: not dumped.
+CREATE TABLE flux.limit_locks (
+    tbl     pg_catalog.oid NOT NULL,
+    feature pg_catalog.text NOT NULL,
+    tenant  pg_catalog.text NOT NULL,
+    PRIMARY KEY (tbl, feature, tenant)
+);
+COMMENT ON TABLE flux.limit_locks IS 'Internal: the row each flux_enforce_limit check locks for (table, feature, tenant) while it counts; no user data';
+
+-- The audit log records the real role beside actor (added last: a fresh
+-- install puts it last too).
+ALTER TABLE flux.audit_log ADD COLUMN role text;
+COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g. a Stripe event id), else the role that made the change (current_user); only superusers and members of flux_admin can set flux.actor';
+COMMENT ON COLUMN flux.audit_log.role IS 'The role that made the change (current_user at the time, which flux.actor cannot change)';
+
+-- The validation triggers: a pinned search_path, qualified names, and a
+-- refusal to run on any table but their own.
+CREATE OR REPLACE FUNCTION flux._features_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.features'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._features_validate()', 'flux.features', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_feature(NEW.key, NEW.kind, CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.key END);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._plans_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.plans'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._plans_validate()', 'flux.plans', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_plan(NEW.key, NEW.is_default, NEW.grace_period, CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.key END);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._plans_guard_delete() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.plans'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._plans_guard_delete()', 'flux.plans', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_plan_unused(OLD.key);
+    RETURN OLD;
+END $$;
+CREATE OR REPLACE FUNCTION flux._grants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.grants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._grants_validate()', 'flux.grants', TG_RELID::pg_catalog.regclass);
+    END IF;
+    NEW.period := flux._check_grant(NEW.plan, NEW.feature, NEW."limit", NEW.period);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._tenants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.tenants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._tenants_validate()', 'flux.tenants', TG_RELID::pg_catalog.regclass);
+    END IF;
+    -- past_due_since follows the status: set from the clock when it becomes
+    -- past_due (unless this statement sets it), cleared when it leaves.
+    IF NEW.status OPERATOR(pg_catalog.=) 'past_due' THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+            NEW.past_due_since := coalesce(NEW.past_due_since, flux._clock());
+        -- The status becomes past_due and past_due_since is not being set
+        -- (IS [NOT] DISTINCT FROM spelled out with the qualified =).
+        ELSIF (OLD.status OPERATOR(pg_catalog.=) 'past_due') IS NOT TRUE
+              AND coalesce(NEW.past_due_since OPERATOR(pg_catalog.=) OLD.past_due_since,
+                           NEW.past_due_since IS NULL AND OLD.past_due_since IS NULL) THEN
+            NEW.past_due_since := flux._clock();
+        ELSIF NEW.past_due_since IS NULL THEN
+            NEW.past_due_since := flux._clock();
+        END IF;
+    ELSE
+        NEW.past_due_since := NULL;
+        NEW.grace_until := NULL;
+    END IF;
+    PERFORM flux._check_tenant(NEW.id, NEW.plan, NEW.status, NEW.trial_ends_at,
+                               NEW.current_period_start, NEW.current_period_end,
+                               CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.id END);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._addons_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.addons'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._addons_validate()', 'flux.addons', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_addon(NEW.key);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._addons_guard_delete() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.addons'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._addons_guard_delete()', 'flux.addons', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_addon_unused(OLD.key);
+    RETURN OLD;
+END $$;
+CREATE OR REPLACE FUNCTION flux._addon_grants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.addon_grants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._addon_grants_validate()', 'flux.addon_grants', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_addon_grant(NEW.addon, NEW.feature, NEW."limit");
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._tenant_addons_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.tenant_addons'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._tenant_addons_validate()', 'flux.tenant_addons', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_tenant_addon(NEW.tenant, NEW.addon, NEW.quantity);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._overrides_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.overrides'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._overrides_validate()', 'flux.overrides', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_override(NEW.tenant, NEW.feature, NEW."limit", NEW.starts_at, NEW.expires_at);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._flags_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.flags'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._flags_validate()', 'flux.flags', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_flag(NEW.feature, NEW.rollout_percent, NEW.salt);
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION flux._flag_lists_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.flag_lists'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._flag_lists_validate()', 'flux.flag_lists', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_flag_list(NEW.feature, NEW.id, NEW.list);
+    RETURN NEW;
+END $$;
+COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature row (flux._check_feature)';
+COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';
+COMMENT ON FUNCTION flux._plans_guard_delete() IS 'Trigger: refuses to delete a plan that tenants are on';
+COMMENT ON FUNCTION flux._grants_validate() IS 'Trigger: validates a grant and normalises its period (flux._check_grant)';
+COMMENT ON FUNCTION flux._tenants_validate() IS 'Trigger: keeps past_due_since in step with status and validates the subscription (flux._check_tenant)';
+COMMENT ON FUNCTION flux._addons_validate() IS 'Trigger: validates an addon row';
+COMMENT ON FUNCTION flux._addons_guard_delete() IS 'Trigger: refuses to delete an addon that tenants hold';
+COMMENT ON FUNCTION flux._addon_grants_validate() IS 'Trigger: validates an addon grant';
+COMMENT ON FUNCTION flux._tenant_addons_validate() IS 'Trigger: validates a tenant''s addon quantity';
+COMMENT ON FUNCTION flux._overrides_validate() IS 'Trigger: validates an override';
+COMMENT ON FUNCTION flux._flags_validate() IS 'Trigger: validates a flag (flux._check_flag)';
+COMMENT ON FUNCTION flux._flag_lists_validate() IS 'Trigger: validates an allow / deny list entry';
+
+-- flux_enforce_limit's trigger is now Rust (src/limits.rs); the triggers
+-- already made keep pointing at it. The function it called is gone.
+CREATE OR REPLACE FUNCTION flux._enforce_limit() RETURNS trigger LANGUAGE c
+AS 'MODULE_PATHNAME', '_enforce_limit_wrapper';
+DROP FUNCTION flux._check_row_limit(oid, text, text, text);
+
+-- flux_value makes its jsonb in Rust: no internal body to keep PUBLIC.
+-- flux_value's result is made by jsonb_in from the stored text (src/reads.rs).
+CREATE OR REPLACE FUNCTION flux_value(tenant text, feature text)
+RETURNS jsonb LANGUAGE c STABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'flux_value_wrapper';
+DROP FUNCTION flux._value(text, text);
+
+-- The SQL wrappers, qualified.
+CREATE OR REPLACE FUNCTION flux_grant(plan text, feature text, "limit" bigint DEFAULT NULL, period text DEFAULT NULL,
+                           value jsonb DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._grant(plan, feature, "limit", period, value::pg_catalog.text) $$;
+CREATE OR REPLACE FUNCTION flux_override(tenant text, feature text, enabled boolean DEFAULT true, "limit" bigint DEFAULT NULL,
+                              starts_at timestamptz DEFAULT NULL, expires_at timestamptz DEFAULT NULL,
+                              reason text DEFAULT NULL, value jsonb DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._override(tenant, feature, enabled, "limit", starts_at, expires_at, reason, value::pg_catalog.text) $$;
+CREATE OR REPLACE FUNCTION flux_grant_addon(addon text, feature text, "limit" bigint DEFAULT NULL, value jsonb DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._grant_addon(addon, feature, "limit", value::pg_catalog.text) $$;
+CREATE OR REPLACE FUNCTION flux_apply_stripe_event(event jsonb)
+RETURNS text LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._apply_stripe_event(event::pg_catalog.text) $$;
+CREATE OR REPLACE FUNCTION flux_history(tenant text, since timestamptz DEFAULT NULL)
+RETURNS SETOF flux.audit_log LANGUAGE sql STABLE
+AS $$ SELECT * FROM flux.audit_log a
+       WHERE a.tenant OPERATOR(pg_catalog.=) $1 AND ($2 IS NULL OR a.at OPERATOR(pg_catalog.>=) $2)
+       ORDER BY a.id $$;
+CREATE OR REPLACE FUNCTION flux_enforce_limit(tbl regclass, feature text, tenant_column name DEFAULT 'tenant_id')
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._enforce_limit_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text) $$;
+CREATE OR REPLACE FUNCTION flux_protect(tbl regclass, feature text, tenant_column name DEFAULT 'tenant_id',
+                             force boolean DEFAULT false)
+RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
+AS $$ SELECT flux._protect_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text, force) $$;
+
+-- Comments that changed.
+COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
+COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';
+
+-- Internal functions are not PUBLIC (src/privilege.rs). Trigger functions
+-- fire whoever changes the table (EXECUTE is checked only when a trigger is
+-- created), so revoking them keeps anyone from attaching them to a table of
+-- their own. flux_admin gets what the admin functions and the validation
+-- triggers it fires call.
+DO $$
+DECLARE
+    f pg_catalog.regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace OPERATOR(pg_catalog.=) 'flux'::pg_catalog.regnamespace LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$$;
+GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, flux._check_plan_unused,
+    flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
+    flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
+    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants()
+    TO flux_admin;
+
+-- Everything of the extension belongs to flux_owner, never to the superuser
+-- who ran CREATE EXTENSION; pg_dump / pg_restore and ALTER EXTENSION UPDATE
+-- rerun this script, so the owner survives them. Sequences owned by a
+-- column follow their table.
+DO $$
+DECLARE
+    o record;
+BEGIN
+    ALTER SCHEMA flux OWNER TO flux_owner;
+    FOR o IN
+        SELECT d.classid, d.objid
+          FROM pg_catalog.pg_depend d
+          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+         WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+           AND e.extname OPERATOR(pg_catalog.=) 'flux_entitlements'
+           AND d.deptype OPERATOR(pg_catalog.=) 'e'
+    LOOP
+        IF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
+            EXECUTE pg_catalog.format('ALTER ROUTINE %s OWNER TO flux_owner', o.objid::pg_catalog.regprocedure);
+        ELSIF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass THEN
+            EXECUTE pg_catalog.format('ALTER TYPE %s OWNER TO flux_owner', o.objid::pg_catalog.regtype);
+        ELSIF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+              AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend s
+                               WHERE s.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                                 AND s.objid OPERATOR(pg_catalog.=) o.objid
+                                 AND s.deptype OPERATOR(pg_catalog.=) 'a') THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO flux_owner', o.objid::pg_catalog.regclass);
+        END IF;
+    END LOOP;
+END
+$$;
