@@ -153,6 +153,9 @@ def test_a_trigger_on_usage_still_fires(fresh_db):
     with connect(fresh_db) as c:
         c.execute(SETUP)
         c.execute("CREATE TABLE seen (used bigint)")
+        # Usage is written as flux_owner, so the trigger runs with its rights
+        # (never a superuser's): it needs the grant like any other role.
+        c.execute("GRANT INSERT ON seen TO flux_owner")
         c.execute(
             "CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS "
             "$$ BEGIN INSERT INTO public.seen VALUES (NEW.used); RETURN NEW; END $$"
