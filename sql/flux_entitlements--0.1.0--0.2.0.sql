@@ -29,9 +29,10 @@ $$;
 COMMENT ON ROLE flux_service IS 'flux_entitlements: grant to trusted application backends that act for any tenant (flux_consume(tenant, ...) for a tenant other than flux_current_tenant())';
 COMMENT ON ROLE flux_owner IS 'flux_entitlements: owns schema flux and runs flux''s table access; NOLOGIN, never a superuser, no members';
 
--- The clock and the audit log's actor are not the caller's to move: the
--- settings are superuser-only (PGC_SUSET), and flux_admin may set them.
-GRANT SET ON PARAMETER flux.now, flux.actor TO flux_admin;
+-- The clock, the grace period and the audit log's actor are not the
+-- caller's to move: the settings are superuser-only (PGC_SUSET), and
+-- flux_admin may set them.
+GRANT SET ON PARAMETER flux.now, flux.actor, flux.default_grace_period TO flux_admin;
 
 -- The row locks flux_enforce_limit's trigger queues on, one per (table,
 -- feature, tenant): a table only flux_owner can touch, so no other role can

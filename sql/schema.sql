@@ -6,6 +6,21 @@
 -- through the same triggers, which call the validators in src/validate.rs so
 -- that both paths give the same errors.
 
+-- Text reaches the Rust functions as &str, which must be UTF-8: in a
+-- SQL_ASCII or LATIN1 database any argument with a non-ASCII byte would end
+-- in an internal error. Refuse the database up front, with what to do.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '22021',
+            MESSAGE = pg_catalog.format('flux_entitlements needs a UTF8 database; %s is %s',
+                                        pg_catalog.current_database(), pg_catalog.getdatabaseencoding()),
+            HINT = 'Create the database with ENCODING ''UTF8'' (and TEMPLATE template0).';
+    END IF;
+END
+$$;
+
 CREATE SCHEMA flux;
 COMMENT ON SCHEMA flux IS 'flux_entitlements: features, plans, grants, tenants, addons and overrides; the flux_* functions live in the extension''s schema';
 

@@ -68,9 +68,9 @@ fn audit_log_has_role() -> bool {
     }
 }
 
-/// Whether the statement running is a COPY FROM into the table `relname`
+/// Whether the statement running is a COPY FROM into the table `relid`
 /// (how pg_restore loads data), read from the active portal's statement.
-fn copying_into(relname: &str) -> bool {
+fn copying_into(relid: pg_sys::Oid) -> bool {
     // SAFETY: ActivePortal is the portal being run (NULL outside one); its
     // statement list and the nodes in it live as long as the portal, which
     // outlives this trigger call. Only tags and plain fields are read.
@@ -95,7 +95,16 @@ fn copying_into(relname: &str) -> bool {
         if !copy.is_from || copy.relation.is_null() || (*copy.relation).relname.is_null() {
             return false;
         }
-        CStr::from_ptr((*copy.relation).relname).to_bytes() == relname.as_bytes()
+        // The table it names now (COPY resolved it the same way, and holds
+        // its lock).
+        let target = pg_sys::RangeVarGetRelidExtended(
+            copy.relation,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        target == relid
     }
 }
 
@@ -119,10 +128,10 @@ mod flux {
         };
         let entity = trigger.table_name()?;
         let keys = trigger.extra_args()?;
-        let (rowtype, namespace) = {
+        let (rowtype, namespace, relid) = {
             let rel = trigger.relation()?;
             // SAFETY: rd_rel is valid while the trigger's relation is open.
-            unsafe { ((*rel.rd_rel).reltype, (*rel.rd_rel).relnamespace) }
+            unsafe { ((*rel.rd_rel).reltype, (*rel.rd_rel).relnamespace, rel.oid()) }
         };
         // SAFETY: a syscache lookup by name.
         let flux = unsafe { pg_sys::get_namespace_oid(c"flux".as_ptr(), true) };
@@ -132,7 +141,7 @@ mod flux {
             ))
             .raise();
         }
-        if copying_into(&entity) {
+        if copying_into(relid) {
             return Ok(None);
         }
         let role = current_role();

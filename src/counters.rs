@@ -22,11 +22,21 @@
 //! whole story it says `Fallback` and the caller uses SQL: the row does not
 //! exist yet (an insert, with ON CONFLICT), REPEATABLE READ or SERIALIZABLE
 //! (which need serialization failures and predicate locks), or someone
-//! added a trigger, a CHECK constraint or forced row security on the table.
+//! added a trigger, a CHECK constraint, forced row security, a rule, a
+//! stored generated column or a publication's row filter or column list.
+//!
+//! Both the read and the write are SQL's as well when flux.usage is not a
+//! plain heap table of the expected shape (partitioned, a view, inherited
+//! from, another access method, columns moved or retyped) or its key
+//! collations are not deterministic (see Opened::open): a `used` column that
+//! is not bigint is an error (42804), since the SQL path cannot read it.
 
 use crate::error::{FluxError, FluxResult};
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 use pgrx::IntoDatum;
+use pgrx::{PgBuiltInOids, PgOid};
+use std::ffi::CStr;
 
 /// The columns of flux.usage, in order, with their types.
 const COLUMNS: [(&str, pg_sys::Oid); 5] = [
@@ -56,109 +66,258 @@ struct Opened {
     pkey: pg_sys::Oid,
 }
 
+/// What opening flux.usage found.
+enum Open {
+    /// A plain heap table of the expected shape: read and written here.
+    Direct(Opened),
+    /// Anything else: SQL reads and writes it (or says what is wrong).
+    Sql,
+}
+
 impl Opened {
     /// Found by name in the schema (the relcache and syscache make that a
     /// hash lookup): an OID kept in the cache would go stale when the table
     /// or its index is rebuilt, and watching the table for that would
     /// reload every cache whenever autovacuum visits it.
-    fn open(namespace: pg_sys::Oid, lock: u32) -> Option<Self> {
+    ///
+    /// Direct only for a plain heap table (heap) whose first columns are
+    /// ours (shaped) and whose primary key this module can probe (key_fits);
+    /// each call reads the relcache entry's fields again (a few loads), so an
+    /// ALTER TABLE is seen by the next call.
+    fn open(namespace: pg_sys::Oid, lock: u32) -> FluxResult<Open> {
         // SAFETY: looks up and opens a relation of ours under a lock; it
         // stays open until drop (or until an error aborts the transaction,
-        // which closes it).
+        // which closes it). relation_open, not table_open: whatever the name
+        // now is (an index raises in table_open) is looked at, then left to
+        // SQL.
         unsafe {
             let table = pg_sys::get_relname_relid(c"usage".as_ptr(), namespace);
             if table == pg_sys::InvalidOid {
-                return None;
+                // SQL says it does not exist (42P01).
+                return Ok(Open::Sql);
             }
-            let rel = pg_sys::table_open(table, lock as pg_sys::LOCKMODE);
-            let opened = Opened {
+            let rel = pg_sys::relation_open(table, lock as pg_sys::LOCKMODE);
+            let mut opened = Opened {
                 rel,
-                pkey: pg_sys::RelationGetPrimaryKeyIndex(rel),
+                pkey: pg_sys::InvalidOid,
             };
-            (opened.pkey != pg_sys::InvalidOid && key_columns_first(opened.pkey) && opened.shaped())
-                .then_some(opened)
+            if !opened.shaped()? || !opened.heap() {
+                return Ok(Open::Sql);
+            }
+            opened.pkey = pg_sys::RelationGetPrimaryKeyIndex(rel);
+            Ok(
+                if opened.pkey != pg_sys::InvalidOid && key_fits(opened.pkey) {
+                    Open::Direct(opened)
+                } else {
+                    Open::Sql
+                },
+            )
         }
     }
 
     /// The first columns are the ones this module reads in place (Row):
-    /// their names and types, none dropped.
-    fn shaped(&self) -> bool {
+    /// their names and types, none dropped. Any other layout is SQL's, which
+    /// finds columns by name and casts where PostgreSQL can (or raises its
+    /// own error, 42703 or 42883), except `used` that is not bigint: SQL
+    /// reads it back as a bigint, which pgrx refuses with XX000, so that is
+    /// an error here, saying what is expected.
+    fn shaped(&self) -> FluxResult<bool> {
         // SAFETY: reads the open relation's descriptor.
         unsafe {
             let desc = &*(*self.rel).rd_att;
-            let natts = desc.natts as usize;
-            if natts < COLUMNS.len() {
-                return false;
-            }
-            let attrs = desc.attrs.as_slice(natts);
-            COLUMNS.iter().zip(attrs).all(|((name, ty), a)| {
+            let attrs = desc.attrs.as_slice(desc.natts as usize);
+            let named = |a: &pg_sys::FormData_pg_attribute, name: &str| {
                 !a.attisdropped
-                    && a.atttypid == *ty
-                    && std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes()
-                        == name.as_bytes()
-            })
+                    && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name.as_bytes()
+            };
+            if attrs.len() >= COLUMNS.len()
+                && COLUMNS
+                    .iter()
+                    .zip(attrs)
+                    .all(|((name, ty), a)| a.atttypid == *ty && named(a, name))
+            {
+                return Ok(true);
+            }
+            match attrs.iter().find(|a| named(a, "used")) {
+                Some(a) if a.atttypid != pg_sys::INT8OID => {
+                    let ty = CStr::from_ptr(pg_sys::format_type_be(a.atttypid)).to_string_lossy();
+                    Err(FluxError::WrongType(format!(
+                        "column \"used\" of flux.usage is {ty}, and flux_entitlements expects bigint: ALTER TABLE flux.usage ALTER COLUMN used TYPE bigint"
+                    )))
+                }
+                _ => Ok(false),
+            }
         }
+    }
+
+    /// A plain heap table, alone: its rows are heap tuples (Row reads them
+    /// in place) and a query of flux.usage touches this table only. Not a
+    /// partitioned table (no storage; its index is no B-tree of rows, and
+    /// probing it crashed the backend), a view or a foreign table, another
+    /// table access method, a partition (an update is checked against its
+    /// bounds, and may be published as its root's) or a parent by
+    /// inheritance (a query reads and updates the children too).
+    fn heap(&self) -> bool {
+        // SAFETY: reads the open relation's pg_class row in the relcache.
+        let form = unsafe { &*(*self.rel).rd_rel };
+        form.relkind as u8 == pg_sys::RELKIND_RELATION
+            && form.relam == pg_sys::HEAP_TABLE_AM_OID
+            && !form.relispartition
+            && !form.relhassubclass
     }
 
     /// Nothing but the update acts on an update: no user trigger (the
     /// foreign keys' internal triggers skip updates that keep the key), only
-    /// our CHECK constraint, no forced row security.
+    /// our CHECK constraint, no forced row security, no rule (DO ALSO adds
+    /// a statement, INSTEAD replaces it), no stored generated column (the
+    /// executor computes it from the new row), and nothing a publication
+    /// asks of the executor (published_plainly).
     fn plain(&self) -> bool {
         // SAFETY: reads the open relation's descriptor fields.
         unsafe {
             let rel = &*self.rel;
+            let form = &*rel.rd_rel;
+            if form.relhasrules || !rel.rd_rules.is_null() || form.relforcerowsecurity {
+                return false;
+            }
             let desc = &*rel.rd_att;
-            if !desc.constr.is_null() && (*desc.constr).num_check > 0 {
-                // Only ours: used >= 0, which an added positive amount keeps.
+            if !desc.constr.is_null() {
                 let c = &*desc.constr;
-                let checks = std::slice::from_raw_parts(c.check, c.num_check as usize);
-                if checks
-                    .iter()
-                    .any(|k| std::ffi::CStr::from_ptr(k.ccname).to_bytes() != b"usage_used_check")
-                {
+                if c.has_generated_stored {
                     return false;
                 }
-            }
-            if (*rel.rd_rel).relforcerowsecurity {
-                return false;
+                // Only ours: used >= 0, which an added positive amount keeps.
+                if c.num_check > 0 {
+                    let checks = std::slice::from_raw_parts(c.check, c.num_check as usize);
+                    if checks
+                        .iter()
+                        .any(|k| CStr::from_ptr(k.ccname).to_bytes() != b"usage_used_check")
+                    {
+                        return false;
+                    }
+                }
             }
             if !rel.trigdesc.is_null() && (*rel.trigdesc).numtriggers > 0 {
                 let td = &*rel.trigdesc;
                 let triggers = std::slice::from_raw_parts(td.triggers, td.numtriggers as usize);
-                if triggers.iter().any(|t| !t.tgisinternal) {
+                // A deferrable unique constraint's internal trigger rechecks
+                // what the executor queues for it; we queue nothing.
+                let recheck = pg_sys::Oid::from(pg_sys::F_UNIQUE_KEY_RECHECK);
+                if triggers
+                    .iter()
+                    .any(|t| !t.tgisinternal || t.tgfoid == recheck)
+                {
                     return false;
                 }
             }
-            true
+            published_plainly(self.rel)
         }
     }
 }
 
+/// pg_publication_rel's prqual and prattrs (the row filter, the column
+/// list), 1-based.
+const ANUM_PRQUAL: i32 = 4;
+const ANUM_PRATTRS: i32 = 5;
+
+/// Whether publishing our update needs nothing the executor adds.
+/// heap_update logs the replica identity as an UPDATE does and decoding
+/// applies the publications to that, so a table published for updates is
+/// left to SQL only when a publication filters its rows or lists its
+/// columns (the executor first checks they are in the replica identity) or
+/// it has no replica identity (the executor refuses the update): SQL then
+/// does or refuses as an UPDATE would.
+///
+/// # Safety
+/// `rel` is an open plain table.
+unsafe fn published_plainly(rel: pg_sys::Relation) -> bool {
+    // SAFETY: per the function's contract. The publication descriptor is
+    // kept in the relcache entry (dropped with it when a publication
+    // changes) once built, as RelationBuildPublicationDesc itself reads it:
+    // after the first call, one read and no call.
+    unsafe {
+        let r = &*rel;
+        let desc = if r.rd_pubdesc.is_null() {
+            let mut d = pg_sys::PublicationDesc::default();
+            pg_sys::RelationBuildPublicationDesc(rel, &mut d);
+            d
+        } else {
+            *r.rd_pubdesc
+        };
+        if !desc.pubactions.pubupdate {
+            return true;
+        }
+        let identity = (*r.rd_rel).relreplident as u8 == pg_sys::REPLICA_IDENTITY_FULL
+            || pg_sys::RelationGetReplicaIndex(rel) != pg_sys::InvalidOid;
+        identity
+            && desc.rf_valid_for_update
+            && desc.cols_valid_for_update
+            && !filtered_or_listed(r.rd_id)
+    }
+}
+
+/// Whether a publication of the table by name (only those have row filters
+/// and column lists) filters its rows or lists its columns: a list lookup
+/// in the syscache, made only for a table published for updates.
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn filtered_or_listed(relid: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache list of pg_publication_rel rows by prrelid, held
+    // while its tuples are read, then released.
+    unsafe {
+        let list = pg_sys::SearchSysCacheList(
+            pg_sys::SysCacheIdentifier::PUBLICATIONRELMAP as i32,
+            1,
+            pg_sys::Datum::from(relid),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        );
+        let members = (*list).members.as_slice((*list).n_members as usize);
+        let any = members.iter().any(|&m| {
+            let t = &mut (*m).tuple;
+            !pg_sys::heap_attisnull(t, ANUM_PRQUAL, std::ptr::null_mut())
+                || !pg_sys::heap_attisnull(t, ANUM_PRATTRS, std::ptr::null_mut())
+        });
+        pg_sys::ReleaseCatCacheList(list);
+        any
+    }
+}
+
 thread_local! {
-    /// The last index key_columns_first said yes to.
+    /// The last index key_fits said yes to. What it checks is fixed for an
+    /// index's OID: a new type or collation of a column builds a new index.
     static CHECKED_KEY: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
 }
 
-/// Whether the index's columns are the table's first three, in order (the
-/// scan keys number them so).
+/// Whether the primary key is a B-tree whose columns are the table's first
+/// three, in order (the scan keys number them so), and whose text columns'
+/// collations are deterministic: under those (only) equal is byte-equal,
+/// which Row::is compares (under a case-insensitive collation 'ACME' is
+/// the row of 'acme'). find_by_key probes under the index's collations.
 ///
 /// # Safety
-/// Inside a transaction; `index` is the OID of an index.
-unsafe fn key_columns_first(index: pg_sys::Oid) -> bool {
+/// Inside a transaction; `index` is the OID of an index of a table this
+/// transaction has locked.
+unsafe fn key_fits(index: pg_sys::Oid) -> bool {
     if CHECKED_KEY.get() == index {
         return true;
     }
-    // SAFETY: a syscache lookup; reads the fixed part of pg_index, indkey
-    // included (its first indnkeyatts entries).
+    // SAFETY: opens the index (locked as find_by_key locks it) and reads its
+    // relcache entry: pg_index's row, then its first indnkeyatts
+    // collations; the collation lookups are syscache reads.
     let ok = unsafe {
-        crate::backend::syscache_row(
-            pg_sys::SysCacheIdentifier::INDEXRELID,
-            pg_sys::Datum::from(index),
-            |form: &pg_sys::FormData_pg_index| {
-                form.indnkeyatts == 3 && form.indkey.values.as_slice(3) == [1, 2, 3]
-            },
-        )
-    } == Some(true);
+        let ix = pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let form = &*(*ix).rd_index;
+        let ok = (*(*ix).rd_rel).relam == pg_sys::BTREE_AM_OID
+            && form.indnkeyatts == 3
+            && form.indkey.values.as_slice(3) == [1, 2, 3]
+            && std::slice::from_raw_parts((*ix).rd_indcollation, 2)
+                .iter()
+                .all(|&c| c != pg_sys::InvalidOid && pg_sys::get_collation_isdeterministic(c));
+        pg_sys::index_close(ix, pg_sys::NoLock as pg_sys::LOCKMODE);
+        ok
+    };
     if ok {
         CHECKED_KEY.set(index);
     }
@@ -173,12 +332,20 @@ impl Drop for Opened {
             return;
         }
         // SAFETY: closes what open() opened; NoLock keeps the lock.
-        unsafe { pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+        unsafe { pg_sys::relation_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
     }
 }
 
-/// Scan keys for (tenant, feature, period_start) = the arguments.
-fn keys(tenant: &str, feature: &str, start: i64) -> [pg_sys::ScanKeyData; 3] {
+/// Scan keys for (tenant, feature, period_start) = the arguments, the texts
+/// compared under `collations`, the index's: a B-tree descends by its own
+/// order only under the collation it was built with (under the database's,
+/// most rows of an index built under another were not found).
+fn keys(
+    tenant: &str,
+    feature: &str,
+    start: i64,
+    collations: [pg_sys::Oid; 2],
+) -> [pg_sys::ScanKeyData; 3] {
     let mut k: [pg_sys::ScanKeyData; 3] = Default::default();
     let text = |s: &str| s.into_datum().unwrap_or(pg_sys::Datum::from(0));
     let eq = pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber;
@@ -191,7 +358,7 @@ fn keys(tenant: &str, feature: &str, start: i64) -> [pg_sys::ScanKeyData; 3] {
             1,
             eq,
             pg_sys::InvalidOid,
-            pg_sys::DEFAULT_COLLATION_OID,
+            collations[0],
             pg_sys::Oid::from(pg_sys::F_TEXTEQ),
             text(tenant),
         );
@@ -201,7 +368,7 @@ fn keys(tenant: &str, feature: &str, start: i64) -> [pg_sys::ScanKeyData; 3] {
             2,
             eq,
             pg_sys::InvalidOid,
-            pg_sys::DEFAULT_COLLATION_OID,
+            collations[1],
             pg_sys::Oid::from(pg_sys::F_TEXTEQ),
             text(feature),
         );
@@ -511,15 +678,17 @@ fn find_by_key(
     feature: &str,
     start: i64,
 ) -> Option<(pg_sys::HeapTuple, pg_sys::ItemPointerData)> {
-    let mut k = keys(tenant, feature, start);
     // SAFETY: an index scan of our own table under a live snapshot, as
     // index_getnext_slot runs it but keeping the TID the index entry holds
     // (the chain's root); the tuple is copied before the scan ends (which
     // releases its buffer). The scan keys number the index's columns,
-    // which Opened::open checked are the table's first three.
+    // which Opened::open checked are the table's first three (so it has
+    // at least two collations).
     unsafe {
         let rel = opened.rel;
         let index = pg_sys::index_open(opened.pkey, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let coll = (*index).rd_indcollation;
+        let mut k = keys(tenant, feature, start, [*coll, *coll.add(1)]);
         let scan = pg_sys::index_beginscan(rel, index, snapshot, 3, 0);
         pg_sys::index_rescan(scan, k.as_mut_ptr(), 3, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
@@ -558,8 +727,10 @@ pub fn read_used(
     feature: &str,
     start: i64,
 ) -> FluxResult<i64> {
-    let opened = Opened::open(namespace, pg_sys::AccessShareLock)
-        .ok_or_else(|| FluxError::Internal("flux.usage or its primary key is missing".into()))?;
+    let opened = match Opened::open(namespace, pg_sys::AccessShareLock)? {
+        Open::Direct(opened) => opened,
+        Open::Sql => return read_used_sql(tenant, feature, start),
+    };
     // SAFETY: the active snapshot is the statement's, registered by it.
     let snapshot = unsafe { pg_sys::GetActiveSnapshot() };
     let Some(t) = find(
@@ -573,12 +744,32 @@ pub fn read_used(
         return Ok(0);
     };
     // SAFETY: a copy of a row of this relation.
-    let row = unsafe { Row::of(t) }.ok_or_else(|| {
-        FluxError::Internal(format!(
-            "the flux.usage row of {tenant} / {feature} has a null or is cut short"
-        ))
-    })?;
-    Ok(row.get(Fixed::Used))
+    match unsafe { Row::of(t) } {
+        Some(row) => Ok(row.get(Fixed::Used)),
+        // A null (NOT NULL dropped): SQL reads it as it is.
+        None => read_used_sql(tenant, feature, start),
+    }
+}
+
+/// read_used through SQL, as the table's owner (the direct read needs no
+/// privilege): for a table Opened::open leaves to SQL.
+fn read_used_sql(tenant: &str, feature: &str, start: i64) -> FluxResult<i64> {
+    const SQL: &str = "SELECT used FROM flux.usage \
+         WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+           AND period_start OPERATOR(pg_catalog.=) $3";
+    const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+    const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
+    let _owner = crate::privilege::AsOwner::enter()?;
+    let start = crate::store::ts_datum(Some(start));
+    Spi::connect(|c| {
+        let p = crate::store::kept(c, SQL, &[TEXT, TEXT, TSTZ], false)?;
+        let t = c.select(&*p, Some(1), &[tenant.into(), feature.into(), start.into()])?;
+        Ok(if t.is_empty() {
+            0
+        } else {
+            t.first().get_one::<i64>()?.unwrap_or(0)
+        })
+    })
 }
 
 /// Add `amount` to an existing counter row if the total stays within
@@ -591,14 +782,14 @@ pub fn add(
     amount: i64,
     limit: Option<i64>,
 ) -> FluxResult<Added> {
-    // SAFETY: reads a backend-local setting.
-    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
-        return Ok(Added::Fallback);
-    }
-    let Some(opened) = Opened::open(namespace, pg_sys::RowExclusiveLock) else {
-        return Ok(Added::Fallback);
+    // Opened first, whatever the isolation level: a `used` that is not
+    // bigint is refused here, as SQL could not use it either.
+    let opened = match Opened::open(namespace, pg_sys::RowExclusiveLock)? {
+        Open::Direct(opened) => opened,
+        Open::Sql => return Ok(Added::Fallback),
     };
-    if !opened.plain() {
+    // SAFETY: reads a backend-local setting.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 || !opened.plain() {
         return Ok(Added::Fallback);
     }
     // The latest snapshot: every committed version and this transaction's

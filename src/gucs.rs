@@ -43,9 +43,10 @@ pub fn init() {
         GucRegistry::define_string_guc_with_hooks(
             c"flux.default_grace_period",
             c"How long a past_due subscription stays live when its plan sets no grace_period.",
-            c"An interval, default 7 days.",
+            c"An interval, default 7 days. Only superusers and members of flux_admin may set it.",
             &DEFAULT_GRACE_PERIOD,
-            GucContext::Userset,
+            // A tenant past its grace must not extend it: like flux.now.
+            GucContext::Suset,
             GucFlags::default(),
             None,
             Some(decision_setting_assigned),

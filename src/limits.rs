@@ -3,7 +3,8 @@
 //!
 //! The trigger (`flux._enforce_limit`, in Rust) reads the row's tenant as
 //! text, locks the tenant's row of `flux.limit_locks` for (table, feature,
-//! tenant), decides, counts the tenant's rows (the tenant column compared as
+//! tenant), decides, counts the tenant's rows (as the table's owner with row
+//! security off, as a foreign key check does; the tenant column compared as
 //! text, every operator qualified, under a pinned search_path) and refuses
 //! the row past the limit. Safe under concurrent inserts: two inserts at
 //! limit - 1 queue on the lock row and the second counts the first once it
@@ -76,14 +77,18 @@ fn check_row_limit(rel: pg_sys::Oid, feature: &str, column: &str, tenant: &str) 
         return Ok(());
     };
     let coltype = store::table_and_column(rel, column)?.1;
-    let qualified = crate::rls::column_type(rel, column)?;
-    let matches =
-        crate::rls::tenant_equals(&spi::quote_identifier(column), &coltype, &qualified, "$1");
-    let count = store::one::<i64>(
-        &format!("SELECT pg_catalog.count(*) FROM {table} WHERE {matches}"),
-        &[tenant.into()],
-    )?
-    .unwrap_or(0);
+    let matches = crate::rls::tenant_equals(&spi::quote_identifier(column), &coltype, "$1");
+    // Every row of the tenant counts, also those the inserting role's row
+    // security hides from it: counted as the table's owner, as a foreign
+    // key check would look.
+    let count = {
+        let _owner = crate::privilege::AsTableOwner::enter(rel)?;
+        store::one::<i64>(
+            &format!("SELECT pg_catalog.count(*) FROM {table} WHERE {matches}"),
+            &[tenant.into()],
+        )?
+        .unwrap_or(0)
+    };
     if count + 1 > limit {
         let on =
             x.d.plan

@@ -257,3 +257,63 @@ impl Drop for AsOwner {
         unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }
     }
 }
+
+/// Whether relation `relid` is in schema flux (the tables flux's trigger
+/// functions belong to).
+pub fn in_flux_schema(relid: pg_sys::Oid) -> bool {
+    // SAFETY: syscache lookups inside a transaction.
+    unsafe {
+        let flux = pg_sys::get_namespace_oid(c"flux".as_ptr(), true);
+        flux != pg_sys::InvalidOid && pg_sys::get_rel_namespace(relid) == flux
+    }
+}
+
+/// While alive, the current user is the owner of an application table, as
+/// PostgreSQL's foreign-key checks run: row security is not applied (even
+/// when forced), the operation is restricted (no SET ROLE, no temporary
+/// objects), and search_path is pinned. flux_enforce_limit counts a
+/// tenant's rows this way, so rows the inserting role cannot see still
+/// count against the limit.
+pub struct AsTableOwner {
+    uid: pg_sys::Oid,
+    ctx: i32,
+    _path: Pinned,
+}
+
+impl AsTableOwner {
+    pub fn enter(relid: pg_sys::Oid) -> FluxResult<Self> {
+        // SAFETY: a syscache lookup of the relation's owner.
+        let owner = unsafe {
+            crate::backend::syscache_row(
+                pg_sys::SysCacheIdentifier::RELOID,
+                pg_sys::Datum::from(relid),
+                |form: &pg_sys::FormData_pg_class| form.relowner,
+            )
+        }
+        .ok_or_else(|| FluxError::Internal(format!("no relation with OID {}", u32::from(relid))))?;
+        let path = Pinned::enter();
+        let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
+        // SAFETY: backend-local identity state, as ri_triggers.c does.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE
+                    | pg_sys::SECURITY_RESTRICTED_OPERATION
+                    | pg_sys::SECURITY_NOFORCE_RLS) as i32,
+            );
+        }
+        Ok(AsTableOwner {
+            uid,
+            ctx,
+            _path: path,
+        })
+    }
+}
+
+impl Drop for AsTableOwner {
+    fn drop(&mut self) {
+        // SAFETY: restores the identity saved in enter().
+        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }
+    }
+}

@@ -16,8 +16,8 @@
 //! The tenant column is compared with the current tenant as text: a
 //! `varchar(8)` column compared after casting the tenant to `varchar(8)`
 //! truncated `org-0001-attacker` to `org-0001` and let it read, update and
-//! insert org-0001's rows. For types other than text and varchar a typed
-//! comparison is kept beside the text one, as the index qual. The policies
+//! insert org-0001's rows, and casting it to an integer column's type
+//! raised for every tenant that is not a number. The policies
 //! are written with every function and operator qualified, and created
 //! under a pinned search_path (privilege.rs).
 
@@ -26,35 +26,17 @@ use crate::store;
 use crate::validate::{feature_kind, need};
 use pgrx::prelude::*;
 
-/// The type of a column, schema-qualified and without its modifier (a
-/// cast to `bpchar(8)` would truncate, a cast to `bpchar` does not).
-pub fn column_type(tbl: pg_sys::Oid, column: &str) -> FluxResult<String> {
-    Ok(store::one::<String>(
-        "SELECT pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' \
-                OPERATOR(pg_catalog.||) pg_catalog.quote_ident(t.typname) \
-           FROM pg_catalog.pg_attribute a \
-           JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid \
-           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.typnamespace \
-          WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2",
-        &[tbl.into(), column.into()],
-    )?
-    .unwrap_or_else(|| "pg_catalog.text".into()))
-}
-
-/// SQL that is true when the tenant column `col` (of type `coltype` as
-/// format_type prints it, `qualified` as column_type does) holds the tenant
-/// `value` (a text expression), compared as text. For types other than text
-/// and varchar a typed comparison stands beside it as the index qual.
-pub fn tenant_equals(col: &str, coltype: &str, qualified: &str, value: &str) -> String {
-    let as_text = format!("{col}::pg_catalog.text OPERATOR(pg_catalog.=) {value}");
+/// SQL that is true when the tenant column `col` (of type `coltype`, as
+/// format_type prints it) holds the tenant `value` (a text expression),
+/// compared as text: never a cast of the tenant to the column's type, which
+/// truncates (`varchar(8)`) or raises (`integer`, `uuid`). A text or
+/// varchar column keeps its index (varchar to text is a relabelling); for
+/// other types an expression index on `(col::text)` serves it.
+pub fn tenant_equals(col: &str, coltype: &str, value: &str) -> String {
     if coltype == "text" {
         format!("{col} OPERATOR(pg_catalog.=) {value}")
-    } else if coltype.starts_with("character varying") {
-        // varchar to text is a relabelling: the index still serves it.
-        as_text
     } else {
-        // sql-check: ok (the type name comes qualified from column_type)
-        format!("{col} OPERATOR(pg_catalog.=) ({value})::{qualified} AND {as_text}")
+        format!("{col}::pg_catalog.text OPERATOR(pg_catalog.=) {value}")
     }
 }
 
@@ -91,7 +73,7 @@ mod flux {
             // and each row is compared with a parameter, as with a constant
             // (an index qual either way).
             let current = format!("(SELECT {schema}.flux_current_tenant())");
-            let tenant_match = tenant_equals(&col, &coltype, &column_type(tbl, column)?, &current);
+            let tenant_match = tenant_equals(&col, &coltype, &current);
             // A scalar subquery: the planner runs it once per statement as an
             // InitPlan and each row only reads its result (a plain call in a
             // policy is evaluated per row: RLS quals are not turned into

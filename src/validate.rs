@@ -446,6 +446,15 @@ mod flux {
         trigger: &'a pgrx::PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
         let relid = trigger.relid()?;
+        // Only for the flux tables: it is not PUBLIC, and a trigger function
+        // refuses a table that is not its own.
+        if !crate::privilege::in_flux_schema(relid) {
+            FluxError::Forbidden(format!(
+                "flux._cache_invalidate is a trigger of the flux tables, not of {}",
+                trigger.table_name()?
+            ))
+            .raise();
+        }
         // SAFETY: queues an invalidation message for a relation that exists
         // (the trigger fires on it) inside a transaction.
         unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
