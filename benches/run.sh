@@ -5,7 +5,7 @@
 # (default 5), ROUNDS (default 3), ROWS for the per-row table (default 100000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=/usr/lib/postgresql/15/bin
+BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
 DIR=${PGX_ROOT:-/tmp/flux-pg}/bench
 PORT=${BENCH_PORT:-5497}
 T=${SECONDS_PER_RUN:-5}

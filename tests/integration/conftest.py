@@ -8,7 +8,8 @@ import pytest
 
 HOST = os.environ.get("FLUX_PGHOST", "/tmp/flux-pg/regress")
 PORT = int(os.environ.get("FLUX_PGPORT", "5498"))
-BIN = "/usr/lib/postgresql/15/bin"
+# The server binaries of the version under test (the Makefile sets it from PG=).
+BIN = os.environ.get("FLUX_PGBIN") or "/usr/lib/postgresql/15/bin"
 
 
 def dsn(dbname):
