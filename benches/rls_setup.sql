@@ -15,3 +15,9 @@ DO $$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'flux_bench_app') THEN CREATE ROLE flux_bench_app LOGIN; END IF;
 END $$;
 GRANT SELECT ON bench_rls, bench_plain TO flux_bench_app;
+-- A trusted backend that acts for any tenant (flux_service): the check
+-- bench runs as it too, to show what the per-role trust check costs.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'flux_bench_service') THEN CREATE ROLE flux_bench_service LOGIN; END IF;
+END $$;
+GRANT flux_service TO flux_bench_service;

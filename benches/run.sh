@@ -26,6 +26,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 # name, flux script, baseline script, clients, goal, direction (ge: ratio >= goal is good)
 cases=(
     "check (pgbench -M prepared -c 2) / SELECT ('t' || :t) IS NOT NULL@check.sql@check_baseline.sql@2@0.90@ge"
+    "check as a flux_service member, not a superuser (-c 2) / the same baseline@check.sql@check_baseline.sql@2@0.90@ge@flux_bench_service"
     "consume over 1,000 tenants / UPDATE by primary key (-c 2)@consume.sql@consume_baseline.sql@2@0.85@ge"
     "consume, one hot tenant, 8 clients / single-row UPDATE@hot_consume.sql@hot_baseline.sql@8@0.70@ge"
     "per-row WHERE flux_check over $ROWS rows, 1,000 tenants: cost / trivial predicate@perrow.sql@perrow_baseline.sql@1@1.60@le"
