@@ -211,14 +211,34 @@ COMMENT ON FUNCTION flux._flag_lists_validate() IS 'Trigger: validates an allow 
 -- already made keep pointing at it. The function it called is gone.
 CREATE OR REPLACE FUNCTION flux._enforce_limit() RETURNS trigger LANGUAGE c
 AS 'MODULE_PATHNAME', '_enforce_limit_wrapper';
-DROP FUNCTION flux._check_row_limit(oid, text, text, text);
+-- Internal functions 0.1.0 left PUBLIC could be used by anyone's views or
+-- functions; such objects must not keep a database on 0.1.0 (any role could
+-- block the upgrade that closes its holes), so they go with the function,
+-- named in a NOTICE.
+DO $$
+DECLARE
+    f pg_catalog.regprocedure;
+    dep text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['flux._check_row_limit(oid, text, text, text)'::pg_catalog.regprocedure,
+                             'flux._value(text, text)'::pg_catalog.regprocedure] LOOP
+        FOR dep IN SELECT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid)
+                     FROM pg_catalog.pg_depend d
+                    WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+                      AND d.refobjid OPERATOR(pg_catalog.=) f::pg_catalog.oid
+                      AND d.deptype OPERATOR(pg_catalog.=) 'n' LOOP
+            RAISE NOTICE 'dropping %, which depends on %, an internal function of flux_entitlements 0.1.0', dep, f;
+        END LOOP;
+        EXECUTE pg_catalog.format('DROP FUNCTION %s CASCADE', f);
+    END LOOP;
+END
+$$;
 
 -- flux_value makes its jsonb in Rust: no internal body to keep PUBLIC.
 -- flux_value's result is made by jsonb_in from the stored text (src/reads.rs).
 CREATE OR REPLACE FUNCTION flux_value(tenant text, feature text)
 RETURNS jsonb LANGUAGE c STABLE STRICT PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'flux_value_wrapper';
-DROP FUNCTION flux._value(text, text);
 
 -- The SQL wrappers, qualified.
 CREATE OR REPLACE FUNCTION flux_grant(plan text, feature text, "limit" bigint DEFAULT NULL, period text DEFAULT NULL,

@@ -76,7 +76,12 @@ fn trusted() -> bool {
 #[inline]
 pub fn may_act_for_fast(tenant: &[u8]) -> Option<bool> {
     let (known, yes) = TRUSTED.get();
-    if yes && known == current_role() {
+    if known != current_role() {
+        // Not looked up for this role yet (a new backend, a parallel
+        // worker, a role change): the full path asks.
+        return None;
+    }
+    if yes {
         return Some(true);
     }
     gucs::tenant_bytes().map(|current| current == tenant)

@@ -28,7 +28,9 @@ pub fn tenant_from_claims(claims: &str, claim: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(claims).ok()?;
     match v.get(claim)? {
         serde_json::Value::String(s) if !s.is_empty() && !s.contains('\0') => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+        // Integers only: a float (1.0, or an integer past 2^64 that serde
+        // reads as one) has no exact text, and two ids could meet in it.
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
         _ => None,
     }
 }
@@ -73,6 +75,11 @@ mod tests {
         assert_eq!(tenant_from_claims("[1,2]", "tenant_id"), None);
         assert_eq!(
             tenant_from_claims(r#"{"tenant_id":"acme\u0000x"}"#, "tenant_id"),
+            None
+        );
+        assert_eq!(tenant_from_claims(r#"{"org":1.0}"#, "org"), None);
+        assert_eq!(
+            tenant_from_claims(r#"{"org":18446744073709551616}"#, "org"),
             None
         );
     }

@@ -28,6 +28,27 @@ use pgrx::{AllocatedByPostgres, PgTrigger, PgTriggerError};
 /// function refuses to run under any other name.
 const TRIGGER_PREFIX: &str = "flux_limit_";
 
+/// `prefix` + `feature` as an object name that fits PostgreSQL's 63 bytes:
+/// a longer one (feature keys may have 200 characters) is cut at a
+/// character boundary and ends with a hash of the whole key, so two keys
+/// that share their first bytes never share a trigger or a policy.
+pub fn object_name(prefix: &str, feature: &str) -> String {
+    const MAX: usize = 63;
+    let full = format!("{prefix}{feature}");
+    if full.len() <= MAX {
+        return full;
+    }
+    let hash = format!(
+        "_{:08x}",
+        xxhash_rust::xxh3::xxh3_64(feature.as_bytes()) as u32
+    );
+    let mut cut = MAX - hash.len();
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{hash}", &full[..cut])
+}
+
 /// The tenant (as text) of the `new` and `old` rows.
 fn tenants_of(
     column: &str,
@@ -46,6 +67,22 @@ fn tenants_of(
 /// Refuse one more row for `tenant` in `rel` when it would pass the
 /// tenant's limit of `feature`.
 fn check_row_limit(rel: pg_sys::Oid, feature: &str, column: &str, tenant: &str) -> FluxResult<()> {
+    // A row for a tenant is a write for it: refused (42501, telling nothing
+    // about that tenant's plan or count) unless the caller may act for it.
+    if !crate::access::may_act_for(tenant) {
+        return Err(FluxError::Forbidden(format!(
+            "cannot add a row for tenant {}: this session may not act for it (flux_current_tenant() is another \
+             tenant or none; a backend that writes for any tenant needs GRANT flux_service)",
+            crate::error::shown(tenant)
+        )));
+    }
+    // A partition's rows count with its siblings': lock and count on the
+    // partitioned table at the root.
+    let rel = store::one::<pg_sys::Oid>(
+        "SELECT COALESCE(pg_catalog.pg_partition_root($1)::pg_catalog.oid, $1)",
+        &[rel.into()],
+    )?
+    .unwrap_or(rel);
     let table = store::one::<String>(
         "SELECT $1::pg_catalog.regclass::pg_catalog.text",
         &[rel.into()],
@@ -126,7 +163,8 @@ mod flux {
                 )));
             }
             let (table, _) = store::table_and_column(tbl, column)?;
-            let trigger = spi::quote_identifier(format!("{TRIGGER_PREFIX}{feature}"));
+            let name = object_name(TRIGGER_PREFIX, feature);
+            let trigger = spi::quote_identifier(&name);
             let args = format!(
                 "{}, {}",
                 spi::quote_literal(feature),
@@ -135,7 +173,7 @@ mod flux {
             let exists = store::one::<i32>(
                 "SELECT 1 FROM pg_catalog.pg_trigger \
                  WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname OPERATOR(pg_catalog.=) $2",
-                &[tbl.into(), format!("{TRIGGER_PREFIX}{feature}").into()],
+                &[tbl.into(), name.as_str().into()],
             )?
             .is_some();
             if exists {
@@ -177,7 +215,7 @@ mod flux {
                     "flux._enforce_limit runs only as a trigger made by flux_enforce_limit, not as {name}"
                 )));
             };
-            if name != format!("{TRIGGER_PREFIX}{feature}") {
+            if name != object_name(TRIGGER_PREFIX, feature) {
                 return Err(FluxError::Forbidden(format!(
                     "flux._enforce_limit runs only as a trigger made by flux_enforce_limit, not as {name}"
                 )));

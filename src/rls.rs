@@ -4,7 +4,8 @@
 //! Policies made on `tbl`:
 //! - `flux_tenant_select / _insert / _update / _delete` (permissive): the
 //!   row's tenant column equals `flux_current_tenant()`;
-//! - `flux_feature_<feature>` (restrictive, all commands): `flux_check(feature)`.
+//! - `flux_feature_<feature>` (restrictive, all commands): `flux_check(feature)`
+//!   (a name past 63 bytes is cut and ends with a hash of the key).
 //!
 //! The feature condition does not depend on the row and is written as a
 //! scalar subquery, so the planner runs it once per statement (an InitPlan;
@@ -82,7 +83,8 @@ mod flux {
                 "(SELECT {schema}.flux_check({}))",
                 spi::quote_literal(feature)
             );
-            let feature_policy = spi::quote_identifier(format!("flux_feature_{feature}"));
+            let policy_name = crate::limits::object_name("flux_feature_", feature);
+            let feature_policy = spi::quote_identifier(&policy_name);
 
             Spi::run(&format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))?;
             if force.unwrap_or(false) {
@@ -126,10 +128,7 @@ mod flux {
                     "CREATE POLICY {name} ON {table} AS PERMISSIVE {body}"
                 ))?;
             }
-            if existing
-                .iter()
-                .any(|e| *e == format!("flux_feature_{feature}"))
-            {
+            if existing.iter().any(|e| *e == policy_name) {
                 Spi::run(&format!("DROP POLICY {feature_policy} ON {table}"))?;
             }
             Spi::run(&format!(

@@ -1017,13 +1017,16 @@ def test_enforce_limit_counts_with_the_apps_operators_in_its_path(fresh_db, role
                   "$f$BEGIN PERFORM sec_s.hit('text(text)'); RETURN 'nobody'; END$f$"]:
             a.execute(s)
         a.execute(f"SET search_path = {RIGGED}")
+        # A row counts against its tenant only for a session acting for it.
+        a.execute("SET flux.tenant = 'acme'")
         for i in range(3):
             a.execute("INSERT INTO sec_members VALUES ('acme', %s)", (f"m{i}",))
         for i in range(20):
             assert error_of(a, "INSERT INTO sec_members VALUES ('acme', 'more')").sqlstate == "23P01"
         assert error_of(a, "INSERT INTO sec_members SELECT 'acme', 'bulk' FROM generate_series(1, 5)").sqlstate == "23P01"
         # Moving rows of another tenant in counts too.
-        a.execute("INSERT INTO sec_members VALUES ('globex', 'g')")
+        with connect(fresh_db) as c:
+            c.execute("INSERT INTO sec_members VALUES ('globex', 'g')")
         assert error_of(a, "UPDATE sec_members SET tenant_id = 'acme' WHERE name OPERATOR(pg_catalog.=) 'g'").sqlstate == "23P01"
     assert_nothing_ran(fresh_db, a)
     with connect(fresh_db) as c:
@@ -1813,3 +1816,100 @@ def test_copy_into_an_application_table_that_changes_flux_tables_is_audited(fres
                 cp.write_row(("acme", plan))
         rows = audit_since(fresh_db, mark)
         assert (ops, "update", "tenants", "acme", plan) in rows, (table, rows)
+
+
+# ---------------------------------------------------------------------------
+# Follow-ups of the second red-team pass
+
+
+def test_enforce_limit_tells_nothing_about_a_tenant_the_caller_may_not_act_for(fresh_db, roles):
+    """An app acting for acme that inserts a row for globex into a limited
+    table gets 42501, not globex's plan, status or seat count."""
+    app = roles.make("app")
+    setup_catalogue(fresh_db, app)
+    with connect(fresh_db) as c:
+        c.execute("SELECT flux_subscribe('globex', 'pro', 'canceled')")
+    with login(fresh_db, app) as a:
+        a.execute("SET flux.tenant = 'acme'")
+        e = error_of(a, "INSERT INTO sec_members VALUES ('globex', 'x')")
+        assert e.sqlstate == "42501"
+        assert "canceled" not in e.diag.message_primary and "seats" not in e.diag.message_primary
+        assert sqlstate_of(a, "INSERT INTO sec_members VALUES ('acme', 'mine')") == "ok"
+
+
+def test_enforce_limit_counts_a_partitioned_tables_rows_together(fresh_db, roles):
+    """Rows in sibling partitions are one tenant's seats: 3 seats are 3,
+    not 3 per partition."""
+    setup_catalogue(fresh_db)
+    with connect(fresh_db) as c:
+        c.execute("CREATE TABLE public.sec_parts (tenant_id text NOT NULL, region text NOT NULL) PARTITION BY LIST (region)")
+        c.execute("CREATE TABLE public.sec_parts_eu PARTITION OF sec_parts FOR VALUES IN ('eu')")
+        c.execute("CREATE TABLE public.sec_parts_us PARTITION OF sec_parts FOR VALUES IN ('us')")
+        c.execute("SELECT flux_enforce_limit('sec_parts', 'seats')")
+        c.execute("INSERT INTO sec_parts VALUES ('acme', 'eu'), ('acme', 'eu'), ('acme', 'us')")
+        assert sqlstate_of(c, "INSERT INTO sec_parts VALUES ('acme', 'us')") == "23P01"
+        assert sqlstate_of(c, "INSERT INTO sec_parts_eu VALUES ('acme', 'eu')") == "23P01"
+        assert c.execute("SELECT count(*) FROM sec_parts").fetchone()[0] == 3
+
+
+def test_long_feature_keys_get_names_that_fit_and_do_not_collide(fresh_db, roles):
+    """PostgreSQL cuts names at 63 bytes: two 60-character keys sharing
+    their first 52 bytes still get a trigger and a policy each, and work."""
+    a, b = "f" * 55 + "_alpha", "f" * 55 + "_beta"
+    with connect(fresh_db) as c:
+        c.execute("SELECT flux_define_plan('pro')")
+        for key in (a, b):
+            c.execute("SELECT flux_define_feature(%s, 'limit')", (key,))
+            c.execute("SELECT flux_grant('pro', %s, 1)", (key,))
+        c.execute("SELECT flux_subscribe('acme', 'pro')")
+        c.execute("CREATE TABLE public.sec_long (tenant_id text NOT NULL)")
+        for key in (a, b):
+            c.execute("SELECT flux_enforce_limit('sec_long', %s)", (key,))
+            c.execute("SELECT flux_enforce_limit('sec_long', %s)", (key,))  # again: idempotent
+            c.execute("SELECT flux_protect('sec_long', %s)", (key,))
+        names = [r[0] for r in c.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'sec_long'::regclass AND NOT tgisinternal")]
+        assert len(names) == 2 and all(len(n.encode()) <= 63 for n in names)
+        assert c.execute("SELECT count(*) FROM pg_policy WHERE polrelid = 'sec_long'::regclass AND polname LIKE 'flux_feature_%'").fetchone()[0] == 2
+        c.execute("INSERT INTO sec_long VALUES ('acme')")
+        assert sqlstate_of(c, "INSERT INTO sec_long VALUES ('acme')") == "23P01"
+
+
+def test_a_service_role_with_a_current_tenant_still_acts_for_others_from_its_first_call(fresh_db, roles):
+    """flux_check(other, ...) by a flux_service member is true on the first
+    call of a backend, even while flux.tenant names another tenant."""
+    svc = roles.make("svc", member_of=["flux_service"])
+    setup_catalogue(fresh_db)
+    with login(fresh_db, svc) as s:
+        s.execute("SET flux.tenant = 'acme'")
+        assert s.execute("SELECT flux_check('globex', 'reports')").fetchone()[0] is True
+        s.execute("SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; "
+                  "SET min_parallel_table_scan_size = 0")
+        n = s.execute("SELECT count(*) FROM generate_series(1, 20000) i WHERE flux_check(CASE WHEN i % 2 = 0 THEN 'globex' ELSE 'acme' END, 'reports')").fetchone()[0]
+        assert n == 20000
+
+
+def test_a_view_on_an_internal_function_does_not_block_the_upgrade_from_0_1_0(fresh_db, roles):
+    """In 0.1.0 flux._value was PUBLIC: an app's view on it must not keep a
+    database on the release where anyone can become superuser."""
+    import os
+    import shutil
+
+    from test_release import EXT_DIR, ROOT
+
+    target = os.path.join(EXT_DIR, "flux_entitlements--0.1.0.sql")
+    shutil.copy(os.path.join(ROOT, "sql/released/0.1.0.sql"), target)
+    app = roles.make("app")
+    try:
+        with connect(fresh_db) as c:
+            c.execute("DROP EXTENSION flux_entitlements")
+            c.execute("CREATE EXTENSION flux_entitlements VERSION '0.1.0'")
+            c.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(app)))
+        with login(fresh_db, app) as a:
+            a.execute("CREATE VIEW public.sec_pin AS SELECT flux._value('acme', 'export') AS v")
+        with connect(fresh_db) as c:
+            c.execute("ALTER EXTENSION flux_entitlements UPDATE")
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'flux_entitlements'").fetchone()[0] != "0.1.0"
+            assert c.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'flux'").fetchone()[0] == "flux_owner"
+            assert c.execute("SELECT to_regclass('public.sec_pin')").fetchone()[0] is None
+    finally:
+        os.remove(target)
