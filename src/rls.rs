@@ -128,7 +128,7 @@ mod flux {
                     "CREATE POLICY {name} ON {table} AS PERMISSIVE {body}"
                 ))?;
             }
-            if existing.iter().any(|e| *e == policy_name) {
+            if existing.contains(&policy_name) {
                 Spi::run(&format!("DROP POLICY {feature_policy} ON {table}"))?;
             }
             Spi::run(&format!(
