@@ -212,14 +212,43 @@ pub fn role_name(oid: pg_sys::Oid) -> String {
     }
 }
 
+/// The user id switched to `role` (with extra security-context flags)
+/// until drop; PostgreSQL restores it too if the transaction aborts.
+struct Switched {
+    uid: pg_sys::Oid,
+    ctx: i32,
+}
+
+impl Switched {
+    fn to(role: pg_sys::Oid, flags: u32) -> Self {
+        let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
+        // SAFETY: reads and writes backend-local identity state; the
+        // SECURITY_LOCAL_USERID_CHANGE flag keeps SET ROLE from undoing it.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
+            pg_sys::SetUserIdAndSecContext(
+                role,
+                ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | flags) as i32,
+            );
+        }
+        Switched { uid, ctx }
+    }
+}
+
+impl Drop for Switched {
+    fn drop(&mut self) {
+        // SAFETY: restores the identity saved in to() (a plain store that
+        // cannot raise, so it is also safe while an error unwinds).
+        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }
+    }
+}
+
 /// While alive, the current user is the owner of the flux tables and
 /// search_path is pinned. Restored on drop, and by PostgreSQL itself if the
 /// transaction aborts.
 pub struct AsOwner {
-    uid: pg_sys::Oid,
-    ctx: i32,
-    // Dropped after the user id is restored (fields drop in order after
-    // Drop::drop); both are undone either way.
+    // Fields drop in order: the user id comes back, then the path.
+    _user: Switched,
     _path: Pinned,
 }
 
@@ -227,34 +256,10 @@ impl AsOwner {
     pub fn enter() -> FluxResult<Self> {
         let owner = flux_owner()?;
         let path = Pinned::enter();
-        let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
-        // SAFETY: reads and writes backend-local identity state; the
-        // SECURITY_LOCAL_USERID_CHANGE flag keeps SET ROLE from undoing it.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
-            pg_sys::SetUserIdAndSecContext(
-                owner,
-                ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-            );
-        }
         Ok(AsOwner {
-            uid,
-            ctx,
+            _user: Switched::to(owner, 0),
             _path: path,
         })
-    }
-
-    /// The role that was current before the switch (who is asking).
-    pub fn caller(&self) -> pg_sys::Oid {
-        self.uid
-    }
-}
-
-impl Drop for AsOwner {
-    fn drop(&mut self) {
-        // SAFETY: restores the identity saved in enter() (a plain store that
-        // cannot raise, so it is also safe while an error unwinds).
-        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }
     }
 }
 
@@ -275,8 +280,7 @@ pub fn in_flux_schema(relid: pg_sys::Oid) -> bool {
 /// tenant's rows this way, so rows the inserting role cannot see still
 /// count against the limit.
 pub struct AsTableOwner {
-    uid: pg_sys::Oid,
-    ctx: i32,
+    _user: Switched,
     _path: Pinned,
 }
 
@@ -292,28 +296,13 @@ impl AsTableOwner {
         }
         .ok_or_else(|| FluxError::Internal(format!("no relation with OID {}", u32::from(relid))))?;
         let path = Pinned::enter();
-        let (mut uid, mut ctx) = (pg_sys::InvalidOid, 0);
-        // SAFETY: backend-local identity state, as ri_triggers.c does.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut uid, &mut ctx);
-            pg_sys::SetUserIdAndSecContext(
-                owner,
-                ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE
-                    | pg_sys::SECURITY_RESTRICTED_OPERATION
-                    | pg_sys::SECURITY_NOFORCE_RLS) as i32,
-            );
-        }
+        // As ri_triggers.c runs a foreign key's check.
         Ok(AsTableOwner {
-            uid,
-            ctx,
+            _user: Switched::to(
+                owner,
+                pg_sys::SECURITY_RESTRICTED_OPERATION | pg_sys::SECURITY_NOFORCE_RLS,
+            ),
             _path: path,
         })
-    }
-}
-
-impl Drop for AsTableOwner {
-    fn drop(&mut self) {
-        // SAFETY: restores the identity saved in enter().
-        unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }
     }
 }
