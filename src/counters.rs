@@ -17,13 +17,17 @@
 //! first, lock the latest version (following its update, as EvalPlanQual
 //! does), re-check the limit on it and update that. The new version is a HOT
 //! update when the page has room, else gets index entries through the
-//! executor's own routine; the next command of the transaction sees it. It
+//! executor's own routine (from 16 a HOT update may still need entries in a
+//! summarizing index such as BRIN: heap_update says which, see
+//! pgver::heap_update); the next command of the transaction sees it. It
 //! rolls back with the transaction like any update. When that is not the
 //! whole story it says `Fallback` and the caller uses SQL: the row does not
 //! exist yet (an insert, with ON CONFLICT), REPEATABLE READ or SERIALIZABLE
 //! (which need serialization failures and predicate locks), or someone
 //! added a trigger, a CHECK constraint, forced row security, a rule, a
-//! stored generated column or a publication's row filter or column list.
+//! generated column (stored; on 18 virtual too, whose NOT NULL and CHECK
+//! constraints the executor checks) or a publication's row filter or
+//! column list. Version differences are pgver's.
 //!
 //! Both the read and the write are SQL's as well when flux.usage is not a
 //! plain heap table of the expected shape (partitioned, a view, inherited
@@ -32,6 +36,7 @@
 //! is not bigint is an error (42804), since the SQL path cannot read it.
 
 use crate::error::{FluxError, FluxResult};
+use crate::pgver;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
@@ -104,7 +109,7 @@ impl Opened {
             if !opened.shaped()? || !opened.heap() {
                 return Ok(Open::Sql);
             }
-            opened.pkey = pg_sys::RelationGetPrimaryKeyIndex(rel);
+            opened.pkey = pgver::primary_key_index(rel);
             Ok(
                 if opened.pkey != pg_sys::InvalidOid && key_fits(opened.pkey) {
                     Open::Direct(opened)
@@ -125,7 +130,7 @@ impl Opened {
         // SAFETY: reads the open relation's descriptor.
         unsafe {
             let desc = &*(*self.rel).rd_att;
-            let attrs = desc.attrs.as_slice(desc.natts as usize);
+            let attrs = pgver::attributes(desc);
             let named = |a: &pg_sys::FormData_pg_attribute, name: &str| {
                 !a.attisdropped
                     && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name.as_bytes()
@@ -169,8 +174,9 @@ impl Opened {
     /// Nothing but the update acts on an update: no user trigger (the
     /// foreign keys' internal triggers skip updates that keep the key), only
     /// our CHECK constraint, no forced row security, no rule (DO ALSO adds
-    /// a statement, INSTEAD replaces it), no stored generated column (the
-    /// executor computes it from the new row), and nothing a publication
+    /// a statement, INSTEAD replaces it), no generated column (the executor
+    /// computes a stored one from the new row and checks a virtual one's
+    /// constraints: pgver::has_generated), and nothing a publication
     /// asks of the executor (published_plainly).
     fn plain(&self) -> bool {
         // SAFETY: reads the open relation's descriptor fields.
@@ -183,7 +189,7 @@ impl Opened {
             let desc = &*rel.rd_att;
             if !desc.constr.is_null() {
                 let c = &*desc.constr;
-                if c.has_generated_stored {
+                if pgver::has_generated(c) {
                     return false;
                 }
                 // Only ours: used >= 0, which an added positive amount keeps.
@@ -249,10 +255,7 @@ unsafe fn published_plainly(rel: pg_sys::Relation) -> bool {
         }
         let identity = (*r.rd_rel).relreplident as u8 == pg_sys::REPLICA_IDENTITY_FULL
             || pg_sys::RelationGetReplicaIndex(rel) != pg_sys::InvalidOid;
-        identity
-            && desc.rf_valid_for_update
-            && desc.cols_valid_for_update
-            && !filtered_or_listed(r.rd_id)
+        identity && pgver::publication_allows_update(&desc) && !filtered_or_listed(r.rd_id)
     }
 }
 
@@ -399,7 +402,7 @@ fn find(
 ) -> Option<pg_sys::HeapTuple> {
     let key = place_key(tenant, feature, start);
     // SAFETY: reads the open relation's file number.
-    let file = unsafe { (*opened.rel).rd_node.relNode };
+    let file = unsafe { pgver::file_number(opened.rel) };
     if let Some(p) = PLACES.with(|m| m.borrow().get(&key).copied()) {
         if p.file == file {
             if let Some(t) = fetch_at(opened, snapshot, p.root, (tenant, feature, start), prune) {
@@ -689,7 +692,7 @@ fn find_by_key(
         let index = pg_sys::index_open(opened.pkey, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let coll = (*index).rd_indcollation;
         let mut k = keys(tenant, feature, start, [*coll, *coll.add(1)]);
-        let scan = pg_sys::index_beginscan(rel, index, snapshot, 3, 0);
+        let scan = pgver::index_beginscan(rel, index, snapshot, 3);
         pg_sys::index_rescan(scan, k.as_mut_ptr(), 3, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
         let mut root = pg_sys::ItemPointerData::default();
@@ -830,25 +833,30 @@ pub fn add(
             let mut tmfd = pg_sys::TM_FailureData::default();
             let mut lockmode = pg_sys::LockTupleMode::LockTupleNoKeyExclusive;
             let mut otid = (*version).t_self;
-            let r = pg_sys::heap_update(
+            let (r, entries) = pgver::heap_update(
                 rel,
                 &mut otid,
                 version,
                 pg_sys::GetCurrentCommandId(true),
-                std::ptr::null_mut(),
-                true,
                 &mut tmfd,
                 &mut lockmode,
             );
             if r == pg_sys::TM_Result::TM_Ok {
-                if !pg_sys::HeapTupleHeaderIsHeapOnly((*version).t_data) {
-                    insert_index_entries(rel, version);
-                    // A new chain: its index entries point here.
-                    remember_place(
-                        place_key(tenant, feature, start),
-                        (*rel).rd_node.relNode,
-                        (*version).t_self,
-                    );
+                match entries {
+                    // HOT: the chain's root keeps its entries (and place).
+                    pgver::IndexEntries::None => {}
+                    // HOT, but a summarizing index (BRIN) covers a
+                    // column we changed (16 and later): entries in those.
+                    pgver::IndexEntries::Summarizing => insert_index_entries(rel, version, true),
+                    pgver::IndexEntries::All => {
+                        insert_index_entries(rel, version, false);
+                        // A new chain: its index entries point here.
+                        remember_place(
+                            place_key(tenant, feature, start),
+                            pgver::file_number(rel),
+                            (*version).t_self,
+                        );
+                    }
                 }
                 // Our next command (or the next consume in this
                 // transaction) sees it.
@@ -919,13 +927,19 @@ fn lock_latest(
     }
 }
 
-/// New index entries for a version that is not a HOT update, through the
-/// executor's routine (so any index someone adds, expression or partial,
-/// is maintained too).
+/// New index entries for a version, through the executor's routine (so any
+/// index someone adds, expression or partial, is maintained too): in every
+/// index for a version that is not a HOT update, in the summarizing ones
+/// only (`only_summarizing`) for a HOT update that changed their columns,
+/// as heap_update said (pgver::heap_update).
 ///
 /// # Safety
 /// `rel` is open with RowExclusiveLock and `tuple` was just written to it.
-unsafe fn insert_index_entries(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) {
+unsafe fn insert_index_entries(
+    rel: pg_sys::Relation,
+    tuple: pg_sys::HeapTuple,
+    only_summarizing: bool,
+) {
     // SAFETY: a throwaway executor state for one call, as CatalogTupleUpdate
     // and COPY use; freed before returning.
     unsafe {
@@ -937,15 +951,7 @@ unsafe fn insert_index_entries(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) 
         pg_sys::ExecOpenIndices(rri, false);
         let slot = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsHeapTuple);
         pg_sys::ExecStoreHeapTuple(tuple, slot, false);
-        pg_sys::ExecInsertIndexTuples(
-            rri,
-            slot,
-            estate,
-            false,
-            false,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
+        pgver::insert_index_tuples(rri, slot, estate, only_summarizing);
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::ExecCloseIndices(rri);
         pg_sys::FreeExecutorState(estate);

@@ -39,6 +39,7 @@ pub mod identity;
 pub mod limits;
 pub mod metering;
 pub mod model;
+pub mod pgver;
 pub mod privilege;
 pub mod reads;
 pub mod removed;
