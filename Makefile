@@ -78,7 +78,7 @@ pgtest:
 regress: install
 	@scripts/pg.sh start $(TEST_DIR) $(TEST_PORT)
 	@rm -rf tests/pg_regress/results
-	$(PG_REGRESS) --inputdir=tests/pg_regress --outputdir=tests/pg_regress \
+	$(PG_REGRESS) --inputdir=tests/pg_regress --outputdir=tests/pg_regress --bindir=$(PG_BIN) \
 	    --host=$(TEST_DIR) --port=$(TEST_PORT) --user=postgres --dbname=flux_regress \
 	    $(REGRESS) || { cat tests/pg_regress/regression.diffs; exit 1; }
 

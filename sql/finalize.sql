@@ -245,7 +245,13 @@ BEGIN
     LOOP
         IF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
             EXECUTE pg_catalog.format('ALTER ROUTINE %s OWNER TO flux_owner', o.objid::pg_catalog.regprocedure);
-        ELSIF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass THEN
+        -- Array types and row types (which 18 also records as members)
+        -- follow their element type or table.
+        ELSIF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass
+              AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend s
+                               WHERE s.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass
+                                 AND s.objid OPERATOR(pg_catalog.=) o.objid
+                                 AND s.deptype OPERATOR(pg_catalog.=) 'i') THEN
             EXECUTE pg_catalog.format('ALTER TYPE %s OWNER TO flux_owner', o.objid::pg_catalog.regtype);
         ELSIF o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
               AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend s

@@ -1,7 +1,21 @@
 """Usage is exact under concurrency: real connections racing."""
 import threading
 
+import pytest
+
 from conftest import connect
+
+
+def require_amcheck(c):
+    """amcheck verifies the heap and indexes the direct writer touched. The
+    PostgreSQL 16 build from PyPI ships without it: skipped there, never on
+    15 or 18."""
+    major = int(c.execute("SHOW server_version_num").fetchone()[0]) // 10000
+    missing = not c.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'amcheck'").fetchone()
+    if missing and major == 16:
+        pytest.skip("the PostgreSQL 16 build from PyPI has no amcheck (contrib)")
+    c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+
 
 SETUP = """
 SELECT flux_define_feature('exports', 'metered');
@@ -126,7 +140,7 @@ def test_counter_writes_keep_every_index_whole(fresh_db):
     that every row version is in every index."""
     with connect(fresh_db) as c:
         c.execute(SETUP)
-        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        require_amcheck(c)
         # HOT updates first: no index entry may point at a heap-only version
         # (an index scan would then count the row twice), and the heap's
         # update chains must be whole.
@@ -198,7 +212,7 @@ def test_rebuilding_usage_under_a_live_session(fresh_db):
         for _ in range(2):
             c.execute("SELECT flux_consume('acme', 'exports')")
         assert c.execute("SELECT flux_usage('acme', 'exports')").fetchone()[0] == 4
-        dba.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        require_amcheck(dba)
         dba.execute("SELECT bt_index_check('flux.usage_pkey'::regclass, true)")
 
 
@@ -275,7 +289,7 @@ def test_counter_updates_stay_hot_and_the_table_small(fresh_db):
         assert hot == updated
         assert pages <= 4, f"flux.usage grew to {pages} pages"
         assert c.execute("SELECT sum(used) FROM flux.usage").fetchone()[0] == 20100
-        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        require_amcheck(c)
         assert c.execute("SELECT count(*) FROM verify_heapam('flux.usage')").fetchone()[0] == 0
 
 
@@ -315,7 +329,7 @@ def test_counter_rows_with_long_ids_and_a_later_column(fresh_db):
         }
         for t, n in zip(tenants + ["late"], (12, 13, 15)):
             assert c.execute("SELECT flux_usage(%s, %s)", (t, feature)).fetchone()[0] == n
-        c.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        require_amcheck(c)
         assert c.execute("SELECT count(*) FROM verify_heapam('flux.usage')").fetchone()[0] == 0
 
 
