@@ -129,15 +129,15 @@ pg-upgrade: deps
 
 # Ratios to baselines measured interleaved in the same run (benches/run.sh).
 bench: install
-	benches/run.sh
-	@scripts/pg.sh stop $(PGX_ROOT)/bench
+	BENCH_DIR=$(PGX_ROOT)/bench$(SUFFIX) BENCH_PORT=$$((5497 - $(OFFSET))) benches/run.sh
+	@scripts/pg.sh stop $(PGX_ROOT)/bench$(SUFFIX)
 
 # Instructions per call under callgrind (benches/instructions.sh): the same
 # figure on every run.
 bench-instructions: install
-	benches/instructions.sh
+	INSTRUCTIONS_DIR=$(PGX_ROOT)/instructions$(SUFFIX) INSTRUCTIONS_PORT=$$((5496 - $(OFFSET))) benches/instructions.sh
 
 clean-clusters:
 	scripts/pg.sh destroy $(DEMO_DIR)
 	scripts/pg.sh destroy $(TEST_DIR)
-	scripts/pg.sh destroy $(PGX_ROOT)/bench
+	scripts/pg.sh destroy $(PGX_ROOT)/bench$(SUFFIX)

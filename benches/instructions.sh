@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=${PGX_ROOT:-/tmp/flux-pg}
-DIR=$ROOT/instructions
+DIR=${INSTRUCTIONS_DIR:-$ROOT/instructions}
 PORT=${INSTRUCTIONS_PORT:-5496}
 N1=${N1:-1000}
 N2=${N2:-3000}

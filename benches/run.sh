@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
-DIR=${PGX_ROOT:-/tmp/flux-pg}/bench
+DIR=${BENCH_DIR:-${PGX_ROOT:-/tmp/flux-pg}/bench}
 PORT=${BENCH_PORT:-5497}
 T=${SECONDS_PER_RUN:-5}
 ROUNDS=${ROUNDS:-3}
