@@ -79,8 +79,14 @@ def test_the_package_installs_into_a_clean_server_and_runs():
             assert os.path.exists(tarball), f"{tarball} is missing: run make package PG={n}"
             # A server tree that never had the extension: a copy of the
             # relocatable build, without our files.
-            server = os.path.join(work, "server")
-            shutil.copytree(os.path.dirname(run(PG_CONFIG, "--bindir").strip()), server, symlinks=True)
+            # The wheel's shared libraries (libpq, ...) sit beside the tree
+            # (<package>.libs), found by relative rpath: copy the whole
+            # install (bin -> pginstall -> package -> its directory).
+            bindir = run(PG_CONFIG, "--bindir").strip()
+            install_root = os.path.dirname(os.path.dirname(os.path.dirname(bindir)))
+            copy = os.path.join(work, "install")
+            shutil.copytree(install_root, copy, symlinks=True)
+            server = os.path.join(copy, os.path.relpath(os.path.dirname(bindir), install_root))
             for f in glob.glob(os.path.join(server, "lib", "**", "flux_entitlements*"), recursive=True) + \
                     glob.glob(os.path.join(server, "share", "**", "flux_entitlements*"), recursive=True):
                 os.remove(f)
