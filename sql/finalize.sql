@@ -106,19 +106,38 @@ CREATE FUNCTION flux_enforce_limit(tbl regclass, feature text, tenant_column nam
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$ SELECT flux._enforce_limit_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text) $$;
 
--- Cache invalidation (src/cache.rs): every table the decision reads
--- announces its changes, whoever makes them (functions or plain DML).
+-- Cache invalidation (src/cache/invalidation.rs): every table the decision
+-- reads announces its changes, whoever makes them (functions or plain DML).
+-- Row-level, and enabled ALWAYS: a logical replication subscriber's apply
+-- worker fires only such triggers (and no statement-level ones for INSERT,
+-- UPDATE or DELETE), so warm sessions on a subscriber stay fresh too. A
+-- catalogue row names its table (every backend reloads the catalogue); a
+-- tenant's row names its tenant's bucket (backends forget that tenant).
 DO $$
 DECLARE t text;
 BEGIN
+    FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'addons', 'addon_grants',
+                             'flags', 'flag_lists'] LOOP
+        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION flux._cache_invalidate()', t);
+    END LOOP;
+    FOREACH t IN ARRAY ARRAY['tenants:id', 'tenant_addons:tenant', 'overrides:tenant'] LOOP
+        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION flux._tenant_invalidate(%L)',
+                       pg_catalog.split_part(t, ':', 1), pg_catalog.split_part(t, ':', 2));
+    END LOOP;
     FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'tenants', 'addons', 'addon_grants',
                              'tenant_addons', 'overrides', 'flags', 'flag_lists'] LOOP
-        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON flux.%I '
+        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate_truncate AFTER TRUNCATE ON flux.%I '
                        'FOR EACH STATEMENT EXECUTE FUNCTION flux._cache_invalidate()', t);
+        EXECUTE pg_catalog.format('ALTER TABLE flux.%I ENABLE ALWAYS TRIGGER cache_invalidate, '
+                       'ENABLE ALWAYS TRIGGER cache_invalidate_truncate', t);
     END LOOP;
 END
 $$;
 COMMENT ON FUNCTION flux._cache_invalidate() IS 'Trigger: tells every backend''s decision cache that this table changed (relcache invalidation, delivered at commit)';
+COMMENT ON FUNCTION flux._tenant_invalidate() IS 'Trigger (argument: the tenant column): tells every backend''s decision cache that this row''s tenant changed (an invalidation of its bucket of tenants, delivered at commit)';
+COMMENT ON FUNCTION flux._cache_stats() IS 'Internal: this backend''s decision cache counters (catalogue loads, tenant loads, tenants held, times every tenant was forgotten)';
 
 -- flux_protect, likewise (src/rls.rs). force => true also applies the
 -- policies to the table's owner (FORCE ROW LEVEL SECURITY).
@@ -223,7 +242,7 @@ $$;
 GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, flux._check_plan_unused,
     flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
-    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants()
+    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats()
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

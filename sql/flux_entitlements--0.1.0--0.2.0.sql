@@ -5,7 +5,8 @@
 -- (and flux_admin's); every SQL body is schema-qualified under a pinned
 -- search_path; flux_enforce_limit's trigger is Rust and locks rows of
 -- flux.limit_locks instead of advisory locks; flux_value is made in Rust;
--- audit_log records the real role.
+-- audit_log records the real role; the decision cache is invalidated per
+-- tenant, by row-level triggers that also fire on a logical subscriber.
 \echo Use "ALTER EXTENSION flux_entitlements UPDATE TO '0.2.0'" to load this file. \quit
 -- The roles: created when missing, never dropped (other objects may depend
 -- on them after the extension is gone).
@@ -269,6 +270,44 @@ CREATE OR REPLACE FUNCTION flux_protect(tbl regclass, feature text, tenant_colum
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$ SELECT flux._protect_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text, force) $$;
 
+-- The decision cache forgets only what changed (src/cache/invalidation.rs):
+-- row-level triggers, enabled ALWAYS so that a logical replication
+-- subscriber's apply worker fires them; a tenant's row invalidates its
+-- tenant's bucket, a catalogue row its table; TRUNCATE forgets everything.
+CREATE FUNCTION flux._tenant_invalidate() RETURNS trigger LANGUAGE c
+AS 'MODULE_PATHNAME', '_tenant_invalidate_wrapper';
+CREATE FUNCTION flux._cache_stats() RETURNS TABLE (catalogue_loads bigint, tenant_loads bigint,
+    tenants_cached integer, full_forgets bigint)
+VOLATILE PARALLEL UNSAFE STRICT LANGUAGE c AS 'MODULE_PATHNAME', '_cache_stats_wrapper';
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'tenants', 'addons', 'addon_grants',
+                             'tenant_addons', 'overrides', 'flags', 'flag_lists'] LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER cache_invalidate ON flux.%I', t);
+    END LOOP;
+    FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'addons', 'addon_grants',
+                             'flags', 'flag_lists'] LOOP
+        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION flux._cache_invalidate()', t);
+    END LOOP;
+    FOREACH t IN ARRAY ARRAY['tenants:id', 'tenant_addons:tenant', 'overrides:tenant'] LOOP
+        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION flux._tenant_invalidate(%L)',
+                       pg_catalog.split_part(t, ':', 1), pg_catalog.split_part(t, ':', 2));
+    END LOOP;
+    FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'tenants', 'addons', 'addon_grants',
+                             'tenant_addons', 'overrides', 'flags', 'flag_lists'] LOOP
+        EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate_truncate AFTER TRUNCATE ON flux.%I '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION flux._cache_invalidate()', t);
+        EXECUTE pg_catalog.format('ALTER TABLE flux.%I ENABLE ALWAYS TRIGGER cache_invalidate, '
+                       'ENABLE ALWAYS TRIGGER cache_invalidate_truncate', t);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION flux._tenant_invalidate() IS 'Trigger (argument: the tenant column): tells every backend''s decision cache that this row''s tenant changed (an invalidation of its bucket of tenants, delivered at commit)';
+COMMENT ON FUNCTION flux._cache_stats() IS 'Internal: this backend''s decision cache counters (catalogue loads, tenant loads, tenants held, times every tenant was forgotten)';
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';
@@ -291,7 +330,7 @@ $$;
 GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, flux._check_plan_unused,
     flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
-    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants()
+    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats()
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

@@ -765,7 +765,7 @@ fn read_used_sql(tenant: &str, feature: &str, start: i64) -> FluxResult<i64> {
     let _owner = crate::privilege::AsOwner::enter()?;
     let start = crate::store::ts_datum(Some(start));
     Spi::connect(|c| {
-        let p = crate::store::kept(c, SQL, &[TEXT, TEXT, TSTZ], false)?;
+        let p = crate::prepared::kept(c, SQL, &[TEXT, TEXT, TSTZ], false)?;
         let t = c.select(&*p, Some(1), &[tenant.into(), feature.into(), start.into()])?;
         Ok(if t.is_empty() {
             0

@@ -14,13 +14,23 @@ pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::
 pub static JWT_TENANT_CLAIM: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
 
-/// Assign hook of the settings a decision depends on: answers remembered
-/// under the old value are forgotten (cache.rs).
+/// Bumped by the assign hooks of the settings a decision depends on
+/// (flux.now, flux.default_grace_period): answers remembered under another
+/// value are forgotten (cache/answers.rs). A plain static, not a
+/// thread-local: the hot path reads it, and a backend has one thread.
+static SETTINGS_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The generation of the decision settings (see SETTINGS_GENERATION).
+#[inline]
+pub fn settings_generation() -> u64 {
+    SETTINGS_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 unsafe extern "C-unwind" fn decision_setting_assigned(
     _newval: *const std::ffi::c_char,
     _extra: *mut std::ffi::c_void,
 ) {
-    crate::cache::settings_changed();
+    SETTINGS_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn init() {

@@ -12,7 +12,9 @@
 //! - `privilege`: flux's SQL under a pinned search_path, and table access
 //!   as the flux tables' owner (why nothing a caller creates runs with it);
 //! - `access`: who may act for a tenant (flux_service, the current tenant);
-//! - `cache`: the per-backend decision cache and its invalidation;
+//! - `cache/`: the per-backend decision cache, its loads and its
+//!   invalidation (and the list of every per-backend cache);
+//! - `prepared`: SQL statements prepared once per backend;
 //! - `metering`, `usage`, `limits`: periods and GCRA, recording usage,
 //!   flux_enforce_limit;
 //! - `rollout`: the flag bucketing formula;
@@ -40,6 +42,7 @@ pub mod limits;
 pub mod metering;
 pub mod model;
 pub mod pgver;
+pub mod prepared;
 pub mod privilege;
 pub mod reads;
 pub mod removed;

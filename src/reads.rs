@@ -87,6 +87,7 @@ fn decide_allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
     if !read_usage {
         let window = steady_window(x.tenant(), &x.ctx);
         cache::remember(
+            &x.facts,
             tenant,
             feature,
             x.d.allowed,
@@ -276,7 +277,7 @@ fn flux_entitlements(
     tenant: &str,
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "flux.decision")> {
     access::require_act_for("flux_entitlements", tenant).or_raise();
-    let keys = cache::catalogue().or_raise().keys.clone();
+    let keys = cache::catalogue().or_raise().keys().to_vec();
     let rows: Vec<_> = keys
         .iter()
         .map(|k| to_composite(decide_one(tenant, k, None).or_raise()))

@@ -138,7 +138,7 @@ fn record_counter(
             limit.into(),
         ];
         for sql in [UPDATE, UPSERT] {
-            let p = store::kept(c, sql, &[TEXT, TEXT, TSTZ, INT8, INT8], true)?;
+            let p = crate::prepared::kept(c, sql, &[TEXT, TEXT, TSTZ, INT8, INT8], true)?;
             let t = c.update(&*p, Some(1), &args)?;
             if !t.is_empty() {
                 return Ok::<_, FluxError>(t.first().get_one::<i64>()?);
@@ -178,7 +178,7 @@ fn record_rate(
                    OPERATOR(pg_catalog.<=) $3 \
          RETURNING tat";
     let tat: Option<TimestampWithTimeZone> = Spi::connect_mut(|c| {
-        let p = store::kept(c, SQL, &[TEXT, TEXT, TSTZ, INTERVAL, INTERVAL], true)?;
+        let p = crate::prepared::kept(c, SQL, &[TEXT, TEXT, TSTZ, INTERVAL, INTERVAL], true)?;
         let args = [
             tenant.into(),
             feature.into(),

@@ -437,30 +437,6 @@ mod flux {
         .or_raise()
     }
 
-    /// Statement-level trigger on the flux tables that decisions read: send
-    /// a relcache invalidation for the table, which every backend's cache
-    /// callback turns into "stale" when the transaction commits (and this
-    /// backend's at the end of the statement). See cache.rs.
-    #[pg_trigger]
-    fn _cache_invalidate<'a>(
-        trigger: &'a pgrx::PgTrigger<'a>,
-    ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-        let relid = trigger.relid()?;
-        // Only for the flux tables: it is not PUBLIC, and a trigger function
-        // refuses a table that is not its own.
-        if !crate::privilege::in_flux_schema(relid) {
-            FluxError::Forbidden(format!(
-                "flux._cache_invalidate is a trigger of the flux tables, not of {}",
-                trigger.table_name()?
-            ))
-            .raise();
-        }
-        // SAFETY: queues an invalidation message for a relation that exists
-        // (the trigger fires on it) inside a transaction.
-        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
-        Ok(None)
-    }
-
     /// The clock as a timestamptz, for triggers (past_due_since) and SQL.
     #[pg_extern(stable, parallel_safe)]
     fn _clock() -> TimestampWithTimeZone {
