@@ -11,8 +11,10 @@
 //! replaced by "everything" (relid 0) when a backend falls too far behind.
 //!
 //! - A change to the catalogue's tables (features, plans, grants, addons,
-//!   addon_grants, flags, flag_lists) names the table: every backend reloads
-//!   the catalogue.
+//!   addon_grants, flags, flag_lists) names the catalogue's own target
+//!   (CATALOGUE_TARGET): every backend reloads the catalogue. DDL on any of
+//!   our tables names the table itself (PostgreSQL sends that): a reload,
+//!   or every tenant forgotten for a tenant table.
 //! - A change to a tenant's rows (tenants, tenant_addons, overrides) names
 //!   one of BUCKETS invalidation targets, chosen by a hash of the tenant id:
 //!   every backend forgets the tenants of that bucket (a 1,024th of what it
@@ -44,6 +46,12 @@ pub const BUCKETS: usize = 1024;
 /// are handed out (upwards from 16384, wrapping only after 2^32).
 const BUCKET_BASE: u32 = 0xFFFF_F000;
 
+/// The target of a change to a catalogue row. Not the table's own OID: an
+/// invalidation of a real table also makes every backend rebuild its
+/// relcache entry (reading its constraints' expressions again) and re-plan
+/// every cached statement that reads it, on each change.
+const CATALOGUE_TARGET: u32 = BUCKET_BASE - 1;
+
 /// The bucket of a tenant id: the top bits of its xxh3 (the low bits place
 /// answers in their tables).
 #[inline]
@@ -71,6 +79,9 @@ pub enum Target {
 pub fn target(relid: u32, watched: &[u32], catalogue: usize) -> Target {
     if relid == 0 {
         return Target::Everything;
+    }
+    if relid == CATALOGUE_TARGET {
+        return Target::Catalogue;
     }
     if let Some(b) = relid.checked_sub(BUCKET_BASE) {
         if (b as usize) < BUCKETS {
@@ -131,7 +142,11 @@ const _: () = assert!(std::mem::offset_of!(pg_sys::HeapTupleHeaderData, t_bits) 
 /// Queue the invalidation of the tenants of `id`'s bucket, sent with this
 /// transaction (see the module comment).
 pub fn send_tenant(id: &[u8]) {
-    let oid = BUCKET_BASE + bucket(id) as u32;
+    send(BUCKET_BASE + bucket(id) as u32);
+}
+
+/// Queue a relcache invalidation of `oid`, which need not be a relation.
+fn send(oid: u32) {
     // SAFETY: the row is zeroed (a valid pg_class row for the two fields
     // read: relisshared false, the database's own), its header's t_hoff set
     // so GETSTRUCT finds the row; it lives until the call returns, which
@@ -155,10 +170,11 @@ pub fn send_tenant(id: &[u8]) {
 mod flux {
     use super::*;
 
-    /// The catalogue tables' row-level trigger, and every cached table's
-    /// TRUNCATE trigger: a relcache invalidation of the table, which every
-    /// backend's cache callback turns into a reload (catalogue) or into
-    /// forgetting every tenant (a tenant table).
+    /// The catalogue tables' row-level trigger (the catalogue's target:
+    /// every backend reloads the catalogue), and every cached table's
+    /// TRUNCATE trigger (a relcache invalidation of the table, which every
+    /// backend's cache callback turns into a reload, or into forgetting
+    /// every tenant for a tenant table).
     #[pg_trigger]
     fn _cache_invalidate<'a>(
         trigger: &'a pgrx::PgTrigger<'a>,
@@ -173,9 +189,13 @@ mod flux {
             ))
             .raise();
         }
-        // SAFETY: queues an invalidation message for a relation that exists
-        // (the trigger fires on it) inside a transaction.
-        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+        if matches!(trigger.level(), pgrx::PgTriggerLevel::Row) {
+            send(CATALOGUE_TARGET);
+        } else {
+            // SAFETY: queues an invalidation message for a relation that
+            // exists (the trigger fires on it) inside a transaction.
+            unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+        }
         Ok(None)
     }
 
@@ -236,6 +256,7 @@ mod tests {
     fn targets() {
         let watched = [100, 101, 102, 200, 201];
         assert_eq!(target(0, &watched, 3), Target::Everything);
+        assert_eq!(target(CATALOGUE_TARGET, &watched, 3), Target::Catalogue);
         assert_eq!(target(101, &watched, 3), Target::Catalogue);
         assert_eq!(target(201, &watched, 3), Target::AllTenants);
         assert_eq!(target(BUCKET_BASE, &watched, 3), Target::Bucket(0));

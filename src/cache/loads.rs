@@ -428,24 +428,30 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         if row.int(gc[2]).is_none_or(|b| b == 0) {
             return Ok(());
         }
-        let plan = row.text(gc[1]).ok_or_else(|| null("grants.plan"))?;
+        let plan = row.str(gc[1]).ok_or_else(|| null("grants.plan"))?;
         // The inner join: a grant of a plan that is not there is not listed.
-        let Some(&(at, rank)) = place.get(plan.as_str()) else {
+        let Some(&(at, rank)) = place.get(plan) else {
             return Ok(());
         };
-        by_feature
-            .entry(row.text(gc[0]).ok_or_else(|| null("grants.feature"))?)
-            .or_default()
-            .push((
-                at,
-                PlanGrant {
-                    plan,
-                    rank,
-                    limit: row.int(gc[3]),
-                    period: row.text(gc[4]),
-                    value: row.jsonb(gc[5]),
-                },
-            ));
+        let grant = (
+            at,
+            PlanGrant {
+                plan: plan.to_string(),
+                rank,
+                limit: row.int(gc[3]),
+                period: row.text(gc[4]),
+                value: row.jsonb(gc[5]),
+            },
+        );
+        // Looked up by the borrowed text: one allocation per feature, not
+        // per grant.
+        let feature = row.str(gc[0]).ok_or_else(|| null("grants.feature"))?;
+        match by_feature.get_mut(feature) {
+            Some(v) => v.push(grant),
+            None => {
+                by_feature.insert(feature.to_string(), vec![grant]);
+            }
+        }
         Ok(())
     })?;
 
@@ -968,12 +974,18 @@ struct RowValues {
 
 impl RowValues {
     fn text(&self, at: usize) -> Option<String> {
+        self.str(at).map(str::to_string)
+    }
+
+    /// A text column's value, borrowed (from the buffer, or from a
+    /// detoasted copy in the current memory context).
+    fn str(&self, at: usize) -> Option<&str> {
         if self.nulls[at] {
             return None;
         }
-        // SAFETY: a text column's value (Table::columns checked the type);
-        // detoasted and copied.
-        unsafe { String::from_datum(self.values[at], false) }
+        // SAFETY: a text column's value (Table::columns checked the type),
+        // valid while the row is (the caller's closure).
+        unsafe { <&str>::from_datum(self.values[at], false) }
     }
 
     /// A by-value column (bool, integer, timestamptz) as a number.
