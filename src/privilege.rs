@@ -26,7 +26,8 @@
 //!    layers 2 and 3 still hold.
 //! 2. Every switch pins `search_path` to `pg_catalog, pg_temp` (`Pinned`),
 //!    as does every SQL text flux runs as the caller (`store::exec` and
-//!    friends): with `pg_catalog` first no user object can shadow a built-in
+//!    friends); flux_consume's switch (`AsOwnerUnpinned`) does not, and
+//!    each SQL text under it pins for itself: with `pg_catalog` first no user object can shadow a built-in
 //!    one, and `pg_temp` last is never searched for functions or operators.
 //!    The caller's path comes back when the guard drops, or when the
 //!    (sub)transaction aborts (PostgreSQL pops the GUC nest level and the
@@ -259,6 +260,24 @@ impl AsOwner {
         Ok(AsOwner {
             _user: Switched::to(owner, 0),
             _path: path,
+        })
+    }
+}
+
+/// The owner's user id without the pin, for flux_consume: its common path
+/// runs no SQL (the cache and the counter row are read and written from
+/// Rust, names looked up in schema flux by OID), and pinning a GUC nest
+/// level on each call was 7% of it (9,000 instructions). Every SQL it may
+/// run pins the path itself: `store`'s helpers, `AsOwner` in the cache's
+/// and usage probes' SQL paths, `Pinned` in usage.rs's SQL fallbacks.
+pub struct AsOwnerUnpinned {
+    _user: Switched,
+}
+
+impl AsOwnerUnpinned {
+    pub fn enter() -> FluxResult<Self> {
+        Ok(AsOwnerUnpinned {
+            _user: Switched::to(flux_owner()?, 0),
         })
     }
 }

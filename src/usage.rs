@@ -129,6 +129,8 @@ fn record_counter(
              WHERE $5::pg_catalog.int8 IS NULL \
                 OR u.used OPERATOR(pg_catalog.+) EXCLUDED.used OPERATOR(pg_catalog.<=) $5::pg_catalog.int8 \
          RETURNING used";
+    // Under flux_consume's unpinned owner switch (privilege.rs).
+    let _path = crate::privilege::Pinned::enter();
     let total = Spi::connect_mut(|c| {
         let args = [
             tenant.into(),
@@ -177,6 +179,8 @@ fn record_rate(
              WHERE GREATEST(r.tat, $3) OPERATOR(pg_catalog.+) $4 OPERATOR(pg_catalog.-) $5 \
                    OPERATOR(pg_catalog.<=) $3 \
          RETURNING tat";
+    // Under flux_consume's unpinned owner switch (privilege.rs).
+    let _path = crate::privilege::Pinned::enter();
     let tat: Option<TimestampWithTimeZone> = Spi::connect_mut(|c| {
         let p = crate::prepared::kept(c, SQL, &[TEXT, TEXT, TSTZ, INTERVAL, INTERVAL], true)?;
         let args = [
@@ -370,7 +374,7 @@ pub fn consume(
 ) -> FluxResult<Decision> {
     store::ensure_writable("flux_consume")?;
     crate::access::require_act_for("flux_consume", tenant)?;
-    let _owner = crate::privilege::AsOwner::enter()?;
+    let _owner = crate::privilege::AsOwnerUnpinned::enter()?;
     if amount <= 0 {
         return Err(FluxError::InvalidValue(format!(
             "amount {amount} must be > 0 (flux_release gives units of a limit feature back)"
