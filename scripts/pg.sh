@@ -31,6 +31,11 @@ start)
     port=${3:?port}
     parent=$(dirname "$dir")
     mkdir -p "$parent"
+    # The cluster's directory needs a parent postgres can write to; never
+    # take over a shared one (/tmp, /).
+    case "$parent" in
+    / | /tmp | /var/tmp) echo "pg.sh: put the cluster in a directory of its own, not directly in $parent" >&2; exit 2 ;;
+    esac
     [ "$(id -u)" = 0 ] && chown postgres "$parent"
     if [ ! -f "$dir/PG_VERSION" ]; then
         as_pg "$BIN/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$parent/initdb.log" 2>&1 ||
