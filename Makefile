@@ -32,11 +32,13 @@ TEST_PORT  ?= $(shell echo $$((5498 - $(OFFSET))))
 FEATURES   := --no-default-features --features pg$(PG)
 REGRESS    := $(shell ls tests/pg_regress/sql 2>/dev/null | sed 's/\.sql$$//' | sort)
 PG_REGRESS = $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null))/../test/regress/pg_regress
+PG_ISOLATION_REGRESS = $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null))/../test/isolation/pg_isolation_regress
+ISOLATION  = $(basename $(notdir $(wildcard tests/isolation/specs/*.spec)))
 RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_ROOT)/pgrx-test$(SUFFIX),)
 # What the scripts and tests read: which server binaries, which cluster.
 export FLUX_PGBIN = $(PG_BIN)
 
-.PHONY: demo test test-all pg-upgrade package package-test deps build install fmt-check clippy pgtest regress integration soak release-snapshot bench bench-instructions clean-clusters
+.PHONY: demo test test-all pg-upgrade package package-test deps build install fmt-check clippy pgtest regress isolation integration soak release-snapshot bench bench-instructions clean-clusters
 
 deps:
 	@scripts/deps.sh
@@ -82,6 +84,15 @@ regress: install
 	    --host=$(TEST_DIR) --port=$(TEST_PORT) --user=postgres --dbname=flux_regress \
 	    $(REGRESS) || { cat tests/pg_regress/regression.diffs; exit 1; }
 
+# Races, step by step: pg_isolation_regress specs (tests/isolation/specs),
+# each interleaving of sessions fixed and its output compared.
+isolation: install
+	@scripts/pg.sh start $(TEST_DIR) $(TEST_PORT)
+	@rm -rf tests/isolation/results
+	$(PG_ISOLATION_REGRESS) --inputdir=tests/isolation --outputdir=tests/isolation --bindir=$(PG_BIN) \
+	    --host=$(TEST_DIR) --port=$(TEST_PORT) --user=postgres --dbname=flux_isolation \
+	    $(ISOLATION) || { cat tests/isolation/regression.diffs; exit 1; }
+
 # Several real connections: cross-session visibility, rollback, dump/restore,
 # and the README's SQL.
 integration: install
@@ -108,7 +119,7 @@ package: deps
 package-test: package
 	FLUX_PG_CONFIG=$(PG_CONFIG) python3 -m pytest -q tests/package
 
-test: deps fmt-check clippy pgtest regress integration soak package-test
+test: deps fmt-check clippy pgtest regress isolation integration soak package-test
 	@scripts/pg.sh stop $(TEST_DIR)
 	@echo "== make test (PostgreSQL $(PG)): all passed"
 
