@@ -15,17 +15,28 @@
 use crate::error::{shown, FluxError, FluxResult};
 use crate::gucs;
 use pgrx::pg_sys;
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-thread_local! {
-    /// (role, whether it has flux_service's or flux_admin's privileges).
-    static TRUSTED: Cell<(pg_sys::Oid, bool)> = const { Cell::new((pg_sys::InvalidOid, false)) };
+/// (role, whether it has flux_service's or flux_admin's privileges), packed:
+/// the role's OID in the low 32 bits (0: not looked up), the answer in bit
+/// 32. A plain static, not a thread-local: flux_check's entry reads it on
+/// every row, and a thread-local in a shared library is a call to
+/// __tls_get_addr (a backend has one thread).
+static TRUSTED: AtomicU64 = AtomicU64::new(0);
+
+fn trusted_get() -> (pg_sys::Oid, bool) {
+    let v = TRUSTED.load(Ordering::Relaxed);
+    (pg_sys::Oid::from(v as u32), v >> 32 != 0)
+}
+
+fn trusted_set(role: pg_sys::Oid, yes: bool) {
+    TRUSTED.store(u64::from(u32::from(role)) | u64::from(yes) << 32, Ordering::Relaxed);
 }
 
 /// # Safety
 /// Called by PostgreSQL's invalidation machinery; touches only a thread-local cell.
 unsafe extern "C-unwind" fn on_roles_invalidate(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
-    TRUSTED.set((pg_sys::InvalidOid, false));
+    trusted_set(pg_sys::InvalidOid, false);
 }
 
 pub fn init() {
@@ -54,7 +65,7 @@ fn current_role() -> pg_sys::Oid {
 /// miss, then kept).
 fn trusted() -> bool {
     let uid = current_role();
-    let (known, yes) = TRUSTED.get();
+    let (known, yes) = trusted_get();
     if known == uid {
         return yes;
     }
@@ -66,7 +77,7 @@ fn trusted() -> bool {
             role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(uid, role)
         })
     };
-    TRUSTED.set((uid, yes));
+    trusted_set(uid, yes);
     yes
 }
 
@@ -75,7 +86,7 @@ fn trusted() -> bool {
 /// flux.tenant set), None when the full path must decide.
 #[inline]
 pub fn may_act_for_fast(tenant: &[u8]) -> Option<bool> {
-    let (known, yes) = TRUSTED.get();
+    let (known, yes) = trusted_get();
     if known != current_role() {
         // Not looked up for this role yet (a new backend, a parallel
         // worker, a role change): the full path asks.
