@@ -30,7 +30,10 @@ fn trusted_get() -> (pg_sys::Oid, bool) {
 }
 
 fn trusted_set(role: pg_sys::Oid, yes: bool) {
-    TRUSTED.store(u64::from(u32::from(role)) | u64::from(yes) << 32, Ordering::Relaxed);
+    TRUSTED.store(
+        u64::from(u32::from(role)) | u64::from(yes) << 32,
+        Ordering::Relaxed,
+    );
 }
 
 /// # Safety
