@@ -268,7 +268,7 @@ mod tests {
             target(BUCKET_BASE + BUCKETS as u32, &watched, 3),
             Target::Other
         );
-        assert_eq!(target(BUCKET_BASE - 1, &watched, 3), Target::Other);
+        assert_eq!(target(CATALOGUE_TARGET - 1, &watched, 3), Target::Other);
         assert_eq!(target(16384, &watched, 3), Target::Other);
     }
 }
