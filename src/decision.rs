@@ -743,7 +743,7 @@ mod tests {
     }
 
     /// Properties over random tenants, clocks, overrides and flags. The steady
-    /// window is what the answer cache trusts (cache.rs keeps an answer while
+    /// window is what the answer cache trusts (cache/answers.rs keeps an answer while
     /// the clock stays inside it), so a clock inside it must decide the same.
     mod properties {
         use super::*;

@@ -72,7 +72,7 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
 }
 
 /// Only whether it is allowed: no message is built (flux_check, policies).
-/// Answers that read no usage are remembered (cache.rs).
+/// Answers that read no usage are remembered (cache/answers.rs).
 pub fn allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
     match cache::answer(tenant.as_bytes(), feature.as_bytes())? {
         Some(a) => Ok(a),
