@@ -302,7 +302,7 @@ pub fn decide(
             } else {
                 Reason::SubscriptionInactive
             };
-            let granting: Vec<String> = f.grants.iter().map(|g| g.plan.clone()).collect();
+            let granting: Vec<String> = f.grants.iter().map(|g| g.plan.to_string()).collect();
             let needs = if granting.is_empty() {
                 format!("{feature_key} is not included in any plan")
             } else {

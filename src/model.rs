@@ -112,7 +112,7 @@ impl Reason {
 /// One plan's grant of the feature being decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanGrant {
-    pub plan: String,
+    pub plan: std::rc::Rc<str>,
     pub rank: i32,
     pub limit: Option<i64>,
     pub period: Option<String>,
@@ -132,7 +132,7 @@ pub struct FeatureFacts {
 
 impl FeatureFacts {
     pub fn grant_of(&self, plan: &str) -> Option<&PlanGrant> {
-        self.grants.iter().find(|g| g.plan == plan)
+        self.grants.iter().find(|g| &*g.plan == plan)
     }
 }
 

@@ -254,7 +254,7 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                     .entry(required(text(&r, 1)?, "grants.feature")?)
                     .or_default()
                     .push(PlanGrant {
-                        plan: required(text(&r, 2)?, "grants.plan")?,
+                        plan: required(text(&r, 2)?, "grants.plan")?.into(),
                         rank: required(r.get::<i32>(3)?, "plans.rank")?,
                         limit: r.get::<i64>(4)?,
                         period: text(&r, 5)?,
@@ -417,10 +417,11 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         Ok(())
     })?;
     plan_rows.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| collate(&a.1, &b.1)));
-    let place: HashMap<&str, (usize, i32)> = plan_rows
+    // Each plan's name is shared by its grants (one allocation per plan).
+    let place: HashMap<&str, (usize, i32, std::rc::Rc<str>)> = plan_rows
         .iter()
         .enumerate()
-        .map(|(i, (rank, key))| (key.as_str(), (i, *rank)))
+        .map(|(i, (rank, key))| (key.as_str(), (i, *rank, std::rc::Rc::from(key.as_str()))))
         .collect();
 
     let mut by_feature: HashMap<String, Vec<(usize, PlanGrant)>> = HashMap::new();
@@ -430,14 +431,14 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         }
         let plan = row.str(gc[1]).ok_or_else(|| null("grants.plan"))?;
         // The inner join: a grant of a plan that is not there is not listed.
-        let Some(&(at, rank)) = place.get(plan) else {
+        let Some((at, rank, name)) = place.get(plan) else {
             return Ok(());
         };
         let grant = (
-            at,
+            *at,
             PlanGrant {
-                plan: plan.to_string(),
-                rank,
+                plan: name.clone(),
+                rank: *rank,
                 limit: row.int(gc[3]),
                 period: row.text(gc[4]),
                 value: row.jsonb(gc[5]),
@@ -1156,7 +1157,10 @@ mod tests {
             .iter()
             .map(|g| g.plan.clone())
             .collect();
-        assert_eq!(plans, ["pro", "team", "ent"]);
+        assert_eq!(
+            plans,
+            ["pro".into(), "team".into(), "ent".into()] as [std::rc::Rc<str>; 3]
+        );
         assert!(
             direct.0 .0["ab"].grants.is_empty(),
             "a disabled grant is not listed"
