@@ -1173,6 +1173,60 @@ mod tests {
         assert_eq!(Some(cat.keys().to_vec()), sql.1);
     }
 
+    /// The install script's invalidation triggers are on exactly the
+    /// tables the cache loads (WATCHED), each with the function its kind
+    /// needs, row-level, enabled ALWAYS, plus a TRUNCATE trigger.
+    #[pg_test]
+    fn invalidation_triggers_match_the_watched_tables() {
+        let rows: Vec<(String, String, String, bool, String)> = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT c.relname::text, t.tgname::text, t.tgfoid::regproc::text,
+                        t.tgtype::int & 1 = 1, t.tgenabled::text
+                   FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                  WHERE c.relnamespace = 'flux'::regnamespace AND t.tgname LIKE 'cache\\_invalidate%'
+                  ORDER BY 1, 2",
+                None,
+                &[],
+            )?;
+            let mut v = Vec::new();
+            for r in t {
+                v.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                    r.get::<bool>(4)?.unwrap_or_default(),
+                    r.get::<String>(5)?.unwrap_or_default(),
+                ));
+            }
+            Ok::<_, pgrx::spi::SpiError>(v)
+        })
+        .unwrap();
+        let mut want = Vec::new();
+        for (i, table) in WATCHED.iter().enumerate() {
+            let row_fn = if i < CATALOGUE_TABLES {
+                "flux._cache_invalidate"
+            } else {
+                "flux._tenant_invalidate"
+            };
+            want.push((
+                table.to_string(),
+                "cache_invalidate".to_string(),
+                row_fn.to_string(),
+                true,
+                "A".to_string(),
+            ));
+            want.push((
+                table.to_string(),
+                "cache_invalidate_truncate".to_string(),
+                "flux._cache_invalidate".to_string(),
+                false,
+                "A".to_string(),
+            ));
+        }
+        want.sort();
+        assert_eq!(rows, want);
+    }
+
     /// A table that is not as the install script made it is read by SQL.
     #[pg_test]
     fn a_retyped_column_sends_the_load_to_sql() {
