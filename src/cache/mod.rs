@@ -228,9 +228,10 @@ fn tenant_entry(id: &str, cat: &Catalogue) -> FluxResult<(Option<Rc<TenantEntry>
         STATE.with(|st| st.provisional.set(true));
     }
     // Read before the load's snapshot is taken (see the module comment).
+    let bucket = invalidation::bucket(id.as_bytes());
     let generation = STATE.with(|st| {
         st.tenant_loads.set(st.tenant_loads.get() + 1);
-        st.buckets[invalidation::bucket(id.as_bytes())].get()
+        st.buckets[bucket].get()
     });
     let loaded = loads::load_tenant(cat.namespace, id)?.map(|mut e| {
         e.base.plan_grace = e
@@ -240,7 +241,10 @@ fn tenant_entry(id: &str, cat: &Catalogue) -> FluxResult<(Option<Rc<TenantEntry>
             .and_then(|p| cat.plan_grace.get(p).copied().flatten());
         Rc::new(e)
     });
-    TENANTS.with(|t| t.borrow_mut().put(id, loaded.clone(), generation, capacity));
+    TENANTS.with(|t| {
+        t.borrow_mut()
+            .put(id, loaded.clone(), (bucket, generation), capacity)
+    });
     Ok((loaded, true))
 }
 

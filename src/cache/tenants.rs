@@ -4,7 +4,7 @@
 //! generation (invalidation.rs), so the entry is loaded again when next
 //! asked for, and the other tenants stay.
 
-use super::invalidation::{bucket, BUCKETS};
+use super::invalidation::BUCKETS;
 use super::loads::TenantEntry;
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -62,19 +62,19 @@ impl TenantLru {
         Some(e)
     }
 
-    /// Keep `entry`, loaded when its bucket's generation was `generation`
-    /// (read before the load's snapshot was taken: an invalidation read
-    /// after it makes the entry stale at its next lookup).
+    /// Keep `entry`, loaded when its bucket (`bucket(id)`) had generation
+    /// `generation` (read before the load's snapshot was taken: an
+    /// invalidation read after it makes the entry stale at its next lookup).
     pub fn put(
         &mut self,
         id: &str,
         entry: Option<Rc<TenantEntry>>,
-        generation: u32,
+        (bucket, generation): (usize, u32),
         capacity: usize,
     ) {
         let h = Held {
             entry,
-            bucket: bucket(id.as_bytes()) as u16,
+            bucket: bucket as u16,
             generation,
         };
         self.insert(id.into(), h, capacity);
@@ -95,6 +95,7 @@ impl TenantLru {
 
 #[cfg(test)]
 mod tests {
+    use super::super::invalidation::bucket;
     use super::*;
 
     fn generations() -> Generations {
@@ -107,7 +108,7 @@ mod tests {
         let mut lru = TenantLru::default();
         let ids: Vec<String> = (0..500).map(|i| format!("tenant-{i}")).collect();
         for id in &ids {
-            lru.put(id, None, 0, 10_000);
+            lru.put(id, None, (bucket(id.as_bytes()), 0), 10_000);
         }
         let changed = bucket(ids[7].as_bytes());
         g[changed].set(1);
@@ -116,11 +117,11 @@ mod tests {
             assert_eq!(held, bucket(id.as_bytes()) != changed, "{id}");
         }
         // Loaded again under the new generation, it is held again.
-        lru.put(&ids[7], None, 1, 10_000);
+        lru.put(&ids[7], None, (changed, 1), 10_000);
         assert!(lru.get(&ids[7], 10_000, &g).is_some());
         // An entry loaded before an invalidation read during its load is
         // stale at once.
-        lru.put(&ids[7], None, 0, 10_000);
+        lru.put(&ids[7], None, (changed, 0), 10_000);
         assert!(lru.get(&ids[7], 10_000, &g).is_none());
     }
 
@@ -129,7 +130,8 @@ mod tests {
         let g = generations();
         let mut lru = TenantLru::default();
         for i in 0..10_000 {
-            lru.put(&format!("t{i}"), None, 0, 1_000);
+            let id = format!("t{i}");
+            lru.put(&id, None, (bucket(id.as_bytes()), 0), 1_000);
             // t0 is asked for all along.
             assert!(lru.get("t0", 1_000, &g).is_some());
             assert!(lru.len() <= 1_000);
