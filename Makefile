@@ -38,7 +38,7 @@ RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGX_RO
 # What the scripts and tests read: which server binaries, which cluster.
 export FLUX_PGBIN = $(PG_BIN)
 
-.PHONY: demo test test-all pg-upgrade package package-test deps build install fmt-check clippy pgtest regress isolation integration soak release-snapshot bench bench-instructions clean-clusters
+.PHONY: layers demo test test-all pg-upgrade package package-test deps build install fmt-check clippy pgtest regress isolation integration soak release-snapshot bench bench-instructions clean-clusters
 
 deps:
 	@scripts/deps.sh
@@ -66,6 +66,10 @@ demo: install
 
 fmt-check:
 	cargo fmt --check
+
+# The module layers lib.rs writes down: no import cycle, no upward use.
+layers:
+	python3 scripts/check_layers.py
 
 clippy:
 	cargo clippy --all-targets $(FEATURES) -- -D warnings
@@ -119,7 +123,7 @@ package: deps
 package-test: package
 	FLUX_PG_CONFIG=$(PG_CONFIG) python3 -m pytest -q tests/package
 
-test: deps fmt-check clippy pgtest regress isolation integration soak package-test
+test: deps fmt-check layers clippy pgtest regress isolation integration soak package-test
 	@scripts/pg.sh stop $(TEST_DIR)
 	@echo "== make test (PostgreSQL $(PG)): all passed"
 

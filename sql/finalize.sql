@@ -101,7 +101,7 @@ AS $$ SELECT * FROM flux.audit_log a
 COMMENT ON FUNCTION flux_history(text, timestamptz) IS 'Admin: the audit log of one tenant (its subscription, addons, overrides, API keys and flag-list entries), oldest first';
 
 -- flux_enforce_limit takes regclass and name as the contract says; the
--- work is in Rust (src/limits.rs).
+-- work is in Rust (src/row_limits.rs).
 CREATE FUNCTION flux_enforce_limit(tbl regclass, feature text, tenant_column name DEFAULT 'tenant_id')
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$ SELECT flux._enforce_limit_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text) $$;
@@ -158,7 +158,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, 
     flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys TO flux_admin;
 GRANT SELECT ON flux.audit_log TO flux_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
--- flux_consume and flux_release write usage as the tables' owner (src/usage.rs),
+-- flux_consume and flux_release write usage as the tables' owner (src/usage/),
 -- so PUBLIC needs no write grant on any flux table.
 
 REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,

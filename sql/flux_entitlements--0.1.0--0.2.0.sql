@@ -208,7 +208,7 @@ COMMENT ON FUNCTION flux._overrides_validate() IS 'Trigger: validates an overrid
 COMMENT ON FUNCTION flux._flags_validate() IS 'Trigger: validates a flag (flux._check_flag)';
 COMMENT ON FUNCTION flux._flag_lists_validate() IS 'Trigger: validates an allow / deny list entry';
 
--- flux_enforce_limit's trigger is now Rust (src/limits.rs); the triggers
+-- flux_enforce_limit's trigger is now Rust (src/row_limits.rs); the triggers
 -- already made keep pointing at it. The function it called is gone.
 CREATE OR REPLACE FUNCTION flux._enforce_limit() RETURNS trigger LANGUAGE c
 AS 'MODULE_PATHNAME', '_enforce_limit_wrapper';

@@ -1,22 +1,30 @@
 //! flux_entitlements: can this tenant use this feature, at this rate, right now?
 //!
-//! Where things are:
-//! - `decision`: the decision and the order of its reasons (pure Rust);
-//! - `model`: the facts a decision is made from;
-//! - `store`: reading those facts from the `flux` tables;
+//! Where things are (each module's `//!` says more):
+//! - `decision/`: the decision and the order of its reasons (pure Rust);
+//! - `model`: the facts a decision is made from, and the words of the
+//!   enums the tables store;
+//! - `cache/`: the per-backend decision cache, its loads and its
+//!   invalidation (and the list of every per-backend cache);
+//! - `entitle`: a tenant and feature's facts and decision, and the
+//!   decision as a `flux.decision` row;
+//! - `usage/`: recording and reading usage (flux_consume, flux_release,
+//!   flux_usage): periods, the limit rule and GCRA, the counters, the SQL
+//!   fallbacks, idempotency keys;
 //! - `reads`: flux_check / flux_decide / flux_entitlements / flux_value;
 //! - `admin`: the define / grant / subscribe / override / addon upserts;
 //! - `validate`: the rules every row must meet (admin functions and psql DML);
 //! - `identity`: flux_current_tenant and API keys;
+//! - `access`: who may act for a tenant (flux_service, the current tenant);
 //! - `rls`: flux_protect (row-level security policies);
+//! - `row_limits`: flux_enforce_limit (rows of an application table
+//!   counted against a limit);
 //! - `privilege`: flux's SQL under a pinned search_path, and table access
 //!   as the flux tables' owner (why nothing a caller creates runs with it);
-//! - `access`: who may act for a tenant (flux_service, the current tenant);
-//! - `cache/`: the per-backend decision cache, its loads and its
-//!   invalidation (and the list of every per-backend cache);
+//! - `store`: small SQL reads and writes through SPI;
 //! - `prepared`: SQL statements prepared once per backend;
-//! - `metering`, `usage`, `limits`: periods and GCRA, recording usage,
-//!   flux_enforce_limit;
+//! - `backend`: text arguments read in place, the transaction's start;
+//! - `pgver`: what differs between PostgreSQL 15, 16 and 18;
 //! - `rollout`: the flag bucketing formula;
 //! - `audit`: the audit log and NOTIFY flux_changes;
 //! - `billing`: Stripe events and signatures;
@@ -24,6 +32,17 @@
 //! - `error`: the error type and its SQLSTATEs;
 //! - `timeutil`: calendar arithmetic in UTC;
 //! - `removed`: entry points older install scripts declare.
+//!
+//! Layers, lowest first: a module uses only its own layer (without a cycle)
+//! and the ones below. `scripts/check_layers.py` (run by `make test`) reads
+//! this list and fails otherwise.
+//! 1. pure rules: `error`, `timeutil`, `model`, `rollout`, `decision`
+//! 2. PostgreSQL plumbing: `backend`, `pgver`, `privilege`, `prepared`,
+//!    `gucs`, `store`, `validate`, `identity`, `access`, `audit`
+//! 3. the cache: `cache`
+//! 4. the entitle step: `entitle`
+//! 5. usage: `usage`
+//! 6. SQL functions: `reads`, `admin`, `rls`, `row_limits`, `billing`, `removed`
 
 use pgrx::prelude::*;
 
@@ -33,13 +52,11 @@ pub mod audit;
 pub mod backend;
 pub mod billing;
 pub mod cache;
-pub mod counters;
 pub mod decision;
+pub mod entitle;
 pub mod error;
 pub mod gucs;
 pub mod identity;
-pub mod limits;
-pub mod metering;
 pub mod model;
 pub mod pgver;
 pub mod prepared;
@@ -48,6 +65,7 @@ pub mod reads;
 pub mod removed;
 pub mod rls;
 pub mod rollout;
+pub mod row_limits;
 pub mod store;
 pub mod timeutil;
 pub mod usage;

@@ -1,5 +1,6 @@
-//! The facts a decision is made from, as plain Rust values. The store (SPI
-//! today, a per-backend cache later) fills them; `decision` reads them.
+//! The facts a decision is made from, as plain Rust values, and the words
+//! of the enums stored in the tables. The cache (cache/loads.rs) fills the
+//! facts; `decision` reads them.
 
 use crate::error::{shown, FluxError, FluxResult};
 use crate::timeutil::Span;
@@ -7,104 +8,130 @@ use crate::timeutil::Span;
 /// nested document must not be able to break a decision).
 pub type JsonText = String;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Boolean,
-    Limit,
-    Metered,
-    Rate,
+/// "a, b or c": the words a value may be, for error messages.
+pub fn one_of(words: &[&str]) -> String {
+    match words.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
+/// An enum stored as a word in a column. Its words are listed once, here:
+/// `parse`, `as_str`, the "expected ..." of its error, its JSON form and
+/// (checked by a test in validate.rs) the column's CHECK constraint.
+macro_rules! words {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($variant:ident = $word:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            /// Every value, in the order of the list.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// Every word, in the same order.
+            pub const WORDS: &'static [&'static str] = &[$($word),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word),+
+                }
+            }
+
+            pub fn parse(s: &str) -> FluxResult<$name> {
+                match s {
+                    $($word => Ok($name::$variant),)+
+                    _ => Err(FluxError::InvalidValue(format!(
+                        concat!("unknown ", $what, " {}: expected {}"),
+                        shown(s),
+                        Self::expected()
+                    ))),
+                }
+            }
+
+            /// "a, b or c".
+            pub fn expected() -> String {
+                one_of(Self::WORDS)
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+words!(Kind, "feature kind" {
+    Boolean = "boolean",
+    Limit = "limit",
+    Metered = "metered",
+    Rate = "rate",
+});
+
 impl Kind {
-    pub fn parse(s: &str) -> FluxResult<Kind> {
-        match s {
-            "boolean" => Ok(Kind::Boolean),
-            "limit" => Ok(Kind::Limit),
-            "metered" => Ok(Kind::Metered),
-            "rate" => Ok(Kind::Rate),
-            _ => Err(FluxError::InvalidValue(format!(
-                "unknown feature kind {}: expected boolean, limit, metered or rate",
-                shown(s)
-            ))),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Boolean => "boolean",
-            Kind::Limit => "limit",
-            Kind::Metered => "metered",
-            Kind::Rate => "rate",
-        }
-    }
-
     /// Kinds that carry a numeric allowance.
     pub fn has_limit(self) -> bool {
         !matches!(self, Kind::Boolean)
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Trialing,
-    Active,
-    PastDue,
-    Canceled,
-    Paused,
-}
+words!(Status, "subscription status" {
+    Trialing = "trialing",
+    Active = "active",
+    PastDue = "past_due",
+    Canceled = "canceled",
+    Paused = "paused",
+});
 
-impl Status {
-    pub fn parse(s: &str) -> FluxResult<Status> {
-        match s {
-            "trialing" => Ok(Status::Trialing),
-            "active" => Ok(Status::Active),
-            "past_due" => Ok(Status::PastDue),
-            "canceled" => Ok(Status::Canceled),
-            "paused" => Ok(Status::Paused),
-            _ => Err(FluxError::InvalidValue(format!(
-                "unknown subscription status {}: expected trialing, active, past_due, canceled or paused",
-                shown(s)
-            ))),
-        }
+words!(
+    /// The reasons of the contract, in the order they are checked.
+    #[derive(PartialOrd, Ord)]
+    Reason, "reason" {
+        UnknownFeature = "unknown_feature",
+        UnknownTenant = "unknown_tenant",
+        FeatureDisabled = "feature_disabled",
+        NotInRollout = "not_in_rollout",
+        SubscriptionInactive = "subscription_inactive",
+        NotInPlan = "not_in_plan",
+        LimitReached = "limit_reached",
+        RateLimited = "rate_limited",
+        Ok = "ok",
     }
+);
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Trialing => "trialing",
-            Status::Active => "active",
-            Status::PastDue => "past_due",
-            Status::Canceled => "canceled",
-            Status::Paused => "paused",
-        }
+words!(
+    /// The period of a metered quota.
+    Period, "period" {
+        Minute = "minute",
+        Hour = "hour",
+        Day = "day",
+        Week = "week",
+        Month = "month",
+        BillingPeriod = "billing_period",
     }
-}
+);
 
-/// The reasons of the contract, in the order they are checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reason {
-    UnknownFeature,
-    UnknownTenant,
-    FeatureDisabled,
-    NotInRollout,
-    SubscriptionInactive,
-    NotInPlan,
-    LimitReached,
-    RateLimited,
-    Ok,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
+impl Period {
+    /// "used today", "used this month", for messages.
+    pub fn phrase(self) -> &'static str {
         match self {
-            Reason::UnknownFeature => "unknown_feature",
-            Reason::UnknownTenant => "unknown_tenant",
-            Reason::FeatureDisabled => "feature_disabled",
-            Reason::NotInRollout => "not_in_rollout",
-            Reason::SubscriptionInactive => "subscription_inactive",
-            Reason::NotInPlan => "not_in_plan",
-            Reason::LimitReached => "limit_reached",
-            Reason::RateLimited => "rate_limited",
-            Reason::Ok => "ok",
+            Period::Minute => "this minute",
+            Period::Hour => "this hour",
+            Period::Day => "today",
+            Period::Week => "this week",
+            Period::Month => "this month",
+            Period::BillingPeriod => "this billing period",
         }
     }
 }
@@ -196,26 +223,84 @@ pub struct TenantFacts {
     pub override_: Option<Override>,
 }
 
-/// The attributes of the composite type `flux.decision`, in order.
-pub const DECISION_COLUMNS: [&str; 14] = [
-    "allowed",
-    "reason",
-    "message",
-    "tenant",
-    "feature",
-    "plan",
-    "limit",
-    "used",
-    "remaining",
-    "resets_at",
-    "retry_after",
-    "upgrade_plans",
-    "kind",
-    "subject",
-];
+words!(
+    /// The attributes of the composite type `flux.decision`, in order: the
+    /// one list of them. `entitle::to_composite` fills each (an exhaustive
+    /// match), the JSON form of a Decision has the same names, and tests
+    /// compare the list with the type in the catalogue.
+    Column, "decision column" {
+        Allowed = "allowed",
+        Reason = "reason",
+        Message = "message",
+        Tenant = "tenant",
+        Feature = "feature",
+        Plan = "plan",
+        Limit = "limit",
+        Used = "used",
+        Remaining = "remaining",
+        ResetsAt = "resets_at",
+        RetryAfter = "retry_after",
+        UpgradePlans = "upgrade_plans",
+        Kind = "kind",
+        Subject = "subject",
+    }
+);
 
-/// The answer, field for field the composite type `flux.decision`.
-#[derive(Debug, Clone, PartialEq)]
+/// The type of each column of `flux.decision` (checked against the
+/// catalogue by a test, and by the catalogue load for the fast path).
+/// Constants only: nothing here calls into PostgreSQL.
+impl Column {
+    pub fn type_oid(self) -> pgrx::pg_sys::Oid {
+        use pgrx::pg_sys;
+        match self {
+            Column::Allowed => pg_sys::BOOLOID,
+            Column::Reason
+            | Column::Message
+            | Column::Tenant
+            | Column::Feature
+            | Column::Plan
+            | Column::Kind
+            | Column::Subject => pg_sys::TEXTOID,
+            Column::Limit | Column::Used | Column::Remaining => pg_sys::INT8OID,
+            Column::ResetsAt => pg_sys::TIMESTAMPTZOID,
+            Column::RetryAfter => pg_sys::INTERVALOID,
+            Column::UpgradePlans => pg_sys::TEXTARRAYOID,
+        }
+    }
+}
+
+impl Default for Reason {
+    /// What an idempotency key stored by 0.1.0 without a reason replays as.
+    fn default() -> Self {
+        Reason::Ok
+    }
+}
+
+/// A retry_after in JSON: microseconds (rate windows are fixed intervals).
+mod micros {
+    use crate::timeutil::Span;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Span>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(span) => s.serialize_some(&span.micros),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Span>, D::Error> {
+        Ok(Option::<i64>::deserialize(d)?.map(|micros| Span {
+            months: 0,
+            days: 0,
+            micros,
+        }))
+    }
+}
+
+/// The answer, field for field the composite type `flux.decision` (see
+/// Column); as JSON, what an idempotency key replays.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Decision {
     pub allowed: bool,
     pub reason: Reason,
@@ -227,16 +312,20 @@ pub struct Decision {
     pub used: Option<i64>,
     pub remaining: Option<i64>,
     pub resets_at: Option<i64>,
+    #[serde(with = "micros")]
     pub retry_after: Option<Span>,
     pub upgrade_plans: Option<Vec<String>>,
     pub kind: Option<Kind>,
     pub subject: Option<String>,
     /// The effective grant value (what flux_value returns); not in the type.
+    #[serde(skip)]
     pub value: Option<JsonText>,
     /// metered: the reset period; rate: the window. From the applied plan's
     /// grant, else the highest-ranked grant that has one. Not in the type.
+    #[serde(skip)]
     pub period: Option<String>,
     /// Where the grant came from, for messages. Not in the type.
+    #[serde(skip)]
     pub source: Option<Source>,
 }
 
@@ -256,5 +345,67 @@ impl Source {
             (Source::Plan, Some(p)) => format!("on the {p} plan").into(),
             _ => "through an addon".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON form of a decision (what an idempotency key replays) has
+    /// the columns of flux.decision as its names, and reads back the same.
+    #[test]
+    fn json_names_are_the_columns() {
+        let d = Decision {
+            allowed: true,
+            reason: Reason::LimitReached,
+            message: "m".into(),
+            tenant: "t".into(),
+            feature: "f".into(),
+            plan: Some("pro".into()),
+            limit: Some(3),
+            used: Some(2),
+            remaining: Some(1),
+            resets_at: Some(42),
+            retry_after: Some(Span {
+                months: 0,
+                days: 0,
+                micros: 7,
+            }),
+            upgrade_plans: Some(vec!["enterprise".into()]),
+            kind: Some(Kind::Metered),
+            subject: Some("u".into()),
+            ..Decision::default()
+        };
+        let v = serde_json::to_value(&d).unwrap();
+        let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort();
+        let mut want = Column::WORDS.to_vec();
+        want.sort();
+        assert_eq!(names, want);
+        assert_eq!(v["reason"], "limit_reached");
+        assert_eq!(v["retry_after"], 7);
+        assert_eq!(serde_json::from_value::<Decision>(v).unwrap(), d);
+        // A key stored by 0.1.0 (these names, an amount) reads the same way.
+        let old = serde_json::json!({"amount": 1, "allowed": false, "reason": "rate_limited",
+                                      "message": "x", "tenant": "t", "feature": "f", "kind": "rate"});
+        let d = serde_json::from_value::<Decision>(old).unwrap();
+        assert_eq!((d.reason, d.kind), (Reason::RateLimited, Some(Kind::Rate)));
+    }
+
+    #[test]
+    fn words_parse_back_and_errors_list_them() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()).unwrap(), *k);
+        }
+        assert_eq!(
+            Kind::parse("bool").unwrap_err().to_string(),
+            "unknown feature kind \"bool\": expected boolean, limit, metered or rate"
+        );
+        assert_eq!(
+            Period::expected(),
+            "minute, hour, day, week, month or billing_period"
+        );
+        assert_eq!(one_of(&["a"]), "a");
     }
 }

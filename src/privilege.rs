@@ -269,7 +269,7 @@ impl AsOwner {
 /// Rust, names looked up in schema flux by OID), and pinning a GUC nest
 /// level on each call was 7% of it (9,000 instructions). Every SQL it may
 /// run pins the path itself: `store`'s helpers, `AsOwner` in the cache's
-/// and usage probes' SQL paths, `Pinned` in usage.rs's SQL fallbacks.
+/// and usage probes' SQL paths, `Pinned` in usage/sql.rs's SQL fallbacks.
 pub struct AsOwnerUnpinned {
     _user: Switched,
 }

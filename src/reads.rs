@@ -1,67 +1,15 @@
 //! The read functions of the contract: flux_check, flux_decide,
-//! flux_entitlements and flux_value. They gather facts from the store and
-//! hand them to `decision::decide`; they never write.
+//! flux_entitlements and flux_value. They take the entitle step
+//! (entitle.rs), add usage figures (usage/) and never write.
 
 use crate::backend::Text;
-use crate::decision::{decide, steady_window, Context};
+use crate::decision::steady_window;
+use crate::entitle::{entitle, entitle_with, to_composite};
 use crate::error::{FluxResult, OrRaise};
-use crate::model::{Decision, FeatureFacts, TenantFacts};
+use crate::model::Decision;
 use crate::{access, cache, gucs, identity, usage};
-use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
-use pgrx::{FromDatum, IntoDatum, PgTupleDesc};
-
-fn context(detail: bool) -> FluxResult<Context> {
-    Ok(Context {
-        now: gucs::clock()?,
-        default_grace: gucs::default_grace()?,
-        detail,
-    })
-}
-
-/// An entitlement decision with the facts it was made from, so metering can
-/// go on from it without reading them again.
-pub struct Decided {
-    pub d: Decision,
-    pub facts: cache::Facts,
-    pub ctx: Context,
-}
-
-impl Decided {
-    pub fn feature(&self) -> Option<&FeatureFacts> {
-        self.facts.feature.as_deref()
-    }
-
-    pub fn tenant(&self) -> Option<&TenantFacts> {
-        self.facts.tenant()
-    }
-}
-
-/// The entitlement part of a decision: everything up to `limit_reached`.
-pub fn entitle(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<Decided> {
-    entitle_with(tenant, feature, subject, true)
-}
-
-/// `entitle`, choosing whether to build the message (see Context::detail).
-pub fn entitle_with(
-    tenant: &str,
-    feature: &str,
-    subject: Option<&str>,
-    detail: bool,
-) -> FluxResult<Decided> {
-    let ctx = context(detail)?;
-    let facts = cache::facts(tenant, feature, subject)?;
-    let d = decide(
-        tenant,
-        feature,
-        subject,
-        facts.feature.as_deref(),
-        facts.tenant(),
-        facts.flag.as_ref(),
-        &ctx,
-    );
-    Ok(Decided { d, facts, ctx })
-}
+use pgrx::FromDatum;
 
 /// Decide for one tenant and feature, with usage figures: would one more
 /// unit pass? Reads only.
@@ -97,70 +45,6 @@ fn decide_allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
         );
     }
     Ok(x.d.allowed)
-}
-
-pub fn to_composite(d: Decision) -> pgrx::composite_type!('static, "flux.decision") {
-    let cat = cache::catalogue().or_raise();
-    let ts = |t: Option<i64>| t.and_then(|v| TimestampWithTimeZone::try_from(v).ok());
-    let retry = d
-        .retry_after
-        .and_then(|s| Interval::new(s.months, s.days, s.micros).ok());
-    if cat.decision_plain {
-        // One heap_form_tuple: setting 14 attributes by name formed the
-        // row 14 times (a tenth of flux_consume).
-        // The type cache's descriptor, pinned and released with the row
-        // (for_composite_type_by_oid copied it twice per call).
-        // SAFETY: lookup_rowtype_tupdesc returns a reference-counted
-        // descriptor (or raises); from_pg releases it on drop.
-        let desc =
-            unsafe { PgTupleDesc::from_pg(pg_sys::lookup_rowtype_tupdesc(cat.decision_type, -1)) };
-        let datums = [
-            d.allowed.into_datum(),
-            d.reason.as_str().into_datum(),
-            d.message.into_datum(),
-            d.tenant.into_datum(),
-            d.feature.into_datum(),
-            d.plan.into_datum(),
-            d.limit.into_datum(),
-            d.used.into_datum(),
-            d.remaining.into_datum(),
-            ts(d.resets_at).into_datum(),
-            retry.into_datum(),
-            d.upgrade_plans.into_datum(),
-            d.kind.map(|k| k.as_str()).into_datum(),
-            d.subject.into_datum(),
-        ];
-        // SAFETY: the datums follow DECISION_COLUMNS, which the catalogue
-        // load checked against the type (decision_plain), each of the
-        // attribute's type.
-        match unsafe { PgHeapTuple::from_datums(desc, datums) } {
-            Ok(row) => return row,
-            Err(e) => crate::error::FluxError::Internal(e.to_string()).raise(),
-        }
-    }
-    let mut row = PgHeapTuple::new_composite_type_by_oid(cat.decision_type)
-        .unwrap_or_else(|e| crate::error::FluxError::Internal(e.to_string()).raise());
-    let set = (|| -> Result<(), pgrx::datum::TryFromDatumError> {
-        row.set_by_name("allowed", d.allowed)?;
-        row.set_by_name("reason", d.reason.as_str())?;
-        row.set_by_name("message", d.message)?;
-        row.set_by_name("tenant", d.tenant)?;
-        row.set_by_name("feature", d.feature)?;
-        row.set_by_name("plan", d.plan)?;
-        row.set_by_name("limit", d.limit)?;
-        row.set_by_name("used", d.used)?;
-        row.set_by_name("remaining", d.remaining)?;
-        row.set_by_name("resets_at", ts(d.resets_at))?;
-        row.set_by_name("retry_after", retry)?;
-        row.set_by_name("upgrade_plans", d.upgrade_plans)?;
-        row.set_by_name("kind", d.kind.map(|k| k.as_str()))?;
-        row.set_by_name("subject", d.subject)?;
-        Ok(())
-    })();
-    if let Err(e) = set {
-        crate::error::FluxError::Internal(e.to_string()).raise();
-    }
-    row
 }
 
 // flux_check(tenant, feature) is the per-row hot path, so its entry point is

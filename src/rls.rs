@@ -41,6 +41,27 @@ pub fn tenant_equals(col: &str, coltype: &str, value: &str) -> String {
     }
 }
 
+/// `prefix` + `feature` as an object name that fits PostgreSQL's 63 bytes:
+/// a longer one (feature keys may have 200 characters) is cut at a
+/// character boundary and ends with a hash of the whole key, so two keys
+/// that share their first bytes never share a trigger or a policy.
+pub fn object_name(prefix: &str, feature: &str) -> String {
+    const MAX: usize = 63;
+    let full = format!("{prefix}{feature}");
+    if full.len() <= MAX {
+        return full;
+    }
+    let hash = format!(
+        "_{:08x}",
+        xxhash_rust::xxh3::xxh3_64(feature.as_bytes()) as u32
+    );
+    let mut cut = MAX - hash.len();
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{hash}", &full[..cut])
+}
+
 #[pg_schema]
 mod flux {
     use super::*;
@@ -83,7 +104,7 @@ mod flux {
                 "(SELECT {schema}.flux_check({}))",
                 spi::quote_literal(feature)
             );
-            let policy_name = crate::limits::object_name("flux_feature_", feature);
+            let policy_name = object_name("flux_feature_", feature);
             let feature_policy = spi::quote_identifier(&policy_name);
 
             Spi::run(&format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))?;

@@ -1,12 +1,11 @@
 //! SQL that flux runs through SPI, pinned to a safe search_path: writes
-//! (`exec`, `one_mut`), small reads (`one`) and the usage probes (`load_used`, `load_tat`), read
-//! under the statement's snapshot. The decision cache's own loads are in
-//! cache/loads.rs.
+//! (`exec`, `one_mut`) and small reads (`one`), read under the statement's
+//! snapshot. The decision cache's own loads are in cache/loads.rs, usage's
+//! probes in usage/sql.rs.
 
 use crate::error::{FluxError, FluxResult};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::{PgBuiltInOids, PgOid};
 
 /// Refuse a write on a read-only connection with 25006 before touching any
 /// table (on a hot standby, asking for a transaction id would fail with an
@@ -20,38 +19,6 @@ pub fn ensure_writable(what: &str) -> FluxResult<()> {
         )));
     }
     Ok(())
-}
-
-const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-
-/// Units recorded for a counter in the period starting at `period_start`
-/// (-infinity for limit features): one primary-key probe.
-pub fn load_used(tenant: &str, feature: &str, period_start: Option<i64>) -> FluxResult<i64> {
-    let cat = crate::cache::catalogue()?;
-    let start = ts_datum(period_start).into_inner();
-    crate::counters::read_used(cat.namespace, tenant, feature, start)
-}
-
-/// The rate limiter's theoretical arrival time, if any.
-pub fn load_tat(tenant: &str, feature: &str) -> FluxResult<Option<i64>> {
-    let _owner = crate::privilege::AsOwner::enter()?;
-    Spi::connect(|c| {
-        let tat = crate::prepared::kept(
-            c,
-            "SELECT tat FROM flux.rate_state \
-             WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2",
-            &[TEXT, TEXT],
-            false,
-        )?;
-        let t = c.select(&*tat, Some(1), &[tenant.into(), feature.into()])?;
-        Ok(if t.is_empty() {
-            None
-        } else {
-            t.first()
-                .get_one::<TimestampWithTimeZone>()?
-                .map(|t| t.into_inner())
-        })
-    })
 }
 
 /// A timestamp for SPI; None is -infinity (the period of limit features).

@@ -4,13 +4,12 @@
 
 use crate::error::{shown, FluxError, FluxResult, OrRaise};
 use crate::gucs;
-use crate::model::Kind;
+use crate::model::{Kind, Period};
 use crate::store;
 use crate::timeutil::Span;
 use pgrx::datum::{AnyNumeric, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
-pub const METERED_PERIODS: [&str; 6] = ["minute", "hour", "day", "week", "month", "billing_period"];
 const MAX_KEY_CHARS: usize = 200;
 
 /// Keys and ids: non-empty, at most 200 characters, no surrounding
@@ -58,10 +57,11 @@ pub fn check_period(
             kind.as_str()
         ))),
         (Kind::Metered, None) => Ok(Some("month".to_string())),
-        (Kind::Metered, Some(p)) if METERED_PERIODS.contains(&p) => Ok(Some(p.to_string())),
+        (Kind::Metered, Some(p)) if Period::parse(p).is_ok() => Ok(Some(p.to_string())),
         (Kind::Metered, Some(p)) => Err(FluxError::InvalidValue(format!(
-            "unknown period {} for metered feature \"{feature}\": expected minute, hour, day, week, month or billing_period",
-            shown(p)
+            "unknown period {} for metered feature \"{feature}\": expected {}",
+            shown(p),
+            Period::expected()
         ))),
         (Kind::Rate, None) => Err(FluxError::InvalidValue(format!(
             "rate feature \"{feature}\" needs a window as its period, such as '1 hour'"
@@ -447,7 +447,7 @@ mod flux {
 }
 
 #[cfg(test)]
-mod tests {
+mod unit_tests {
     use super::*;
 
     #[test]
@@ -524,5 +524,73 @@ mod tests {
             .to_string()
             .contains("-1"));
         assert!(check_limit("b", Kind::Boolean, Some(3)).is_err());
+    }
+}
+
+/// One list per enum: the words of the Rust enums (model.rs) are the words
+/// the install script's CHECK constraints allow, and the columns of
+/// `flux.decision` are model::Column's, in order and type.
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::model::{Column, Kind, Status};
+    use pgrx::prelude::*;
+
+    /// The quoted words of a CHECK (col IN ('a', 'b')) constraint.
+    fn check_words(table: &str, constraint: &str) -> Vec<String> {
+        let def = Spi::get_one::<String>(&format!(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+              WHERE conrelid = 'flux.{table}'::regclass AND conname = '{constraint}'"
+        ))
+        .unwrap()
+        .unwrap_or_else(|| panic!("no constraint {constraint} on flux.{table}"));
+        def.split('\'')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[pg_test]
+    fn enum_words_are_the_check_constraints() {
+        assert_eq!(check_words("features", "features_kind_check"), Kind::WORDS);
+        assert_eq!(
+            check_words("tenants", "tenants_status_check"),
+            Status::WORDS
+        );
+    }
+
+    #[pg_test]
+    fn decision_columns_are_the_type() {
+        let attrs: Vec<(String, pg_sys::Oid)> = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT attname::text, atttypid FROM pg_attribute
+                  WHERE attrelid = 'flux.decision'::regclass AND attnum > 0 AND NOT attisdropped
+                  ORDER BY attnum",
+                None,
+                &[],
+            )?;
+            let mut v = Vec::new();
+            for r in t {
+                v.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<pg_sys::Oid>(2)?.unwrap_or_default(),
+                ));
+            }
+            Ok::<_, pgrx::spi::SpiError>(v)
+        })
+        .unwrap();
+        let want: Vec<(String, pg_sys::Oid)> = Column::ALL
+            .iter()
+            .map(|c| (c.as_str().to_string(), c.type_oid()))
+            .collect();
+        assert_eq!(attrs, want);
+        // The type's comment lists the reasons, in the contract's order.
+        let comment =
+            Spi::get_one::<String>("SELECT obj_description('flux.decision'::regtype, 'pg_type')")
+                .unwrap()
+                .unwrap_or_default();
+        let listed = crate::model::Reason::WORDS.join(", ");
+        assert!(comment.contains(&listed), "{comment} should list {listed}");
     }
 }

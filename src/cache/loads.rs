@@ -115,7 +115,7 @@ pub struct Catalogue {
     /// The composite type flux.decision (looking it up by name per call
     /// cost more than building the row).
     pub decision_type: pg_sys::Oid,
-    /// flux.decision's attributes are DECISION_COLUMNS (so a row can be
+    /// flux.decision's attributes are Column's, names and types (so a row can be
     /// formed in one go, not set attribute by attribute).
     pub decision_plain: bool,
     /// The schema flux (counters.rs finds flux.usage in it).
@@ -141,8 +141,12 @@ const META_SQL: &str = "SELECT $1::pg_catalog.regclass[]::pg_catalog.oid[], \
             (SELECT pg_catalog.array_agg(attname::pg_catalog.text ORDER BY attnum) \
                FROM pg_catalog.pg_attribute \
               WHERE attrelid OPERATOR(pg_catalog.=) 'flux.decision'::pg_catalog.regclass \
-                AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped), \
-            'flux'::pg_catalog.regnamespace::pg_catalog.oid";
+                AND attnum OPERATOR(pg_catalog.>) 0), \
+            'flux'::pg_catalog.regnamespace::pg_catalog.oid, \
+            (SELECT pg_catalog.array_agg(atttypid ORDER BY attnum) \
+               FROM pg_catalog.pg_attribute \
+              WHERE attrelid OPERATOR(pg_catalog.=) 'flux.decision'::pg_catalog.regclass \
+                AND attnum OPERATOR(pg_catalog.>) 0)";
 
 /// The whole catalogue: six sequential scans from Rust (a reload of 2,000
 /// grants through SPI took 4 ms; every change to a catalogue table also
@@ -207,9 +211,15 @@ fn schema_facts_direct() -> Option<Catalogue> {
         let rel = pg_sys::relation_open(decision, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let names = crate::pgver::attributes(&*(*rel).rd_att)
             .iter()
-            .filter(|a| !a.attisdropped)
-            .map(|a| CStr::from_ptr(a.attname.data.as_ptr()).to_bytes())
-            .eq(DECISION_COLUMNS.iter().map(|c| c.as_bytes()));
+            .map(|a| {
+                (
+                    CStr::from_ptr(a.attname.data.as_ptr()).to_bytes(),
+                    a.atttypid,
+                )
+            })
+            .eq(Column::ALL
+                .iter()
+                .map(|c| (c.as_str().as_bytes(), c.type_oid())));
         pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         cat.decision_plain = names;
         cat.namespace = ns;
@@ -228,7 +238,12 @@ fn schema_facts(c: &pgrx::spi::SpiClient) -> FluxResult<Catalogue> {
     cat.watched = required(meta.get::<Vec<pg_sys::Oid>>(1)?, "watched tables")?;
     cat.decision_type = required(meta.get::<pg_sys::Oid>(2)?, "flux.decision")?;
     let names = meta.get::<Vec<String>>(3)?.unwrap_or_default();
-    cat.decision_plain = names.iter().map(String::as_str).eq(DECISION_COLUMNS);
+    let types = meta.get::<Vec<pg_sys::Oid>>(5)?.unwrap_or_default();
+    cat.decision_plain = names
+        .iter()
+        .map(String::as_str)
+        .zip(types)
+        .eq(Column::ALL.iter().map(|c| (c.as_str(), c.type_oid())));
     cat.namespace = required(meta.get::<pg_sys::Oid>(4)?, "schema flux")?;
     Ok(cat)
 }

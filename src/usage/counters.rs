@@ -35,12 +35,11 @@
 //! collations are not deterministic (see Opened::open): a `used` column that
 //! is not bigint is an error (42804), since the SQL path cannot read it.
 
+use super::rules::fits;
 use crate::error::{FluxError, FluxResult};
 use crate::pgver;
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use pgrx::IntoDatum;
-use pgrx::{PgBuiltInOids, PgOid};
 use std::ffi::CStr;
 
 /// The columns of flux.usage, in order, with their types.
@@ -732,7 +731,7 @@ pub fn read_used(
 ) -> FluxResult<i64> {
     let opened = match Opened::open(namespace, pg_sys::AccessShareLock)? {
         Open::Direct(opened) => opened,
-        Open::Sql => return read_used_sql(tenant, feature, start),
+        Open::Sql => return super::sql::read_used(tenant, feature, start),
     };
     // SAFETY: the active snapshot is the statement's, registered by it.
     let snapshot = unsafe { pg_sys::GetActiveSnapshot() };
@@ -750,29 +749,8 @@ pub fn read_used(
     match unsafe { Row::of(t) } {
         Some(row) => Ok(row.get(Fixed::Used)),
         // A null (NOT NULL dropped): SQL reads it as it is.
-        None => read_used_sql(tenant, feature, start),
+        None => super::sql::read_used(tenant, feature, start),
     }
-}
-
-/// read_used through SQL, as the table's owner (the direct read needs no
-/// privilege): for a table Opened::open leaves to SQL.
-fn read_used_sql(tenant: &str, feature: &str, start: i64) -> FluxResult<i64> {
-    const SQL: &str = "SELECT used FROM flux.usage \
-         WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
-           AND period_start OPERATOR(pg_catalog.=) $3";
-    const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-    const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
-    let _owner = crate::privilege::AsOwner::enter()?;
-    let start = crate::store::ts_datum(Some(start));
-    Spi::connect(|c| {
-        let p = crate::prepared::kept(c, SQL, &[TEXT, TEXT, TSTZ], false)?;
-        let t = c.select(&*p, Some(1), &[tenant.into(), feature.into(), start.into()])?;
-        Ok(if t.is_empty() {
-            0
-        } else {
-            t.first().get_one::<i64>()?.unwrap_or(0)
-        })
-    })
 }
 
 /// Add `amount` to an existing counter row if the total stays within
@@ -813,14 +791,10 @@ pub fn add(
             return Ok(Added::Fallback);
         };
         let used = row.get(Fixed::Used);
-        if limit.is_some_and(|l| used.saturating_add(amount) > l) {
+        if !fits(limit, used, amount) {
             return Ok(Added::Full(used));
         }
-        let total = used.checked_add(amount).ok_or_else(|| {
-            FluxError::InvalidValue(format!(
-                "usage would overflow: {used} + {amount} is out of range for bigint"
-            ))
-        })?;
+        let total = super::sql::total(used, amount)?;
         // The new version is our copy with its two values rewritten, as
         // catalog updates do with fixed-width fields; heap_update resets
         // its header.

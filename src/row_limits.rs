@@ -1,5 +1,6 @@
-//! flux_enforce_limit: a tenant's rows in an application table counted
-//! against a `limit` feature (seats as rows of a members table).
+//! Row-count limits, flux_enforce_limit: a tenant's rows in an application
+//! table counted against a `limit` feature (seats as rows of a members
+//! table). Counters recorded by flux_consume are usage/'s.
 //!
 //! The trigger (`flux._enforce_limit`, in Rust) reads the row's tenant as
 //! text, locks the tenant's row of `flux.limit_locks` for (table, feature,
@@ -15,9 +16,10 @@
 //! it is inserting that tenant's rows itself. Downgrade-safe: it only ever
 //! refuses new rows.
 
+use crate::entitle::entitle;
 use crate::error::{FluxError, FluxResult, OrRaise};
 use crate::privilege::{AsOwner, Pinned};
-use crate::reads::entitle;
+use crate::rls::object_name;
 use crate::store;
 use crate::validate::{feature_kind, need};
 use pgrx::datum::DatumWithOid;
@@ -27,27 +29,6 @@ use pgrx::{AllocatedByPostgres, PgTrigger, PgTriggerError};
 /// The prefix of the triggers flux_enforce_limit makes: the trigger
 /// function refuses to run under any other name.
 const TRIGGER_PREFIX: &str = "flux_limit_";
-
-/// `prefix` + `feature` as an object name that fits PostgreSQL's 63 bytes:
-/// a longer one (feature keys may have 200 characters) is cut at a
-/// character boundary and ends with a hash of the whole key, so two keys
-/// that share their first bytes never share a trigger or a policy.
-pub fn object_name(prefix: &str, feature: &str) -> String {
-    const MAX: usize = 63;
-    let full = format!("{prefix}{feature}");
-    if full.len() <= MAX {
-        return full;
-    }
-    let hash = format!(
-        "_{:08x}",
-        xxhash_rust::xxh3::xxh3_64(feature.as_bytes()) as u32
-    );
-    let mut cut = MAX - hash.len();
-    while !full.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}{hash}", &full[..cut])
-}
 
 /// The tenant (as text) of the `new` and `old` rows.
 fn tenants_of(

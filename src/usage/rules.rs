@@ -1,54 +1,19 @@
 //! Usage rules as plain Rust: which period a metered quota is in, when it
-//! resets, and the GCRA rate limiter. The SQL side (recording usage
-//! atomically) is in `usage.rs`; this module only computes.
+//! resets, whether an amount fits a limit, and the GCRA rate limiter. The
+//! writes are in `counters.rs` (the heap) and `sql.rs` (SQL); both decide
+//! with these rules. This module only computes.
 
 use crate::error::{shown, FluxError, FluxResult};
-use crate::model::{Decision, Kind, Reason};
+use crate::model::{Decision, Kind, Period, Reason};
 use crate::timeutil::{
     add_span, format_date, format_minute, from_civil, to_civil, Span, USECS_PER_DAY, USECS_PER_SEC,
 };
 use std::fmt::Write;
 
-/// The period of a metered quota.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Minute,
-    Hour,
-    Day,
-    Week,
-    Month,
-    BillingPeriod,
-}
-
-impl Period {
-    pub fn parse(s: &str) -> FluxResult<Period> {
-        Ok(match s {
-            "minute" => Period::Minute,
-            "hour" => Period::Hour,
-            "day" => Period::Day,
-            "week" => Period::Week,
-            "month" => Period::Month,
-            "billing_period" => Period::BillingPeriod,
-            _ => {
-                return Err(FluxError::InvalidValue(format!(
-                    "unknown period {}: expected minute, hour, day, week, month or billing_period",
-                    shown(s)
-                )))
-            }
-        })
-    }
-
-    /// "used today", "used this month", for messages.
-    pub fn phrase(self) -> &'static str {
-        match self {
-            Period::Minute => "this minute",
-            Period::Hour => "this hour",
-            Period::Day => "today",
-            Period::Week => "this week",
-            Period::Month => "this month",
-            Period::BillingPeriod => "this billing period",
-        }
-    }
+/// The limit rule, for every write path: `amount` more fits when the total
+/// stays within `limit` (None: unlimited).
+pub fn fits(limit: Option<i64>, used: i64, amount: i64) -> bool {
+    limit.is_none_or(|l| used.saturating_add(amount) <= l)
 }
 
 /// The start of the period containing `now` and the start of the next one.

@@ -1,0 +1,458 @@
+//! Usage: recording it (flux_consume, flux_release) and reading it
+//! (flux_usage, and the figures of a decision).
+//!
+//! - `rules`: periods, the limit rule and GCRA, as plain Rust;
+//! - `counters`: a counter's row read and updated through the heap (the
+//!   common case of flux_consume, with no SQL);
+//! - `sql`: the same through SQL where the heap path stands aside (the
+//!   row does not exist yet, REPEATABLE READ, an altered table), the rate
+//!   limiter's state and the usage probes;
+//! - `keys`: idempotency keys.
+//!
+//! Exact under concurrency: a counter's row is locked before its limit is
+//! checked (the heap path re-checks on the latest version when a concurrent
+//! writer committed first; the SQL path reads it `FOR UPDATE`), so callers
+//! queue on the row and none can pass the limit. Every write is in the
+//! caller's transaction and rolls back with it.
+//!
+//! Each function acts only for a tenant the caller may act for (access.rs).
+//! An idempotency key is claimed only once the tenant and feature are known,
+//! and binds the amount: a replay with another amount is refused.
+
+pub mod counters;
+pub mod keys;
+pub mod rules;
+pub mod sql;
+
+use crate::entitle::{entitle, to_composite, Decided};
+use crate::error::{shown, FluxError, FluxResult, OrRaise};
+use crate::gucs;
+use crate::model::{Decision, Kind, Reason};
+use crate::store;
+use pgrx::prelude::*;
+use rules::{apply_counter, apply_rate, fits, gcra, meter_for, Meter, RateOutcome};
+
+fn window_micros(text: &str) -> Option<i64> {
+    gucs::parse_span(text).map(|s| (s.days as i64) * 86_400_000_000 + s.micros)
+}
+
+fn meter(x: &Decided) -> FluxResult<Option<Meter>> {
+    let (Some(f), Some(t)) = (x.feature(), x.tenant()) else {
+        return Ok(None);
+    };
+    meter_for(
+        f.kind,
+        x.d.period.as_deref(),
+        x.ctx.now,
+        t.current_period_start,
+        t.current_period_end,
+        window_micros,
+    )
+}
+
+/// Read path: fill in used / remaining / resets_at and decide whether
+/// `amount` more would pass. Writes nothing. Returns whether usage was read
+/// (the answer then depends on more than the cached rows and the clock).
+pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
+    if !x.d.allowed {
+        return Ok(false);
+    }
+    let Some(m) = meter(x)? else {
+        return Ok(false);
+    };
+    let (tenant, feature) = (x.d.tenant.clone(), x.d.feature.clone());
+    match m {
+        Meter::Allowance | Meter::Quota { .. } => {
+            let start = match m {
+                Meter::Quota { start, .. } => Some(start),
+                _ => None,
+            };
+            let used = sql::load_used(&tenant, &feature, start)?;
+            let fits = fits(x.d.limit, used, amount);
+            apply_counter(&mut x.d, m, used, fits);
+        }
+        Meter::Rate { window } => {
+            if let Some(limit) = x.d.limit {
+                let tat = sql::load_tat(&tenant, &feature)?;
+                // Would `amount` more pass? Report what is counted now.
+                let mut o = gcra(tat, x.ctx.now, limit, window, amount);
+                let current = gcra(tat, x.ctx.now, limit, window, 0);
+                (o.used, o.resets_at) = (current.used, current.resets_at);
+                let text = x.d.period.clone().unwrap_or_default();
+                apply_rate(&mut x.d, &text, o, x.ctx.now);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Record `amount` against a counter if it fits. Returns whether it did and
+/// the total after (when it did not fit, the total as it stands).
+fn record_counter(
+    tenant: &str,
+    feature: &str,
+    start: Option<i64>,
+    amount: i64,
+    limit: Option<i64>,
+) -> FluxResult<(bool, i64)> {
+    if !fits(limit, 0, amount) {
+        return Ok((false, sql::load_used(tenant, feature, start)?));
+    }
+    // The common case, without SQL: the row exists.
+    let cat = crate::cache::catalogue()?;
+    let key = store::ts_datum(start).into_inner();
+    match counters::add(cat.namespace, tenant, feature, key, amount, limit)? {
+        counters::Added::Total(n) => Ok((true, n)),
+        counters::Added::Full(used) => Ok((false, used)),
+        counters::Added::Fallback => sql::add(tenant, feature, start, amount, limit),
+    }
+}
+
+/// Write path: record `amount` if the decision allows it.
+fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
+    if !x.d.allowed {
+        return Ok(());
+    }
+    let Some(m) = meter(x)? else { return Ok(()) };
+    let (tenant, feature, limit, now) = (
+        x.d.tenant.clone(),
+        x.d.feature.clone(),
+        x.d.limit,
+        x.ctx.now,
+    );
+    match m {
+        Meter::Allowance | Meter::Quota { .. } => {
+            let start = match m {
+                Meter::Quota { start, .. } => Some(start),
+                _ => None,
+            };
+            let (fits, used) = record_counter(&tenant, &feature, start, amount, limit)?;
+            apply_counter(&mut x.d, m, used, fits);
+        }
+        Meter::Rate { window } => {
+            let Some(limit) = limit else { return Ok(()) };
+            let text = x.d.period.clone().unwrap_or_default();
+            let o = match sql::record_rate(&tenant, &feature, now, limit, window, amount)? {
+                Some(new_tat) => {
+                    let t = (window / limit.max(1)).max(1);
+                    let used = ((new_tat - now).max(0) as u64).div_ceil(t as u64) as i64;
+                    RateOutcome {
+                        allowed: true,
+                        new_tat,
+                        used,
+                        retry_after: None,
+                        resets_at: new_tat,
+                    }
+                }
+                None => gcra(
+                    sql::load_tat(&tenant, &feature)?,
+                    now,
+                    limit,
+                    window,
+                    amount,
+                ),
+            };
+            apply_rate(&mut x.d, &text, o, now);
+        }
+    }
+    Ok(())
+}
+
+pub fn consume(
+    tenant: &str,
+    feature: &str,
+    amount: i64,
+    key: Option<&str>,
+) -> FluxResult<Decision> {
+    store::ensure_writable("flux_consume")?;
+    crate::access::require_act_for("flux_consume", tenant)?;
+    let _owner = crate::privilege::AsOwnerUnpinned::enter()?;
+    if amount <= 0 {
+        return Err(FluxError::InvalidValue(format!(
+            "amount {amount} must be > 0 (flux_release gives units of a limit feature back)"
+        )));
+    }
+    if let Some(k) = key {
+        if k.is_empty() || k.chars().count() > 200 {
+            return Err(FluxError::InvalidValue(format!(
+                "idempotency_key {} must be 1 to 200 characters",
+                shown(k)
+            )));
+        }
+    }
+    let mut x = entitle(tenant, feature, None)?;
+    // An unknown tenant or feature records nothing, and so stores no key
+    // (2,000 calls with junk keys stored 6.5 MB).
+    let known = !matches!(x.d.reason, Reason::UnknownFeature | Reason::UnknownTenant);
+    if let (Some(k), true) = (key, known) {
+        if let Some(first) = keys::claim(tenant, feature, k, amount)? {
+            return Ok(first);
+        }
+    }
+    record(&mut x, amount)?;
+    if let (Some(k), true) = (key, known) {
+        keys::store(tenant, feature, k, &x.d, amount)?;
+    }
+    Ok(x.d)
+}
+
+/// Atomically check and record usage. Allowed: records `amount` and returns
+/// the new used / remaining. Denied: records nothing. A boolean feature
+/// records nothing and answers whether the tenant is entitled.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_consume(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    amount: default!(Option<i64>, "1"),
+    idempotency_key: default!(Option<&str>, "NULL"),
+) -> Option<pgrx::composite_type!('static, "flux.decision")> {
+    let (tenant, feature) = (tenant?, feature?);
+    let amount = amount.unwrap_or(1);
+    Some(to_composite(
+        consume(tenant, feature, amount, idempotency_key).or_raise(),
+    ))
+}
+
+/// Give units of a limit feature back (a seat freed); returns the new used.
+/// Releasing more than is used stops at 0.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_release(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    amount: default!(Option<i64>, "1"),
+) -> Option<i64> {
+    let (tenant, feature) = (tenant?, feature?);
+    let amount = amount.unwrap_or(1);
+    (|| -> FluxResult<i64> {
+        store::ensure_writable("flux_release")?;
+        crate::access::require_act_for("flux_release", tenant)?;
+        // The feature and tenant are looked up as the owner too: the caller
+        // needs no grant on the flux tables.
+        let _owner = crate::privilege::AsOwner::enter()?;
+        if amount <= 0 {
+            return Err(FluxError::InvalidValue(format!(
+                "amount {amount} must be > 0"
+            )));
+        }
+        let kind = crate::validate::feature_kind(feature)?;
+        if kind != Kind::Limit {
+            return Err(FluxError::InvalidValue(format!(
+                "flux_release gives back units of limit features; \"{feature}\" is {}",
+                kind.as_str()
+            )));
+        }
+        crate::validate::require_tenant(tenant)?;
+        Ok(store::one_mut::<i64>(
+            "UPDATE flux.usage \
+                SET used = GREATEST(used OPERATOR(pg_catalog.-) $3, 0), updated_at = pg_catalog.now() \
+              WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+                AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
+             RETURNING used",
+            &[tenant.into(), feature.into(), amount.into()],
+        )?
+        .unwrap_or(0))
+    })()
+    .or_raise()
+    .into()
+}
+
+/// Units used in the current period (limit: held now; rate: calls in the
+/// current window). NULL for unknown tenants or features and for boolean
+/// features.
+#[pg_extern(stable, strict, parallel_safe)]
+fn flux_usage(tenant: &str, feature: &str) -> Option<i64> {
+    (|| -> FluxResult<Option<i64>> {
+        crate::access::require_act_for("flux_usage", tenant)?;
+        let mut x = entitle(tenant, feature, None)?;
+        let (Some(f), Some(_)) = (x.facts.feature.clone(), x.tenant()) else {
+            return Ok(None);
+        };
+        if !f.kind.has_limit() {
+            return Ok(None);
+        }
+        // Usage exists whether or not the tenant is entitled now.
+        if x.d.period.is_none() {
+            let plan = x.d.plan.clone();
+            x.d.period = plan
+                .and_then(|p| f.grant_of(&p).and_then(|g| g.period.clone()))
+                .or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()));
+        }
+        let now = x.ctx.now;
+        Ok(match meter(&x)? {
+            Some(Meter::Allowance) => Some(sql::load_used(tenant, feature, None)?),
+            Some(Meter::Quota { start, .. }) => Some(sql::load_used(tenant, feature, Some(start))?),
+            Some(Meter::Rate { window }) => {
+                let tat = sql::load_tat(tenant, feature)?;
+                let limit = x.d.limit.unwrap_or(1).max(1);
+                Some(gcra(tat, now, limit, window, 0).used)
+            }
+            None => None,
+        })
+    })()
+    .or_raise()
+}
+
+/// The write paths against the rules: the heap path and the SQL path give
+/// the same outcome for the same sequence, and the rate limiter's SQL
+/// agrees with `rules::gcra`.
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::rules::gcra;
+    use pgrx::prelude::*;
+
+    /// A small deterministic generator (xorshift64*), so a failure repeats.
+    struct Dice(u64);
+
+    impl Dice {
+        fn roll(&mut self, n: u64) -> i64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n) as i64
+        }
+    }
+
+    type Outcome = (bool, String, Option<i64>, Option<i64>, Option<i64>);
+
+    /// The same 300 steps for one tenant: consumes of 1 to 4 seats (a
+    /// limit) and api calls (a daily quota), releases, the limit lowered
+    /// and raised, the day rolling over.
+    fn run(tenant: &str) -> Vec<Outcome> {
+        Spi::run(
+            "SET flux.now = '2026-11-18 10:00+00';
+             SELECT flux_grant('pro', 'seats', 10);
+             SELECT flux_grant('pro', 'api', 20, 'day');",
+        )
+        .unwrap();
+        Spi::run(&format!("SELECT flux_subscribe('{tenant}', 'pro')")).unwrap();
+        let mut dice = Dice(0x9e37_79b9_7f4a_7c15);
+        let mut out = Vec::new();
+        let mut day = 0;
+        for _ in 0..300 {
+            let sql = match dice.roll(10) {
+                0 => format!("SELECT flux_release('{tenant}', 'seats', {})", 1 + dice.roll(3)),
+                1 => format!("SELECT flux_grant('pro', 'seats', {})", 2 + dice.roll(12)),
+                2 => {
+                    day += 1;
+                    let (m, d) = if 18 + day <= 30 { (11, 18 + day) } else { (12, day - 12) };
+                    format!("SET flux.now = '2026-{m}-{d} 10:00+00'")
+                }
+                3..=5 => format!(
+                    "SELECT allowed, reason, used, remaining, \"limit\" FROM flux_consume('{tenant}', 'seats', {})",
+                    1 + dice.roll(4)
+                ),
+                _ => format!(
+                    "SELECT allowed, reason, used, remaining, \"limit\" FROM flux_consume('{tenant}', 'api', {})",
+                    1 + dice.roll(4)
+                ),
+            };
+            if !sql.starts_with("SELECT allowed") {
+                Spi::run(&sql).unwrap();
+                continue;
+            }
+            let row = Spi::connect(|c| {
+                let r = c.select(&sql, Some(1), &[])?;
+                let r = r.first();
+                Ok::<_, pgrx::spi::SpiError>((
+                    r.get::<bool>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<i64>(3)?,
+                    r.get::<i64>(4)?,
+                    r.get::<i64>(5)?,
+                ))
+            })
+            .unwrap();
+            out.push(row);
+        }
+        Spi::run("RESET flux.now").unwrap();
+        out
+    }
+
+    #[pg_test]
+    fn the_sql_path_decides_as_the_heap_path() {
+        Spi::run(
+            "SELECT flux_define_feature('seats', 'limit');
+             SELECT flux_define_feature('api', 'metered');
+             SELECT flux_define_plan('pro');",
+        )
+        .unwrap();
+        let heap = run("heap");
+        // A trigger on flux.usage sends every write to SQL (counters.rs
+        // stands aside), and counts the writes it sees.
+        Spi::run(
+            "CREATE TABLE flux_sql_writes (n int);
+             CREATE FUNCTION flux_sql_write() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO public.flux_sql_writes VALUES (1); RETURN NEW; END $$;
+             GRANT INSERT ON flux_sql_writes TO flux_owner;
+             CREATE TRIGGER count_writes BEFORE INSERT OR UPDATE ON flux.usage
+               FOR EACH ROW EXECUTE FUNCTION flux_sql_write();",
+        )
+        .unwrap();
+        let sql = run("sql");
+        let writes = Spi::get_one::<i64>("SELECT count(*) FROM flux_sql_writes").unwrap();
+        let recorded = heap.iter().filter(|o| o.0).count() as i64;
+        assert!(
+            writes.unwrap_or(0) >= recorded,
+            "the SQL path ran: {writes:?} writes, {recorded} recorded"
+        );
+        assert!(
+            heap.iter().any(|o| !o.0) && recorded > 50,
+            "the sequence hits the limits and passes them"
+        );
+        assert_eq!(heap, sql);
+        let totals = Spi::get_two::<i64, i64>(
+            "SELECT sum(used) FILTER (WHERE tenant = 'heap')::bigint, sum(used) FILTER (WHERE tenant = 'sql')::bigint
+               FROM flux.usage",
+        )
+        .unwrap();
+        assert_eq!(totals.0, totals.1);
+    }
+
+    #[pg_test]
+    fn the_rate_limiters_sql_is_gcra() {
+        Spi::run(
+            "SELECT flux_define_feature('calls', 'rate');
+             SELECT flux_define_plan('pro');
+             SELECT flux_grant('pro', 'calls', 5, '10 seconds');
+             SELECT flux_subscribe('acme', 'pro');",
+        )
+        .unwrap();
+        let (limit, window) = (5, 10_000_000);
+        let start = 848_311_200_000_000_i64; // 2026-11-18 10:00 UTC, PostgreSQL epoch
+        let mut dice = Dice(0x2545_f491_4f6c_dd1d);
+        let (mut now, mut tat) = (start, None);
+        let mut denied = 0;
+        for _ in 0..300 {
+            // Whole seconds: the emission interval is 2 s, so calls land
+            // exactly on the boundary often.
+            now += dice.roll(4) * 1_000_000;
+            let amount = 1 + dice.roll(3);
+            let at = Spi::get_one::<String>(&format!(
+                "SELECT (timestamptz 'epoch' + interval '946684800 seconds' + {now} * interval '1 microsecond')::text"
+            ))
+            .unwrap()
+            .unwrap();
+            Spi::run(&format!("SET flux.now = '{at}'")).unwrap();
+            let (allowed, used) = Spi::get_two::<bool, i64>(&format!(
+                "SELECT allowed, used FROM flux_consume('acme', 'calls', {amount})"
+            ))
+            .unwrap();
+            let want = gcra(tat, now, limit, window, amount);
+            assert_eq!(allowed, Some(want.allowed), "at {at}, {amount} calls");
+            if want.allowed {
+                tat = Some(want.new_tat);
+                assert_eq!(used, Some(want.used), "at {at}, {amount} calls");
+            } else {
+                denied += 1;
+            }
+        }
+        assert!(denied > 20, "the sequence is rate limited ({denied} times)");
+        let stored = Spi::get_one::<i64>(
+            "SELECT ((extract(epoch FROM tat) - 946684800) * 1000000)::bigint FROM flux.rate_state",
+        )
+        .unwrap();
+        assert_eq!(stored, tat);
+        Spi::run("RESET flux.now").unwrap();
+    }
+}
