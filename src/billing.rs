@@ -12,6 +12,7 @@ use hmac::{Hmac, Mac};
 use pgrx::prelude::*;
 use serde_json::Value;
 use sha2::Sha256;
+use subtle::{Choice, ConstantTimeEq};
 
 fn malformed(what: &str) -> FluxError {
     FluxError::InvalidValue(format!("malformed Stripe event: {what}"))
@@ -241,14 +242,13 @@ pub fn verify_signature(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    signatures.iter().fold(false, |found, s| {
-        found
-            | (s.len() == expected.len()
-                && s.bytes()
-                    .zip(expected.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0)
-    })
+    // Every candidate is compared, in time independent of where it differs.
+    signatures
+        .iter()
+        .fold(Choice::from(0), |found, s| {
+            found | s.as_bytes().ct_eq(expected.as_bytes())
+        })
+        .into()
 }
 
 // ---- applying an event ------------------------------------------------------
@@ -310,13 +310,19 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
     if deleted {
         sub.status = "canceled".into();
     }
-    let Some((tenant, exists)) = resolve_tenant(sub.tenant.as_deref(), sub.customer.as_deref())?
-    else {
+    let Some((tenant, _)) = resolve_tenant(sub.tenant.as_deref(), sub.customer.as_deref())? else {
         return Ok(("unmapped", None));
     };
     if is_stale(&sub.id, ev.created)? {
         return Ok(("stale", Some(tenant)));
     }
+    // Look again under the subscription's lock: a concurrent event for it
+    // may have created the tenant meanwhile (and committed, as we waited),
+    // which an INSERT would then collide with.
+    let Some((tenant, exists)) = resolve_tenant(sub.tenant.as_deref(), sub.customer.as_deref())?
+    else {
+        return Ok(("unmapped", None));
+    };
     // Which items map to a plan, which to an addon.
     let mut plan = None;
     let mut addons: Vec<(String, i64)> = Vec::new();

@@ -95,6 +95,7 @@ use crate::error::{FluxError, FluxResult, OrRaise};
 use crate::validate::{need, require_tenant};
 use pgrx::datum::TimestampWithTimeZone;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 fn random_hex(bytes: usize) -> FluxResult<String> {
     let mut buf = vec![0u8; bytes];
@@ -112,12 +113,9 @@ fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
-/// Equal in time independent of where the inputs differ.
+/// Equal in time independent of where the inputs differ (subtle's).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// Split `flux_<id>_<secret>`; None when it does not have that shape.
