@@ -1,8 +1,5 @@
 -- The audit log: who changed what, in the same transaction as the change.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('sso');
 SELECT flux_define_plan('pro');
 SELECT flux_grant('pro', 'sso');

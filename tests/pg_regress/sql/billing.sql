@@ -1,12 +1,6 @@
 -- Billing sync: Stripe's own fixture objects (tests/pg_regress/data/stripe,
 -- from Stripe's published fixtures), changed only where a story needs it.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-CREATE FUNCTION try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN EXECUTE sql; RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ': ' || SQLERRM; END $$;
+\i tests/pg_regress/common/setup.sql
 \set sub_fixture `cat tests/pg_regress/data/stripe/subscription.json`
 \set evt_fixture `cat tests/pg_regress/data/stripe/event.json`
 \set inv_fixture `cat tests/pg_regress/data/stripe/invoice.json`

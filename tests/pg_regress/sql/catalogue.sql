@@ -1,13 +1,6 @@
 -- Defining the catalogue: features, plans, grants, addons; idempotent upserts;
 -- bad input named in the error with a fitting SQLSTATE.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
--- try(sql): run a statement, show 'ok' or 'SQLSTATE: message'.
-CREATE FUNCTION try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN EXECUTE sql; RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ': ' || SQLERRM; END $$;
+\i tests/pg_regress/common/setup.sql
 
 SELECT flux_define_feature('export', 'metered', 'Export reports');
 SELECT flux_define_feature('sso');

@@ -1,8 +1,5 @@
 -- Plan + addons + overrides, and what applies when.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('seats', 'limit');
 SELECT flux_define_feature('sso');
 SELECT flux_define_feature('reports');

@@ -1,8 +1,5 @@
 -- Plain INSERT / UPDATE / DELETE get the same validation as the functions.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i tests/pg_regress/common/setup.sql
 INSERT INTO flux.features (key, kind) VALUES ('export', 'boolean'), ('api', 'metered'), ('seats', 'limit');
 INSERT INTO flux.plans (key, rank, is_default) VALUES ('free', 0, true), ('pro', 2, false);
 INSERT INTO flux.grants (plan, feature) VALUES ('pro', 'export');

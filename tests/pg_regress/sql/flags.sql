@@ -1,9 +1,6 @@
 -- Flags: kill switch, deterministic percentage rollouts, allow and deny
 -- lists, decided before entitlement.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('analytics');
 SELECT flux_define_plan('free', rank => 0, is_default => true);
 SELECT flux_define_plan('starter', rank => 1);

@@ -1,12 +1,6 @@
 -- Identity: the session tenant, PostgREST claims and API keys, as a role
 -- with no grant on the flux tables.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-CREATE FUNCTION try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN EXECUTE sql; RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ': ' || SQLERRM; END $$;
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('export');
 SELECT flux_define_plan('pro');
 SELECT flux_grant('pro', 'export');

@@ -1,8 +1,5 @@
 -- The subscription lifecycle, crossing boundaries with flux.now.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('export');
 SELECT flux_define_feature('seats', 'limit');
 SELECT flux_define_plan('free', rank => 0, is_default => true);

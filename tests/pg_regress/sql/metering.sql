@@ -1,11 +1,5 @@
 -- Metering: quotas that reset, seats, rate limits, idempotency, rollback.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-CREATE FUNCTION try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN EXECUTE sql; RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ': ' || SQLERRM; END $$;
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('export', 'metered');
 SELECT flux_define_feature('api_calls', 'metered');
 SELECT flux_define_feature('reports', 'metered');

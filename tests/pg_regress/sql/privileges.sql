@@ -1,8 +1,5 @@
 -- Who may do what: PUBLIC reads and decides; flux_admin administers.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('export');
 SELECT flux_define_plan('pro');
 SELECT flux_grant('pro', 'export');

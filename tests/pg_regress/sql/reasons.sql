@@ -1,8 +1,5 @@
 -- Every reason, in the contract's order, with upgrade_plans and messages.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('export');
 SELECT flux_define_feature('sso');
 SELECT flux_define_feature('beta');

@@ -1,12 +1,6 @@
 -- flux_protect: rows of the session's tenant only, and only while it is
 -- entitled; decided once per statement; for a role with no flux grants.
-CREATE EXTENSION flux_entitlements;
-\set VERBOSITY terse
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-CREATE FUNCTION try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN EXECUTE sql; RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ': ' || SQLERRM; END $$;
+\i tests/pg_regress/common/setup.sql
 SELECT flux_define_feature('reports');
 SELECT flux_define_plan('starter', rank => 1);
 SELECT flux_define_plan('pro', rank => 2);
