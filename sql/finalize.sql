@@ -6,9 +6,9 @@
 -- as given, and never parsed in Rust (where a deeply nested document would
 -- hit the parser's recursion limit).
 CREATE FUNCTION flux_grant(plan text, feature text, "limit" bigint DEFAULT NULL, period text DEFAULT NULL,
-                           value jsonb DEFAULT NULL)
+                           value jsonb DEFAULT NULL, subject_limit bigint DEFAULT NULL)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._grant(plan, feature, "limit", period, value::pg_catalog.text) $$;
+AS $$ SELECT flux._grant(plan, feature, "limit", period, value::pg_catalog.text, subject_limit) $$;
 CREATE FUNCTION flux_override(tenant text, feature text, enabled boolean DEFAULT true, "limit" bigint DEFAULT NULL,
                               starts_at timestamptz DEFAULT NULL, expires_at timestamptz DEFAULT NULL,
                               reason text DEFAULT NULL, value jsonb DEFAULT NULL)
@@ -26,7 +26,7 @@ COMMENT ON FUNCTION flux._apply_stripe_event(text) IS 'The body of flux_apply_st
 CREATE FUNCTION flux_value(tenant text, feature text)
 RETURNS jsonb LANGUAGE c STABLE STRICT PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'flux_value_wrapper';
-COMMENT ON FUNCTION flux._grant(text, text, bigint, text, text) IS 'The body of flux_grant (value as jsonb text)';
+COMMENT ON FUNCTION flux._grant(text, text, bigint, text, text, bigint) IS 'The body of flux_grant (value as jsonb text)';
 COMMENT ON FUNCTION flux._override(text, text, boolean, bigint, timestamptz, timestamptz, text, text) IS 'The body of flux_override (value as jsonb text)';
 COMMENT ON FUNCTION flux._grant_addon(text, text, bigint, text) IS 'The body of flux_grant_addon (value as jsonb text)';
 
@@ -82,7 +82,7 @@ BEGIN
         ['tenants', 'id', ''], ['addons', 'key', ''], ['addon_grants', 'addon', 'feature'],
         ['tenant_addons', 'tenant', 'addon'], ['overrides', 'tenant', 'feature'],
         ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', ''],
-        ['billing_prices', 'price', '']
+        ['billing_prices', 'price', ''], ['key_limits', 'key_id', 'feature']
     ] LOOP
         EXECUTE pg_catalog.format('CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
                                   'FOR EACH ROW EXECUTE FUNCTION flux._audit(%s)', spec[1],
@@ -155,7 +155,8 @@ GRANT USAGE ON SCHEMA flux TO PUBLIC;
 -- Writes: flux_admin (and the owner) only.
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, flux.tenants,
     flux.addons, flux.addon_grants, flux.tenant_addons, flux.overrides, flux.flags, flux.flag_lists,
-    flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys TO flux_admin;
+    flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys, flux.key_limits, flux.caller_usage,
+    flux.caller_rate_state TO flux_admin;
 GRANT SELECT ON flux.audit_log TO flux_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage/),
@@ -166,25 +167,25 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
-    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
-    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
 COMMENT ON FUNCTION flux_check(text) IS 'flux_check for the session''s tenant, flux_current_tenant(); NULL when there is none';
-COMMENT ON FUNCTION flux_decide(text, text, text) IS 'The decision with its reason (unknown_feature, unknown_tenant, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a message to show, the plan, limit and upgrade_plans';
+COMMENT ON FUNCTION flux_decide(text, text, text) IS 'The decision with its reason (unknown_feature, unknown_tenant, not_permitted, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a message to show, the plan, limit and upgrade_plans';
 COMMENT ON FUNCTION flux_entitlements(text) IS 'One decision per feature for the tenant, ordered by feature key';
 COMMENT ON FUNCTION flux_value(text, text) IS 'The effective grant value (override, else plan, else addon) when the tenant is entitled, else NULL';
 COMMENT ON FUNCTION flux_current_tenant() IS 'The session''s tenant: setting flux.tenant, else the claim flux.jwt_tenant_claim (default tenant_id) of request.jwt.claims, else NULL';
 COMMENT ON FUNCTION flux_define_feature(text, text, text) IS 'Admin: define or redefine a feature (kind boolean, limit, metered or rate); a NULL description keeps the current one';
 COMMENT ON FUNCTION flux_define_plan(text, text, integer, boolean, interval) IS 'Admin: define or redefine a plan (rank orders plans cheapest first; at most one is_default); NULL name or grace_period keeps the current one';
-COMMENT ON FUNCTION flux_grant(text, text, bigint, text, jsonb) IS 'Admin: grant a feature on a plan with a limit (NULL = unlimited), a period (metered: minute..billing_period; rate: an interval) and a value';
+COMMENT ON FUNCTION flux_grant(text, text, bigint, text, jsonb, bigint) IS 'Admin: grant a feature on a plan with a limit (NULL = unlimited), a period (metered: minute..billing_period; rate: an interval), a value and each subject''s own allowance inside the tenant''s (subject_limit)';
 COMMENT ON FUNCTION flux_revoke(text, text) IS 'Admin: remove a feature from a plan';
 COMMENT ON FUNCTION flux_subscribe(text, text, text, timestamptz, timestamptz, timestamptz, boolean) IS 'Admin: set a tenant''s plan and subscription status, creating the tenant when new';
 COMMENT ON FUNCTION flux_override(text, text, boolean, bigint, timestamptz, timestamptz, text, jsonb) IS 'Admin: grant (enabled true), revoke (enabled false) or change the limit of one feature for one tenant, between starts_at and expires_at';
@@ -208,16 +209,23 @@ COMMENT ON FUNCTION flux_flag_deny(text, text) IS 'Admin: keep a tenant or subje
 COMMENT ON FUNCTION flux_flag_clear(text, text) IS 'Admin: take an id off both lists of a flag';
 COMMENT ON FUNCTION flux._check_flag(text, numeric, text) IS 'Validator used by the flags trigger';
 COMMENT ON FUNCTION flux._check_flag_list(text, text, text) IS 'Validator used by the flag_lists trigger';
-COMMENT ON FUNCTION flux_consume(text, text, bigint, text) IS 'Atomically check and record usage: allowed records amount and returns the new used / remaining; denied records nothing; a repeated idempotency_key returns the first decision; rolls back with the caller''s transaction';
+COMMENT ON FUNCTION flux_consume(text, text, bigint, text, text) IS 'Atomically check and record usage: allowed records amount and returns the new used / remaining; denied records nothing; a repeated idempotency_key returns the first decision; rolls back with the caller''s transaction. Also charges the current API key''s counter and the subject''s, in one step with the tenant''s (all or none)';
 COMMENT ON FUNCTION flux_release(text, text, bigint) IS 'Give units of a limit feature back (a seat freed); returns the new used (never below 0)';
-COMMENT ON FUNCTION flux_usage(text, text) IS 'Units used in the current period (limit: held now; rate: calls in the window); NULL for unknown keys and boolean features';
+COMMENT ON FUNCTION flux_usage(text, text, text) IS 'Units used in the current period (limit: held now; rate: calls in the window), by the tenant or (subject) by one subject inside it; NULL for unknown keys and boolean features';
 COMMENT ON FUNCTION flux_prune_usage_keys() IS 'Admin: delete idempotency keys older than flux.idempotency_ttl; returns how many';
 COMMENT ON FUNCTION flux_enforce_limit(regclass, text, name) IS 'Admin: refuse INSERTs (and tenant changes) that would take a tenant''s row count in tbl past its limit of feature; existing rows are never touched';
 COMMENT ON FUNCTION flux._enforce_limit_setup(oid, text, text) IS 'The body of flux_enforce_limit';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';
 COMMENT ON FUNCTION flux._cached_tenants() IS 'How many tenants this backend''s decision cache holds (at most flux.cache_tenants)';
-COMMENT ON FUNCTION flux_create_api_key(text, text, timestamptz) IS 'Admin: create an API key for a tenant; returns flux_<id>_<secret> once, stores only SHA-256 of the secret';
-COMMENT ON FUNCTION flux_authenticate(text) IS 'Check an API key; sets flux.tenant for the current transaction and returns the tenant; unknown, revoked or expired keys raise 28000';
+COMMENT ON FUNCTION flux_create_api_key(text, text, timestamptz, text[]) IS 'Admin: create an API key for a tenant, optionally scoped to some features; returns flux_<id>_<secret> once, stores only SHA-256 of the secret';
+COMMENT ON FUNCTION flux_authenticate(text) IS 'Check an API key; sets flux.tenant and makes the key current (its scopes and allowances apply) for the current transaction, and returns the tenant; unknown, revoked or expired keys raise 28000';
+COMMENT ON FUNCTION flux_current_api_key() IS 'The id of the API key flux_authenticate made current in this transaction, else NULL';
+COMMENT ON FUNCTION flux_current_subject() IS 'The session''s subject: setting flux.subject, else the claim flux.jwt_subject_claim (default sub) of request.jwt.claims, else NULL';
+COMMENT ON FUNCTION flux_key_limit(text, text, bigint, text) IS 'Admin: an API key''s own allowance of a limit, metered or rate feature (period as in flux_grant), on top of its tenant''s; limit NULL removes it';
+COMMENT ON FUNCTION flux_key_usage(text, text) IS 'Units an API key used of a feature in the current period (of its own allowance''s period, else its tenant''s grant''s)';
+COMMENT ON FUNCTION flux._check_scopes(text[]) IS 'Validator used by the api_keys trigger: scopes name defined features';
+COMMENT ON FUNCTION flux._check_key_limit(text, text, bigint, text) IS 'Validator used by the key_limits trigger; returns the period to store';
+COMMENT ON FUNCTION flux._check_subject_limit(text, bigint) IS 'Validator used by the grants trigger: subject_limit only on limited kinds';
 COMMENT ON FUNCTION flux_revoke_api_key(text) IS 'Admin: revoke the API key with this flux.api_keys.id';
 COMMENT ON FUNCTION flux_protect(regclass, text, name, boolean) IS 'Admin: row-level security on tbl: rows of the session''s tenant only, and only while it is entitled to feature (decided once per statement); force => true applies it to the table owner too';
 COMMENT ON FUNCTION flux._protect_setup(oid, text, text, boolean) IS 'The body of flux_protect';
@@ -242,7 +250,8 @@ $$;
 GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, flux._check_plan_unused,
     flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
-    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats()
+    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats(),
+    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

@@ -241,11 +241,29 @@ CREATE OR REPLACE FUNCTION flux_value(tenant text, feature text)
 RETURNS jsonb LANGUAGE c STABLE STRICT PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'flux_value_wrapper';
 
--- The SQL wrappers, qualified.
-CREATE OR REPLACE FUNCTION flux_grant(plan text, feature text, "limit" bigint DEFAULT NULL, period text DEFAULT NULL,
-                           value jsonb DEFAULT NULL)
+-- The SQL wrappers, qualified. flux_grant takes subject_limit (Callers,
+-- below): made again with its body, which takes it too.
+DROP FUNCTION flux_grant(text, text, bigint, text, jsonb);
+DROP FUNCTION flux._grant(text, text, bigint, text, text);
+CREATE FUNCTION flux."_grant"(
+	"plan" TEXT,
+	"feature" TEXT,
+	"limit" bigint,
+	"period" TEXT,
+	"value" TEXT,
+	"subject_limit" bigint
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_grant_v2_wrapper';
+CREATE FUNCTION flux_grant(plan text, feature text, "limit" bigint DEFAULT NULL, period text DEFAULT NULL,
+                           value jsonb DEFAULT NULL, subject_limit bigint DEFAULT NULL)
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
-AS $$ SELECT flux._grant(plan, feature, "limit", period, value::pg_catalog.text) $$;
+AS $$ SELECT flux._grant(plan, feature, "limit", period, value::pg_catalog.text, subject_limit) $$;
+REVOKE EXECUTE ON FUNCTION flux_grant(text, text, bigint, text, jsonb, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_grant(text, text, bigint, text, jsonb, bigint),
+    flux._grant(text, text, bigint, text, text, bigint) TO flux_admin;
+COMMENT ON FUNCTION flux._grant(text, text, bigint, text, text, bigint) IS 'The body of flux_grant (value as jsonb text)';
 CREATE OR REPLACE FUNCTION flux_override(tenant text, feature text, enabled boolean DEFAULT true, "limit" bigint DEFAULT NULL,
                               starts_at timestamptz DEFAULT NULL, expires_at timestamptz DEFAULT NULL,
                               reason text DEFAULT NULL, value jsonb DEFAULT NULL)
@@ -308,6 +326,203 @@ $$;
 COMMENT ON FUNCTION flux._tenant_invalidate() IS 'Trigger (argument: the tenant column): tells every backend''s decision cache that this row''s tenant changed (an invalidation of its bucket of tenants, delivered at commit)';
 COMMENT ON FUNCTION flux._cache_stats() IS 'Internal: this backend''s decision cache counters (catalogue loads, tenant loads, tenants held, times every tenant was forgotten)';
 
+-- Callers (CONTRACT.md, "Callers: API keys and subjects"): an API key's
+-- scopes and own allowances, each subject's allowance inside its tenant's,
+-- their counters, and the decision's new columns (api_key; overage,
+-- balance and hold_id, NULL until their features land).
+ALTER TYPE flux.decision ADD ATTRIBUTE api_key text, ADD ATTRIBUTE overage bigint,
+    ADD ATTRIBUTE balance bigint, ADD ATTRIBUTE hold_id text;
+COMMENT ON TYPE flux.decision IS 'A decision: allowed, a typed reason (unknown_feature, unknown_tenant, not_permitted, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a sentence to show, and the figures behind it';
+COMMENT ON COLUMN flux.decision.api_key IS 'The id of the API key current in the transaction (flux_authenticate) when it is the tenant''s; its scopes and allowances applied';
+COMMENT ON COLUMN flux.decision.overage IS 'Units past a soft limit this period (NULL where it does not apply)';
+COMMENT ON COLUMN flux.decision.balance IS 'Credits left in the pool (NULL where it does not apply)';
+COMMENT ON COLUMN flux.decision.hold_id IS 'The hold a reservation made (NULL where it does not apply)';
+
+ALTER TABLE flux.grants ADD COLUMN subject_limit bigint CONSTRAINT grants_subject_limit_check CHECK (subject_limit >= 0);
+COMMENT ON COLUMN flux.grants.subject_limit IS 'limit / metered / rate features: each subject''s (user''s) own allowance inside the tenant''s, in the same period; NULL = none';
+ALTER TABLE flux.api_keys ADD COLUMN scopes text[];
+COMMENT ON COLUMN flux.api_keys.scopes IS 'The feature keys this key may use (a decision for another is not_permitted); NULL = every feature';
+
+CREATE TABLE flux.key_limits (
+    key_id  text NOT NULL REFERENCES flux.api_keys (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    "limit" bigint NOT NULL CONSTRAINT key_limits_limit_check CHECK ("limit" >= 0),
+    period  text,
+    PRIMARY KEY (key_id, feature)
+);
+CREATE INDEX key_limits_feature ON flux.key_limits (feature);
+COMMENT ON TABLE flux.key_limits IS 'API keys'' own allowances (flux_key_limit): a consume under the key must fit both this and the tenant''s';
+COMMENT ON COLUMN flux.key_limits."limit" IS 'The key''s allowance of a limit, metered or rate feature';
+COMMENT ON COLUMN flux.key_limits.period IS 'As for flux.grants: metered, minute..billing_period (default month); rate, the window';
+
+CREATE TABLE flux.caller_usage (
+    tenant       text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature      text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    period_start timestamptz NOT NULL,
+    used         bigint NOT NULL DEFAULT 0 CONSTRAINT caller_usage_used_check CHECK (used >= 0),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    caller       text NOT NULL CONSTRAINT caller_usage_caller_check
+                 CHECK (caller LIKE 'key:%' OR caller LIKE 'subject:%'),
+    PRIMARY KEY (tenant, feature, period_start, caller)
+);
+CREATE INDEX caller_usage_feature ON flux.caller_usage (feature);
+COMMENT ON TABLE flux.caller_usage IS 'Recorded usage of an API key or a subject inside its tenant: one row per tenant, feature, period and caller, written with the tenant''s in one step';
+COMMENT ON COLUMN flux.caller_usage.period_start IS 'As in flux.usage: the period of the key''s or the grant''s allowance; -infinity for limit features';
+COMMENT ON COLUMN flux.caller_usage.caller IS 'key:<api key id> or subject:<subject id>';
+
+CREATE TABLE flux.caller_rate_state (
+    tenant  text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    caller  text NOT NULL CONSTRAINT caller_rate_state_caller_check
+            CHECK (caller LIKE 'key:%' OR caller LIKE 'subject:%'),
+    tat     timestamptz NOT NULL,
+    PRIMARY KEY (tenant, feature, caller)
+);
+COMMENT ON TABLE flux.caller_rate_state IS 'Rate limiter state (GCRA) of an API key or a subject inside its tenant';
+SELECT pg_catalog.pg_extension_config_dump('flux.key_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.caller_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.caller_rate_state', '');
+GRANT SELECT, INSERT, UPDATE, DELETE ON flux.key_limits, flux.caller_usage, flux.caller_rate_state TO flux_admin;
+COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists, api_keys or key_limits';
+
+-- Their validators and triggers.
+CREATE FUNCTION flux."_check_scopes"(
+	"scopes" TEXT[]
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_check_scopes_wrapper';
+CREATE FUNCTION flux."_check_key_limit"(
+	"key_id" TEXT,
+	"feature" TEXT,
+	"limit" bigint,
+	"period" TEXT
+) RETURNS TEXT
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_check_key_limit_wrapper';
+CREATE FUNCTION flux."_check_subject_limit"(
+	"feature" TEXT,
+	"subject_limit" bigint
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_check_subject_limit_wrapper';
+
+CREATE OR REPLACE FUNCTION flux._grants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.grants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._grants_validate()', 'flux.grants', TG_RELID::pg_catalog.regclass);
+    END IF;
+    NEW.period := flux._check_grant(NEW.plan, NEW.feature, NEW."limit", NEW.period);
+    PERFORM flux._check_subject_limit(NEW.feature, NEW.subject_limit);
+    RETURN NEW;
+END $$;
+CREATE FUNCTION flux._api_keys_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.api_keys'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._api_keys_validate()', 'flux.api_keys', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_scopes(NEW.scopes);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER api_keys_validate BEFORE INSERT OR UPDATE OF scopes ON flux.api_keys
+    FOR EACH ROW EXECUTE FUNCTION flux._api_keys_validate();
+CREATE FUNCTION flux._key_limits_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.key_limits'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._key_limits_validate()', 'flux.key_limits', TG_RELID::pg_catalog.regclass);
+    END IF;
+    NEW.period := flux._check_key_limit(NEW.key_id, NEW.feature, NEW."limit", NEW.period);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER key_limits_validate BEFORE INSERT OR UPDATE ON flux.key_limits
+    FOR EACH ROW EXECUTE FUNCTION flux._key_limits_validate();
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.key_limits
+    FOR EACH ROW EXECUTE FUNCTION flux._audit('key_id', 'feature');
+COMMENT ON FUNCTION flux._api_keys_validate() IS 'Trigger: an API key''s scopes name defined features';
+COMMENT ON FUNCTION flux._key_limits_validate() IS 'Trigger: validates an API key''s allowance (its feature''s kind and period)';
+COMMENT ON FUNCTION flux._check_scopes(text[]) IS 'Validator used by the api_keys trigger: scopes name defined features';
+COMMENT ON FUNCTION flux._check_key_limit(text, text, bigint, text) IS 'Validator used by the key_limits trigger; returns the period to store';
+COMMENT ON FUNCTION flux._check_subject_limit(text, bigint) IS 'Validator used by the grants trigger: subject_limit only on limited kinds';
+
+-- Functions that take a subject or scopes now: made again (a call with the
+-- old arguments resolves to the new one through its defaults).
+DROP FUNCTION flux_consume(text, text, bigint, text);
+DROP FUNCTION flux_usage(text, text);
+DROP FUNCTION flux_create_api_key(text, text, timestamptz);
+CREATE FUNCTION "flux_consume"(
+	"tenant" TEXT,
+	"feature" TEXT,
+	"amount" bigint DEFAULT 1,
+	"idempotency_key" TEXT DEFAULT NULL,
+	"subject" TEXT DEFAULT NULL
+) RETURNS flux.decision
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_consume_v2_wrapper';
+CREATE FUNCTION "flux_create_api_key"(
+	"tenant" TEXT,
+	"name" TEXT,
+	"expires_at" timestamp with time zone DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL
+) RETURNS TEXT
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_create_api_key_v2_wrapper';
+CREATE FUNCTION "flux_usage"(
+	"tenant" TEXT,
+	"feature" TEXT,
+	"subject" TEXT DEFAULT NULL
+) RETURNS bigint
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_usage_v2_wrapper';
+CREATE FUNCTION "flux_key_limit"(
+	"key_id" TEXT,
+	"feature" TEXT,
+	"limit" bigint,
+	"period" TEXT DEFAULT NULL
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_key_limit_wrapper';
+CREATE FUNCTION "flux_key_usage"(
+	"key_id" TEXT,
+	"feature" TEXT
+) RETURNS bigint
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_key_usage_wrapper';
+CREATE FUNCTION "flux_current_api_key"() RETURNS TEXT
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_current_api_key_wrapper';
+CREATE FUNCTION "flux_current_subject"() RETURNS TEXT
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_current_subject_wrapper';
+REVOKE EXECUTE ON FUNCTION flux_create_api_key(text, text, timestamptz, text[]),
+    flux_key_limit(text, text, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_create_api_key(text, text, timestamptz, text[]),
+    flux_key_limit(text, text, bigint, text) TO flux_admin;
+COMMENT ON FUNCTION flux_grant(text, text, bigint, text, jsonb, bigint) IS 'Admin: grant a feature on a plan with a limit (NULL = unlimited), a period (metered: minute..billing_period; rate: an interval), a value and each subject''s own allowance inside the tenant''s (subject_limit)';
+COMMENT ON FUNCTION flux_consume(text, text, bigint, text, text) IS 'Atomically check and record usage: allowed records amount and returns the new used / remaining; denied records nothing; a repeated idempotency_key returns the first decision; rolls back with the caller''s transaction. Also charges the current API key''s counter and the subject''s, in one step with the tenant''s (all or none)';
+COMMENT ON FUNCTION flux_usage(text, text, text) IS 'Units used in the current period (limit: held now; rate: calls in the window), by the tenant or (subject) by one subject inside it; NULL for unknown keys and boolean features';
+COMMENT ON FUNCTION flux_create_api_key(text, text, timestamptz, text[]) IS 'Admin: create an API key for a tenant, optionally scoped to some features; returns flux_<id>_<secret> once, stores only SHA-256 of the secret';
+COMMENT ON FUNCTION flux_authenticate(text) IS 'Check an API key; sets flux.tenant and makes the key current (its scopes and allowances apply) for the current transaction, and returns the tenant; unknown, revoked or expired keys raise 28000';
+COMMENT ON FUNCTION flux_current_api_key() IS 'The id of the API key flux_authenticate made current in this transaction, else NULL';
+COMMENT ON FUNCTION flux_current_subject() IS 'The session''s subject: setting flux.subject, else the claim flux.jwt_subject_claim (default sub) of request.jwt.claims, else NULL';
+COMMENT ON FUNCTION flux_key_limit(text, text, bigint, text) IS 'Admin: an API key''s own allowance of a limit, metered or rate feature (period as in flux_grant), on top of its tenant''s; limit NULL removes it';
+COMMENT ON FUNCTION flux_key_usage(text, text) IS 'Units an API key used of a feature in the current period (of its own allowance''s period, else its tenant''s grant''s)';
+COMMENT ON FUNCTION flux_decide(text, text, text) IS 'The decision with its reason (unknown_feature, unknown_tenant, not_permitted, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a message to show, the plan, limit and upgrade_plans';
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';
@@ -330,7 +545,8 @@ $$;
 GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, flux._check_plan_unused,
     flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
-    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats()
+    flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats(),
+    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

@@ -39,9 +39,17 @@ CREATE TYPE flux.decision AS (
     retry_after interval,
     upgrade_plans text[],
     kind text,
-    subject text
+    subject text,
+    api_key text,
+    overage bigint,
+    balance bigint,
+    hold_id text
 );
-COMMENT ON TYPE flux.decision IS 'A decision: allowed, a typed reason (unknown_feature, unknown_tenant, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a sentence to show, and the figures behind it';
+COMMENT ON TYPE flux.decision IS 'A decision: allowed, a typed reason (unknown_feature, unknown_tenant, not_permitted, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a sentence to show, and the figures behind it';
+COMMENT ON COLUMN flux.decision.api_key IS 'The id of the API key current in the transaction (flux_authenticate) when it is the tenant''s; its scopes and allowances applied';
+COMMENT ON COLUMN flux.decision.overage IS 'Units past a soft limit this period (NULL where it does not apply)';
+COMMENT ON COLUMN flux.decision.balance IS 'Credits left in the pool (NULL where it does not apply)';
+COMMENT ON COLUMN flux.decision.hold_id IS 'The hold a reservation made (NULL where it does not apply)';
 
 CREATE TABLE flux.features (
     key         text PRIMARY KEY,
@@ -78,6 +86,7 @@ CREATE TABLE flux.grants (
     "limit" bigint CONSTRAINT grants_limit_check CHECK ("limit" >= 0),
     period  text,
     value   jsonb,
+    subject_limit bigint CONSTRAINT grants_subject_limit_check CHECK (subject_limit >= 0),
     PRIMARY KEY (plan, feature)
 );
 CREATE INDEX grants_feature ON flux.grants (feature);
@@ -86,6 +95,7 @@ COMMENT ON COLUMN flux.grants.enabled IS 'false keeps the row but grants nothing
 COMMENT ON COLUMN flux.grants."limit" IS 'limit / metered / rate features: the allowance; NULL = unlimited';
 COMMENT ON COLUMN flux.grants.period IS 'metered: minute, hour, day, week, month or billing_period (default month); rate: the window as an interval such as 1 hour';
 COMMENT ON COLUMN flux.grants.value IS 'Configuration the application reads with flux_value (e.g. ["csv","pdf"])';
+COMMENT ON COLUMN flux.grants.subject_limit IS 'limit / metered / rate features: each subject''s (user''s) own allowance inside the tenant''s, in the same period; NULL = none';
 
 CREATE TABLE flux.tenants (
     id                   text PRIMARY KEY,
@@ -228,7 +238,8 @@ CREATE TABLE flux.api_keys (
     secret_hash bytea NOT NULL CONSTRAINT api_keys_secret_hash_check CHECK (length(secret_hash) = 32),
     created_at  timestamptz NOT NULL DEFAULT now(),
     expires_at  timestamptz,
-    revoked_at  timestamptz
+    revoked_at  timestamptz,
+    scopes      text[]
 );
 CREATE INDEX api_keys_tenant ON flux.api_keys (tenant);
 COMMENT ON TABLE flux.api_keys IS 'API keys of tenants: the public id and SHA-256 of the secret, never the key; readable only by flux_admin and the owner';
@@ -236,6 +247,47 @@ COMMENT ON COLUMN flux.api_keys.id IS 'Public part of the key (flux_<id>_<secret
 COMMENT ON COLUMN flux.api_keys.secret_hash IS 'SHA-256 of the 256-bit secret; the key itself is shown once by flux_create_api_key';
 COMMENT ON COLUMN flux.api_keys.expires_at IS 'The key stops working at this moment (NULL: never)';
 COMMENT ON COLUMN flux.api_keys.revoked_at IS 'Set by flux_revoke_api_key: the key stops working from this moment';
+COMMENT ON COLUMN flux.api_keys.scopes IS 'The feature keys this key may use (a decision for another is not_permitted); NULL = every feature';
+
+-- What one API key may use of a feature, on top of its tenant's allowance.
+CREATE TABLE flux.key_limits (
+    key_id  text NOT NULL REFERENCES flux.api_keys (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    "limit" bigint NOT NULL CONSTRAINT key_limits_limit_check CHECK ("limit" >= 0),
+    period  text,
+    PRIMARY KEY (key_id, feature)
+);
+CREATE INDEX key_limits_feature ON flux.key_limits (feature);
+COMMENT ON TABLE flux.key_limits IS 'API keys'' own allowances (flux_key_limit): a consume under the key must fit both this and the tenant''s';
+COMMENT ON COLUMN flux.key_limits."limit" IS 'The key''s allowance of a limit, metered or rate feature';
+COMMENT ON COLUMN flux.key_limits.period IS 'As for flux.grants: metered, minute..billing_period (default month); rate, the window';
+
+-- Usage of callers inside a tenant: API keys and subjects (users). Rows are
+-- keyed by tenant first, as flux.usage's: no row is shared across tenants.
+CREATE TABLE flux.caller_usage (
+    tenant       text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature      text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    period_start timestamptz NOT NULL,
+    used         bigint NOT NULL DEFAULT 0 CONSTRAINT caller_usage_used_check CHECK (used >= 0),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    caller       text NOT NULL CONSTRAINT caller_usage_caller_check
+                 CHECK (caller LIKE 'key:%' OR caller LIKE 'subject:%'),
+    PRIMARY KEY (tenant, feature, period_start, caller)
+);
+CREATE INDEX caller_usage_feature ON flux.caller_usage (feature);
+COMMENT ON TABLE flux.caller_usage IS 'Recorded usage of an API key or a subject inside its tenant: one row per tenant, feature, period and caller, written with the tenant''s in one step';
+COMMENT ON COLUMN flux.caller_usage.period_start IS 'As in flux.usage: the period of the key''s or the grant''s allowance; -infinity for limit features';
+COMMENT ON COLUMN flux.caller_usage.caller IS 'key:<api key id> or subject:<subject id>';
+
+CREATE TABLE flux.caller_rate_state (
+    tenant  text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    caller  text NOT NULL CONSTRAINT caller_rate_state_caller_check
+            CHECK (caller LIKE 'key:%' OR caller LIKE 'subject:%'),
+    tat     timestamptz NOT NULL,
+    PRIMARY KEY (tenant, feature, caller)
+);
+COMMENT ON TABLE flux.caller_rate_state IS 'Rate limiter state (GCRA) of an API key or a subject inside its tenant';
 
 -- The audit log: every change to the catalogue, tenants, flags and API keys,
 -- written in the same transaction by triggers (a rolled-back change leaves
@@ -261,7 +313,7 @@ COMMENT ON TABLE flux.audit_log IS 'Who changed what: one row per inserted, upda
 COMMENT ON COLUMN flux.audit_log.at IS 'Transaction time of the change';
 COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g. a Stripe event id), else the role that made the change (current_user); only superusers and members of flux_admin can set flux.actor';
 COMMENT ON COLUMN flux.audit_log.role IS 'The role that made the change (current_user at the time, which flux.actor cannot change)';
-COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists or api_keys';
+COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists, api_keys or key_limits';
 COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
 COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
 COMMENT ON COLUMN flux.audit_log.old IS 'The row before the change (NULL for an insert); API keys without their hash';
@@ -352,6 +404,7 @@ BEGIN
             '%s is the trigger of %s, not of %s', 'flux._grants_validate()', 'flux.grants', TG_RELID::pg_catalog.regclass);
     END IF;
     NEW.period := flux._check_grant(NEW.plan, NEW.feature, NEW."limit", NEW.period);
+    PERFORM flux._check_subject_limit(NEW.feature, NEW.subject_limit);
     RETURN NEW;
 END $$;
 CREATE TRIGGER grants_validate BEFORE INSERT OR UPDATE ON flux.grants
@@ -481,6 +534,32 @@ END $$;
 CREATE TRIGGER flag_lists_validate BEFORE INSERT OR UPDATE ON flux.flag_lists
     FOR EACH ROW EXECUTE FUNCTION flux._flag_lists_validate();
 
+CREATE FUNCTION flux._api_keys_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.api_keys'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._api_keys_validate()', 'flux.api_keys', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_scopes(NEW.scopes);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER api_keys_validate BEFORE INSERT OR UPDATE OF scopes ON flux.api_keys
+    FOR EACH ROW EXECUTE FUNCTION flux._api_keys_validate();
+
+CREATE FUNCTION flux._key_limits_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.key_limits'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._key_limits_validate()', 'flux.key_limits', TG_RELID::pg_catalog.regclass);
+    END IF;
+    NEW.period := flux._check_key_limit(NEW.key_id, NEW.feature, NEW."limit", NEW.period);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER key_limits_validate BEFORE INSERT OR UPDATE ON flux.key_limits
+    FOR EACH ROW EXECUTE FUNCTION flux._key_limits_validate();
+
 COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature row (flux._check_feature)';
 COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';
 COMMENT ON FUNCTION flux._plans_guard_delete() IS 'Trigger: refuses to delete a plan that tenants are on';
@@ -493,6 +572,8 @@ COMMENT ON FUNCTION flux._tenant_addons_validate() IS 'Trigger: validates a tena
 COMMENT ON FUNCTION flux._overrides_validate() IS 'Trigger: validates an override';
 COMMENT ON FUNCTION flux._flags_validate() IS 'Trigger: validates a flag (flux._check_flag)';
 COMMENT ON FUNCTION flux._flag_lists_validate() IS 'Trigger: validates an allow / deny list entry';
+COMMENT ON FUNCTION flux._api_keys_validate() IS 'Trigger: an API key''s scopes name defined features';
+COMMENT ON FUNCTION flux._key_limits_validate() IS 'Trigger: validates an API key''s allowance (its feature''s kind and period)';
 
 -- pg_dump / pg_restore carry every row of these tables.
 SELECT pg_catalog.pg_extension_config_dump('flux.features', '');
@@ -509,6 +590,9 @@ SELECT pg_catalog.pg_extension_config_dump('flux.usage', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.rate_state', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.usage_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.api_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.key_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.caller_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.caller_rate_state', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.billing_prices', '');

@@ -244,7 +244,39 @@ mod flux {
     use super::*;
 
     /// Grant a feature on a plan, replacing any earlier grant of it.
-    #[pg_extern(volatile, parallel_unsafe)]
+    /// (The `_v2` symbol: 0.1.0's script declares `flux._grant` with five
+    /// arguments, and must keep working until ALTER EXTENSION UPDATE.)
+    #[pg_extern(name = "_grant", volatile, parallel_unsafe)]
+    fn _grant_v2(
+        plan: Option<&str>,
+        feature: Option<&str>,
+        limit: Option<i64>,
+        period: Option<&str>,
+        value: Option<&str>,
+        subject_limit: Option<i64>,
+    ) {
+        (|| {
+            let plan = need(plan, "plan")?;
+            let feature = need(feature, "feature")?;
+            store::exec(
+                "INSERT INTO flux.grants (plan, feature, enabled, \"limit\", period, value, subject_limit) \
+                 VALUES ($1, $2, true, $3, $4, $5::pg_catalog.jsonb, $6) \
+                 ON CONFLICT (plan, feature) DO UPDATE SET enabled = true, \"limit\" = EXCLUDED.\"limit\", \
+                     period = EXCLUDED.period, value = EXCLUDED.value, subject_limit = EXCLUDED.subject_limit",
+                &[
+                    plan.into(),
+                    feature.into(),
+                    limit.into(),
+                    period.into(),
+                    value.into(),
+                    subject_limit.into(),
+                ],
+            )
+        })()
+        .or_raise()
+    }
+    /// 0.1.0's flux._grant (no subject_limit), for its install script.
+    #[pg_extern(sql = false, volatile, parallel_unsafe)]
     fn _grant(
         plan: Option<&str>,
         feature: Option<&str>,
@@ -265,6 +297,7 @@ mod flux {
         })()
         .or_raise()
     }
+
     /// Give, change or revoke one feature for one tenant, optionally within a
     /// time window. Replaces the tenant's earlier override of that feature.
     #[pg_extern(volatile, parallel_unsafe)]
@@ -322,4 +355,33 @@ mod flux {
         })()
         .or_raise()
     }
+}
+
+/// An API key's own allowance of a limit, metered or rate feature, on top
+/// of its tenant's (both must fit); `limit => NULL` removes it. Admin only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_key_limit(
+    key_id: Option<&str>,
+    feature: Option<&str>,
+    limit: Option<i64>,
+    period: default!(Option<&str>, "NULL"),
+) {
+    (|| {
+        let key_id = need(key_id, "key_id")?;
+        let feature = need(feature, "feature")?;
+        match limit {
+            None => store::exec(
+                "DELETE FROM flux.key_limits \
+                 WHERE key_id OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2",
+                &[key_id.into(), feature.into()],
+            ),
+            Some(l) => store::exec(
+                "INSERT INTO flux.key_limits (key_id, feature, \"limit\", period) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key_id, feature) DO UPDATE SET \"limit\" = EXCLUDED.\"limit\", \
+                     period = EXCLUDED.period",
+                &[key_id.into(), feature.into(), l.into(), period.into()],
+            ),
+        }
+    })()
+    .or_raise()
 }

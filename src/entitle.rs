@@ -6,7 +6,7 @@ use crate::cache;
 use crate::decision::{decide, Context};
 use crate::error::{FluxResult, OrRaise};
 use crate::gucs;
-use crate::model::{Column, Decision, FeatureFacts, TenantFacts};
+use crate::model::{Column, Decision, FeatureFacts, KeyFacts, TenantFacts};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{IntoDatum, PgTupleDesc};
@@ -25,6 +25,10 @@ pub struct Decided {
     pub d: Decision,
     pub facts: cache::Facts,
     pub ctx: Context,
+    /// The API key current in the transaction, when it is this tenant's.
+    pub key: Option<std::rc::Rc<KeyFacts>>,
+    /// The subject inside the tenant, when the decision is for one.
+    pub subject: Option<String>,
 }
 
 impl Decided {
@@ -51,6 +55,7 @@ pub fn entitle_with(
 ) -> FluxResult<Decided> {
     let ctx = context(detail)?;
     let facts = cache::facts(tenant, feature, subject)?;
+    let key = crate::identity::current_key()?.filter(|k| k.tenant == tenant);
     let d = decide(
         tenant,
         feature,
@@ -58,9 +63,16 @@ pub fn entitle_with(
         facts.feature.as_deref(),
         facts.tenant(),
         facts.flag.as_ref(),
+        key.as_deref(),
         &ctx,
     );
-    Ok(Decided { d, facts, ctx })
+    Ok(Decided {
+        d,
+        facts,
+        ctx,
+        key,
+        subject: subject.map(str::to_string),
+    })
 }
 
 /// One column's value, taken out of the decision.
@@ -84,6 +96,10 @@ fn datum(d: &mut Decision, c: Column) -> Option<pg_sys::Datum> {
         Column::UpgradePlans => d.upgrade_plans.take().into_datum(),
         Column::Kind => d.kind.map(|k| k.as_str()).into_datum(),
         Column::Subject => d.subject.take().into_datum(),
+        Column::ApiKey => d.api_key.take().into_datum(),
+        Column::Overage => d.overage.into_datum(),
+        Column::Balance => d.balance.into_datum(),
+        Column::HoldId => d.hold_id.take().into_datum(),
     }
 }
 

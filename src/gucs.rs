@@ -13,6 +13,10 @@ pub static DEFAULT_GRACE_PERIOD: GucSetting<Option<CString>> =
 pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static JWT_TENANT_CLAIM: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
+pub static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SUBJECT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static JWT_SUBJECT_CLAIM: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"sub"));
 
 /// Bumped by the assign hooks of the settings a decision depends on
 /// (flux.now, flux.default_grace_period): answers remembered under another
@@ -79,12 +83,42 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"flux.api_key",
+        c"The id of the API key flux_authenticate() made current in this transaction (flux_current_api_key()).",
+        c"Set by flux_authenticate() only (superuser-only for SET): a caller can neither name another key nor shed its own key's scopes. A setting, so parallel workers see it too.",
+        &API_KEY,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"flux.subject",
+        c"The current subject (a user inside the tenant), as returned by flux_current_subject().",
+        c"Set by application connections (SET LOCAL flux.subject = 'user_42'); subjects steer rollouts and their own allowances (flux_grant's subject_limit).",
+        &SUBJECT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"flux.jwt_subject_claim",
+        c"The claim in request.jwt.claims that names the subject when flux.subject is not set.",
+        c"Default sub, PostgREST's user id.",
+        &JWT_SUBJECT_CLAIM,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
 }
 
 pub fn string_setting(g: &GucSetting<Option<CString>>) -> Option<String> {
     g.get()
         .and_then(|c| c.into_string().ok())
         .filter(|s| !s.trim().is_empty())
+}
+
+/// The current API key's id (flux.api_key), without copying it: the hot
+/// path's one load when no key is current.
+pub fn api_key_bytes() -> Option<&'static [u8]> {
+    setting_bytes(&API_KEY)
 }
 
 /// The current text of a string setting, without copying it: the hot path

@@ -52,6 +52,24 @@ fn flux_current_tenant() -> Option<String> {
     current_tenant()
 }
 
+/// `flux.subject` when set and not empty; else the claim named by
+/// `flux.jwt_subject_claim` (default `sub`) in `request.jwt.claims`; else
+/// None. The same reading rules as the tenant's claim.
+pub fn current_subject() -> Option<String> {
+    if let Some(s) = gucs::string_setting(&gucs::SUBJECT) {
+        return Some(s);
+    }
+    let claims = setting("request.jwt.claims").filter(|s| !s.trim().is_empty())?;
+    let claim = gucs::string_setting(&gucs::JWT_SUBJECT_CLAIM).unwrap_or_else(|| "sub".into());
+    tenant_from_claims(&claims, &claim)
+}
+
+/// The current subject: flux.subject, else the JWT claim, else NULL.
+#[pg_extern(stable, parallel_safe)]
+fn flux_current_subject() -> Option<String> {
+    current_subject()
+}
+
 #[cfg(test)]
 mod tests {
     use super::tenant_from_claims;
@@ -92,6 +110,7 @@ mod tests {
 // pg_strong_random). Only SHA-256(secret) is stored; the key is shown once.
 
 use crate::error::{FluxError, FluxResult, OrRaise};
+use crate::model::{KeyFacts, KeyLimit};
 use crate::validate::{need, require_tenant};
 use pgrx::datum::TimestampWithTimeZone;
 use sha2::{Digest, Sha256};
@@ -131,11 +150,46 @@ fn unauthorized() -> FluxError {
 }
 
 /// Create an API key for a tenant; returns the key, shown this once.
-#[pg_extern(volatile, parallel_unsafe)]
-fn flux_create_api_key(
+/// `scopes`: the features it may use (NULL: every feature).
+/// (The `_v2` symbol: 0.1.0's script declares `flux_create_api_key`
+/// without scopes, and must keep working until ALTER EXTENSION UPDATE.)
+#[pg_extern(name = "flux_create_api_key", volatile, parallel_unsafe)]
+fn flux_create_api_key_v2(
     tenant: Option<&str>,
     name: Option<&str>,
     expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    scopes: default!(Option<Vec<Option<String>>>, "NULL"),
+) -> String {
+    (|| -> FluxResult<String> {
+        let tenant = need(tenant, "tenant")?;
+        let name = need(name, "name")?;
+        crate::validate::check_key("API key name", name)?;
+        require_tenant(tenant)?;
+        let id = random_hex(6)?;
+        let secret = random_hex(32)?;
+        crate::store::exec(
+            "INSERT INTO flux.api_keys (id, tenant, name, secret_hash, expires_at, scopes) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                id.as_str().into(),
+                tenant.into(),
+                name.into(),
+                hash(&secret).into(),
+                expires_at.into(),
+                scopes.into(),
+            ],
+        )?;
+        Ok(format!("flux_{id}_{secret}"))
+    })()
+    .or_raise()
+}
+
+/// 0.1.0's flux_create_api_key (no scopes), for its install script.
+#[pg_extern(sql = false, volatile, parallel_unsafe)]
+fn flux_create_api_key(
+    tenant: Option<&str>,
+    name: Option<&str>,
+    expires_at: Option<TimestampWithTimeZone>,
 ) -> String {
     (|| -> FluxResult<String> {
         let tenant = need(tenant, "tenant")?;
@@ -165,9 +219,13 @@ fn flux_authenticate(api_key: Option<&str>) -> String {
         let row = {
             let _owner = crate::privilege::AsOwner::enter()?;
             Spi::connect(|c| {
+                // Whether the schema is 0.2's (keys have scopes and
+                // allowances): a 0.1.0 one, served until ALTER EXTENSION
+                // UPDATE, makes no key current.
                 let t = c.select(
-                    "SELECT tenant, secret_hash, expires_at, revoked_at FROM flux.api_keys \
-                     WHERE id OPERATOR(pg_catalog.=) $1",
+                    "SELECT tenant, secret_hash, expires_at, revoked_at, \
+                            pg_catalog.to_regclass('flux.key_limits') IS NOT NULL \
+                       FROM flux.api_keys WHERE id OPERATOR(pg_catalog.=) $1",
                     Some(1),
                     &[id.into()],
                 )?;
@@ -180,12 +238,13 @@ fn flux_authenticate(api_key: Option<&str>) -> String {
                     t.get::<Vec<u8>>(2)?,
                     t.get::<TimestampWithTimeZone>(3)?.map(|x| x.into_inner()),
                     t.get::<TimestampWithTimeZone>(4)?.map(|x| x.into_inner()),
+                    t.get::<bool>(5)?.unwrap_or(false),
                 )))
             })?
         };
         // Hash even when the id is unknown, so timing does not tell.
         let presented = hash(secret);
-        let Some((Some(tenant), Some(stored), expires, revoked)) = row else {
+        let Some((Some(tenant), Some(stored), expires, revoked, callers)) = row else {
             let _ = constant_time_eq(&presented, &[0u8; 32]);
             return Err(unauthorized());
         };
@@ -196,6 +255,11 @@ fn flux_authenticate(api_key: Option<&str>) -> String {
             return Err(unauthorized());
         }
         set_local("flux.tenant", &tenant)?;
+        // The key is current for the transaction: a superuser-only setting
+        // (a caller cannot move or drop it), set here as by SET LOCAL.
+        if callers {
+            set_local_as("flux.api_key", id, pg_sys::GucContext::PGC_SUSET)?;
+        }
         Ok(tenant)
     })()
     .or_raise()
@@ -203,6 +267,11 @@ fn flux_authenticate(api_key: Option<&str>) -> String {
 
 /// SET LOCAL name = value, for the current transaction.
 pub fn set_local(name: &str, value: &str) -> FluxResult<()> {
+    set_local_as(name, value, pg_sys::GucContext::PGC_USERSET)
+}
+
+/// SET LOCAL in the given context (PGC_SUSET: as a superuser would).
+fn set_local_as(name: &str, value: &str, context: pg_sys::GucContext::Type) -> FluxResult<()> {
     let name = CString::new(name).map_err(|_| FluxError::Internal("setting name".into()))?;
     let value = CString::new(value).map_err(|_| FluxError::Internal("setting value".into()))?;
     // SAFETY: both strings are NUL-terminated and outlive the call; errors
@@ -211,7 +280,7 @@ pub fn set_local(name: &str, value: &str) -> FluxResult<()> {
         pg_sys::set_config_option(
             name.as_ptr(),
             value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
+            context,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_LOCAL,
             true,
@@ -220,6 +289,88 @@ pub fn set_local(name: &str, value: &str) -> FluxResult<()> {
         );
     }
     Ok(())
+}
+
+thread_local! {
+    /// The facts of the current key, read once per key and transaction
+    /// (tagged with the local transaction: a worker or the next
+    /// transaction reads them again).
+    static CURRENT_KEY: std::cell::RefCell<Option<(u32, std::rc::Rc<KeyFacts>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The API key current in this transaction (flux.api_key, set by
+/// flux_authenticate), with its scopes and allowances; None without one.
+pub fn current_key() -> FluxResult<Option<std::rc::Rc<KeyFacts>>> {
+    let Some(id) = gucs::api_key_bytes() else {
+        return Ok(None);
+    };
+    let xact = crate::pgver::local_transaction();
+    let kept = CURRENT_KEY.with(|k| {
+        k.borrow()
+            .as_ref()
+            .filter(|(x, f)| *x == xact && f.id.as_bytes() == id)
+            .map(|(_, f)| f.clone())
+    });
+    if kept.is_some() {
+        return Ok(kept);
+    }
+    let id = String::from_utf8_lossy(id).into_owned();
+    let facts = load_key(&id)?.map(std::rc::Rc::new);
+    if let Some(f) = &facts {
+        CURRENT_KEY.with(|k| *k.borrow_mut() = Some((xact, f.clone())));
+    }
+    Ok(facts)
+}
+
+/// A key's name, tenant, scopes and allowances, as the tables' owner.
+fn load_key(id: &str) -> FluxResult<Option<KeyFacts>> {
+    let _owner = crate::privilege::AsOwner::enter()?;
+    Spi::connect(|c| {
+        let t = c.select(
+            "SELECT tenant, name, scopes FROM flux.api_keys WHERE id OPERATOR(pg_catalog.=) $1",
+            Some(1),
+            &[id.into()],
+        )?;
+        if t.is_empty() {
+            return Ok::<_, FluxError>(None);
+        }
+        let t = t.first();
+        let (Some(tenant), Some(name)) = (t.get::<String>(1)?, t.get::<String>(2)?) else {
+            return Ok(None);
+        };
+        let scopes = t
+            .get::<Vec<Option<String>>>(3)?
+            .map(|v| v.into_iter().flatten().collect());
+        let mut limits = Vec::new();
+        for r in c.select(
+            "SELECT feature, \"limit\", period FROM flux.key_limits \
+             WHERE key_id OPERATOR(pg_catalog.=) $1",
+            None,
+            &[id.into()],
+        )? {
+            if let (Some(feature), Some(limit)) = (r.get::<String>(1)?, r.get::<i64>(2)?) {
+                limits.push(KeyLimit {
+                    feature,
+                    limit,
+                    period: r.get::<String>(3)?,
+                });
+            }
+        }
+        Ok(Some(KeyFacts {
+            id: id.to_string(),
+            tenant,
+            name,
+            scopes,
+            limits,
+        }))
+    })
+}
+
+/// The id of the API key current in this transaction (flux_authenticate).
+#[pg_extern(stable, parallel_safe)]
+fn flux_current_api_key() -> Option<String> {
+    gucs::api_key_bytes().map(|b| String::from_utf8_lossy(b).into_owned())
 }
 
 /// Revoke the API key whose flux.api_keys.id is `id`, from the clock on.

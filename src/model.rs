@@ -100,6 +100,7 @@ words!(
     Reason, "reason" {
         UnknownFeature = "unknown_feature",
         UnknownTenant = "unknown_tenant",
+        NotPermitted = "not_permitted",
         FeatureDisabled = "feature_disabled",
         NotInRollout = "not_in_rollout",
         SubscriptionInactive = "subscription_inactive",
@@ -144,6 +145,8 @@ pub struct PlanGrant {
     pub limit: Option<i64>,
     pub period: Option<String>,
     pub value: Option<JsonText>,
+    /// Each subject's own allowance inside the tenant's (None: none).
+    pub subject_limit: Option<i64>,
 }
 
 /// What the catalogue says about one feature.
@@ -223,6 +226,38 @@ pub struct TenantFacts {
     pub override_: Option<Override>,
 }
 
+/// The API key current in the transaction (flux_authenticate): read once
+/// then, with its allowances, and applied to its tenant's decisions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyFacts {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    /// The features it may use; None: every feature.
+    pub scopes: Option<Vec<String>>,
+    pub limits: Vec<KeyLimit>,
+}
+
+impl KeyFacts {
+    pub fn permits(&self, feature: &str) -> bool {
+        self.scopes
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|f| f == feature))
+    }
+
+    pub fn limit_of(&self, feature: &str) -> Option<&KeyLimit> {
+        self.limits.iter().find(|l| l.feature == feature)
+    }
+}
+
+/// One allowance of an API key (flux.key_limits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyLimit {
+    pub feature: String,
+    pub limit: i64,
+    pub period: Option<String>,
+}
+
 words!(
     /// The attributes of the composite type `flux.decision`, in order: the
     /// one list of them. `entitle::to_composite` fills each (an exhaustive
@@ -243,6 +278,10 @@ words!(
         UpgradePlans = "upgrade_plans",
         Kind = "kind",
         Subject = "subject",
+        ApiKey = "api_key",
+        Overage = "overage",
+        Balance = "balance",
+        HoldId = "hold_id",
     }
 );
 
@@ -260,8 +299,14 @@ impl Column {
             | Column::Feature
             | Column::Plan
             | Column::Kind
-            | Column::Subject => pg_sys::TEXTOID,
-            Column::Limit | Column::Used | Column::Remaining => pg_sys::INT8OID,
+            | Column::Subject
+            | Column::ApiKey
+            | Column::HoldId => pg_sys::TEXTOID,
+            Column::Limit
+            | Column::Used
+            | Column::Remaining
+            | Column::Overage
+            | Column::Balance => pg_sys::INT8OID,
             Column::ResetsAt => pg_sys::TIMESTAMPTZOID,
             Column::RetryAfter => pg_sys::INTERVALOID,
             Column::UpgradePlans => pg_sys::TEXTARRAYOID,
@@ -317,6 +362,14 @@ pub struct Decision {
     pub upgrade_plans: Option<Vec<String>>,
     pub kind: Option<Kind>,
     pub subject: Option<String>,
+    /// The current API key's id, when its scopes and allowances applied.
+    pub api_key: Option<String>,
+    /// Units past a soft limit (not yet computed: NULL).
+    pub overage: Option<i64>,
+    /// Credits left (not yet computed: NULL).
+    pub balance: Option<i64>,
+    /// A reservation's id (not yet made: NULL).
+    pub hold_id: Option<String>,
     /// The effective grant value (what flux_value returns); not in the type.
     #[serde(skip)]
     pub value: Option<JsonText>,

@@ -341,3 +341,19 @@ pub fn publication_allows_update(desc: &pg_sys::PublicationDesc) -> bool {
 pub fn publication_allows_update(desc: &pg_sys::PublicationDesc) -> bool {
     desc.rf_valid_for_update && desc.cols_valid_for_update && desc.gencols_valid_for_update
 }
+
+/// This backend's local transaction id: a number no other transaction of
+/// this backend has (a per-transaction state is tagged with it). 17 moved
+/// it into the PGPROC's virtual transaction id.
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+pub fn local_transaction() -> u32 {
+    // SAFETY: MyProc is this backend's PGPROC, set before any function runs.
+    unsafe { (*pg_sys::MyProc).lxid }
+}
+
+/// As above, for 18.
+#[cfg(feature = "pg18")]
+pub fn local_transaction() -> u32 {
+    // SAFETY: as above.
+    unsafe { (*pg_sys::MyProc).vxid.lxid }
+}

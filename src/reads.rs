@@ -20,19 +20,30 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
 }
 
 /// Only whether it is allowed: no message is built (flux_check, policies).
-/// Answers that read no usage are remembered (cache/answers.rs).
-pub fn allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
-    match cache::answer(tenant.as_bytes(), feature.as_bytes())? {
-        Some(a) => Ok(a),
-        None => decide_allowed(tenant, feature),
+/// Answers that read no usage are remembered (cache/answers.rs): answers of
+/// the tenant alone, so a decision with a current API key (its scopes and
+/// allowances) or for a subject (its rollout bucket, its allowance) is
+/// made anew, from the cached facts.
+pub fn allowed(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<bool> {
+    let tenant_alone = subject.is_none() && gucs::api_key_bytes().is_none();
+    if tenant_alone {
+        if let Some(a) = cache::answer(tenant.as_bytes(), feature.as_bytes())? {
+            return Ok(a);
+        }
     }
+    decide_allowed(tenant, feature, subject, tenant_alone)
 }
 
 /// `allowed` past the answer table: decide, and remember the answer.
-fn decide_allowed(tenant: &str, feature: &str) -> FluxResult<bool> {
-    let mut x = entitle_with(tenant, feature, None, false)?;
+fn decide_allowed(
+    tenant: &str,
+    feature: &str,
+    subject: Option<&str>,
+    remember: bool,
+) -> FluxResult<bool> {
+    let mut x = entitle_with(tenant, feature, subject, false)?;
     let read_usage = usage::observe(&mut x, 1)?;
-    if !read_usage {
+    if !read_usage && remember {
         let window = steady_window(x.tenant(), &x.ctx);
         cache::remember(
             &x.facts,
@@ -92,8 +103,13 @@ pub unsafe extern "C-unwind" fn flux_check_wrapper(
     if let (Some(t), Some(f)) = unsafe { (Text::inline(t), Text::inline(f)) } {
         // Nothing on this path panics; should it, the full path answers.
         // Another tenant's answer only for a trusted role (access.rs).
+        // A current API key's scopes and allowances are decided on the
+        // full path.
         let kept = std::panic::catch_unwind(|| match access::may_act_for_fast(t.bytes()) {
-            Some(true) => cache::answer_ready(t.bytes(), f.bytes()),
+            Some(true) if gucs::api_key_bytes().is_none() => {
+                cache::answer_ready(t.bytes(), f.bytes())
+            }
+            Some(true) => None,
             Some(false) => Some(false),
             None => None,
         });
@@ -125,20 +141,19 @@ unsafe extern "C-unwind" fn flux_check_full(fcinfo: pg_sys::FunctionCallInfo) ->
         if !access::may_act_for(tenant.as_str()?) {
             return Ok(false);
         }
-        match cache::answer(tenant.bytes(), feature.bytes())? {
-            Some(a) => Ok(a),
-            None => decide_allowed(tenant.as_str()?, feature.as_str()?),
-        }
+        allowed(tenant.as_str()?, feature.as_str()?, None)
     })()
     .or_raise();
     pg_sys::Datum::from(allowed)
 }
 
-/// flux_check for the session's tenant (flux_current_tenant()).
+/// flux_check for the session's tenant (flux_current_tenant()), subject
+/// (flux_current_subject()) and API key (flux_current_api_key()).
 #[pg_extern(name = "flux_check", stable, strict, parallel_safe)]
 fn flux_check_current(feature: Text) -> Option<bool> {
     let tenant = identity::current_tenant()?;
-    Some((|| allowed(&tenant, feature.as_str()?))().or_raise())
+    let subject = identity::current_subject();
+    Some((|| allowed(&tenant, feature.as_str()?, subject.as_deref()))().or_raise())
 }
 
 /// The full decision: allowed, reason, message and the figures behind it.

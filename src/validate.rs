@@ -284,6 +284,76 @@ mod flux {
         .or_raise()
     }
 
+    /// An API key's scopes name defined features (23503 otherwise).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_scopes(scopes: Option<Vec<Option<String>>>) {
+        (|| -> FluxResult<()> {
+            for s in scopes.unwrap_or_default() {
+                let s = need(s.as_deref(), "a scope")?;
+                feature_kind(s).map_err(|_| {
+                    FluxError::UnknownReference(format!(
+                        "unknown feature {} in scopes: define it first with flux_define_feature",
+                        shown(s)
+                    ))
+                })?;
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
+    /// An API key's allowance: the key exists, and the feature is limited
+    /// (limit, metered, rate) with a period its kind takes. Returns the
+    /// period to store.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_key_limit(
+        key_id: Option<&str>,
+        feature: Option<&str>,
+        limit: Option<i64>,
+        period: Option<&str>,
+    ) -> Option<String> {
+        (|| -> FluxResult<Option<String>> {
+            let key_id = need(key_id, "key_id")?;
+            let feature = need(feature, "feature")?;
+            if !exists(
+                "SELECT 1 FROM flux.api_keys WHERE id OPERATOR(pg_catalog.=) $1",
+                key_id,
+            )? {
+                return Err(FluxError::UnknownReference(format!(
+                    "no API key with id {}",
+                    shown(key_id)
+                )));
+            }
+            let kind = feature_kind(feature)?;
+            if !kind.has_limit() {
+                return Err(FluxError::InvalidValue(format!(
+                    "an API key's allowance applies to limit, metered and rate features; \"{feature}\" is boolean (use scopes to keep a key from it)"
+                )));
+            }
+            check_limit(feature, kind, limit)?;
+            check_period(feature, kind, period, gucs::parse_span)
+        })()
+        .or_raise()
+    }
+
+    /// A grant's subject_limit: only for limited kinds.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_subject_limit(feature: Option<&str>, subject_limit: Option<i64>) {
+        (|| -> FluxResult<()> {
+            let (Some(feature), Some(l)) = (feature, subject_limit) else {
+                return Ok(());
+            };
+            let kind = feature_kind(feature)?;
+            if !kind.has_limit() {
+                return Err(FluxError::InvalidValue(format!(
+                    "subject_limit {l} does not apply to boolean feature \"{feature}\": only limit, metered and rate features have allowances"
+                )));
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
     #[pg_extern(volatile, parallel_unsafe)]
     fn _check_tenant(
         id: Option<&str>,

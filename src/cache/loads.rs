@@ -123,8 +123,11 @@ pub struct Catalogue {
 }
 
 const PLANS_SQL: &str = "SELECT key, is_default, grace_period FROM flux.plans";
+/// subject_limit read through to_jsonb, which a 0.1.0 schema (no such
+/// column) answers with NULL.
 const GRANTS_SQL: &str =
-    "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value::pg_catalog.text \
+    "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value::pg_catalog.text, \
+            (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'subject_limit')::pg_catalog.int8 \
      FROM flux.grants g JOIN flux.plans p ON p.key OPERATOR(pg_catalog.=) g.plan \
      WHERE g.enabled ORDER BY g.feature, p.rank, p.key";
 const FEATURES_SQL: &str = "SELECT key, kind FROM flux.features ORDER BY key";
@@ -274,6 +277,7 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                         limit: r.get::<i64>(4)?,
                         period: text(&r, 5)?,
                         value: json(&r, 6)?,
+                        subject_limit: r.get::<i64>(7)?,
                     });
             }
             for r in c.select(&*kept(c, FEATURES_SQL, &[], false)?, None, &[])? {
@@ -373,6 +377,9 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         ("period", pg_sys::TEXTOID),
         ("value", pg_sys::JSONBOID),
     ];
+    // 0.2's column: absent under a 0.1.0 schema (this library serves one
+    // until ALTER EXTENSION UPDATE).
+    const SUBJECT_LIMIT: [(&str, pg_sys::Oid); 1] = [("subject_limit", pg_sys::INT8OID)];
     const FEATURES: [(&str, pg_sys::Oid); 2] =
         [("key", pg_sys::TEXTOID), ("kind", pg_sys::TEXTOID)];
     const ADDON_GRANTS: [(&str, pg_sys::Oid); 4] = [
@@ -413,6 +420,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     ) else {
         return Ok(None);
     };
+    let subject_limit_at = grants.columns(&SUBJECT_LIMIT).map(|c| c[0]);
     let snapshot = LoadSnapshot::take();
     let snap = snapshot.0;
 
@@ -457,6 +465,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
                 limit: row.int(gc[3]),
                 period: row.text(gc[4]),
                 value: row.jsonb(gc[5]),
+                subject_limit: subject_limit_at.and_then(|at| row.int(at)),
             },
         );
         // Looked up by the borrowed text: one allocation per feature, not

@@ -183,6 +183,10 @@ fn blank(tenant: &str, feature: &str, subject: Option<&str>) -> Decision {
         upgrade_plans: None,
         kind: None,
         subject: subject.map(str::to_string),
+        api_key: None,
+        overage: None,
+        balance: None,
+        hold_id: None,
         value: None,
         period: None,
         source: None,
@@ -190,7 +194,10 @@ fn blank(tenant: &str, feature: &str, subject: Option<&str>) -> Decision {
 }
 
 /// Decide whether `tenant` may use `feature`. The first reason that applies
-/// wins, in the contract's order.
+/// wins, in the contract's order. `key` is the API key current in the
+/// transaction, when it is this tenant's: its scopes apply here, its
+/// allowances where usage is counted (usage/).
+#[allow(clippy::too_many_arguments)]
 pub fn decide(
     tenant_id: &str,
     feature_key: &str,
@@ -198,6 +205,7 @@ pub fn decide(
     feature: Option<&FeatureFacts>,
     tenant: Option<&TenantFacts>,
     flag: Option<&FlagFacts>,
+    key: Option<&KeyFacts>,
     ctx: &Context,
 ) -> Decision {
     let mut d = blank(tenant_id, feature_key, subject);
@@ -213,6 +221,14 @@ pub fn decide(
         d.message = format!("unknown tenant {}", shown(tenant_id));
         return d;
     };
+    if let Some(k) = key.filter(|k| k.tenant == tenant_id) {
+        d.api_key = Some(k.id.clone());
+        if !k.permits(feature_key) {
+            d.reason = Reason::NotPermitted;
+            d.message = format!("the key {} may not use {feature_key}", k.name);
+            return d;
+        }
+    }
 
     // Flags come before entitlement: a kill switch or a rollout gate says
     // "not yet", whatever the plan.

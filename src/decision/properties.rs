@@ -98,7 +98,7 @@ fn feature() -> impl Strategy<Value = FeatureFacts> {
 }
 
 fn at(f: &FeatureFacts, t: &TenantFacts, flag: Option<&FlagFacts>, now: i64) -> Decision {
-    decide(&t.id, &f.key, None, Some(f), Some(t), flag, &ctx(now))
+    decide(&t.id, &f.key, None, Some(f), Some(t), flag, None, &ctx(now))
 }
 
 proptest! {

@@ -23,6 +23,7 @@ fn grant(plan: &str, rank: i32, limit: Option<i64>) -> PlanGrant {
         limit,
         period: None,
         value: None,
+        subject_limit: None,
     }
 }
 
@@ -66,7 +67,7 @@ fn tenant(plan: &str, status: Status) -> TenantFacts {
 }
 
 fn run(f: &FeatureFacts, t: &TenantFacts, now: i64) -> Decision {
-    decide(&t.id, &f.key, None, Some(f), Some(t), None, &ctx(now))
+    decide(&t.id, &f.key, None, Some(f), Some(t), None, None, &ctx(now))
 }
 
 #[test]
@@ -143,13 +144,14 @@ fn answers_are_the_same_throughout_the_steady_window() {
 
 #[test]
 fn unknown_feature_wins_over_unknown_tenant() {
-    let d = decide("nobody", "nothing", None, None, None, None, &ctx(0));
+    let d = decide("nobody", "nothing", None, None, None, None, None, &ctx(0));
     assert_eq!(d.reason, Reason::UnknownFeature);
     let d = decide(
         "nobody",
         "export",
         None,
         Some(&export()),
+        None,
         None,
         None,
         &ctx(0),
@@ -348,6 +350,7 @@ fn with_flag(t: &TenantFacts, f: &FlagFacts, subject: Option<&str>) -> Decision 
         Some(&export()),
         Some(t),
         Some(f),
+        None,
         &ctx(day(1)),
     )
 }
@@ -392,6 +395,7 @@ fn flags_come_first_and_deny_beats_allow_and_kill_beats_all() {
         Some(&export()),
         None,
         Some(&flag(false, "0", false, false)),
+        None,
         &ctx(0),
     );
     assert_eq!(d.reason, Reason::UnknownTenant);

@@ -51,6 +51,66 @@ const COLUMNS: [(&str, pg_sys::Oid); 5] = [
     ("updated_at", pg_sys::TIMESTAMPTZOID),
 ];
 
+/// The caller column of flux.caller_usage, after flux.usage's five.
+const CALLER_COLUMN: (&str, pg_sys::Oid) = ("caller", pg_sys::TEXTOID);
+
+/// One counter row's key: a tenant's (flux.usage) or, with `caller`, an
+/// API key's or a subject's inside the tenant (flux.caller_usage: the same
+/// five columns first, the caller after them, and a primary key of
+/// (tenant, feature, period_start, caller)).
+#[derive(Clone, Copy, Debug)]
+pub struct Counter<'a> {
+    pub tenant: &'a str,
+    pub feature: &'a str,
+    /// The period's start (i64::MIN: -infinity, for limit features).
+    pub start: i64,
+    /// `key:<id>` or `subject:<id>`.
+    pub caller: Option<&'a str>,
+}
+
+impl Counter<'_> {
+    fn of_caller(&self) -> bool {
+        self.caller.is_some()
+    }
+}
+
+/// The counter tables, by whether they hold callers' counters.
+fn relname(callers: bool) -> &'static CStr {
+    if callers {
+        c"caller_usage"
+    } else {
+        c"usage"
+    }
+}
+
+/// The table's name, for messages.
+pub fn table_name(callers: bool) -> &'static str {
+    if callers {
+        "flux.caller_usage"
+    } else {
+        "flux.usage"
+    }
+}
+
+/// The CHECK constraints of the install script, which an update of `used`
+/// (by a positive amount, or an undo of one) and `updated_at` keeps.
+fn our_checks(callers: bool) -> &'static [&'static [u8]] {
+    if callers {
+        &[b"caller_usage_used_check", b"caller_usage_caller_check"]
+    } else {
+        &[b"usage_used_check"]
+    }
+}
+
+/// The primary key's columns.
+fn key_columns(callers: bool) -> &'static [i16] {
+    if callers {
+        &[1, 2, 3, 6]
+    } else {
+        &[1, 2, 3]
+    }
+}
+
 /// What a direct write did.
 pub enum Added {
     /// Recorded; the new total.
@@ -68,6 +128,8 @@ struct Opened {
     rel: pg_sys::Relation,
     /// Its primary key.
     pkey: pg_sys::Oid,
+    /// flux.caller_usage rather than flux.usage.
+    callers: bool,
 }
 
 /// What opening flux.usage found.
@@ -88,14 +150,14 @@ impl Opened {
     /// ours (shaped) and whose primary key this module can probe (key_fits);
     /// each call reads the relcache entry's fields again (a few loads), so an
     /// ALTER TABLE is seen by the next call.
-    fn open(namespace: pg_sys::Oid, lock: u32) -> FluxResult<Open> {
+    fn open(namespace: pg_sys::Oid, lock: u32, callers: bool) -> FluxResult<Open> {
         // SAFETY: looks up and opens a relation of ours under a lock; it
         // stays open until drop (or until an error aborts the transaction,
         // which closes it). relation_open, not table_open: whatever the name
         // now is (an index raises in table_open) is looked at, then left to
         // SQL.
         unsafe {
-            let table = pg_sys::get_relname_relid(c"usage".as_ptr(), namespace);
+            let table = pg_sys::get_relname_relid(relname(callers).as_ptr(), namespace);
             if table == pg_sys::InvalidOid {
                 // SQL says it does not exist (42P01).
                 return Ok(Open::Sql);
@@ -104,13 +166,14 @@ impl Opened {
             let mut opened = Opened {
                 rel,
                 pkey: pg_sys::InvalidOid,
+                callers,
             };
             if !opened.shaped()? || !opened.heap() {
                 return Ok(Open::Sql);
             }
             opened.pkey = pgver::primary_key_index(rel);
             Ok(
-                if opened.pkey != pg_sys::InvalidOid && key_fits(opened.pkey) {
+                if opened.pkey != pg_sys::InvalidOid && key_fits(opened.pkey, callers) {
                     Open::Direct(opened)
                 } else {
                     Open::Sql
@@ -134,9 +197,10 @@ impl Opened {
                 !a.attisdropped
                     && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name.as_bytes()
             };
-            if attrs.len() >= COLUMNS.len()
-                && COLUMNS
-                    .iter()
+            let caller = self.callers.then_some(&CALLER_COLUMN);
+            let columns = COLUMNS.iter().chain(caller);
+            if attrs.len() >= columns.clone().count()
+                && columns
                     .zip(attrs)
                     .all(|((name, ty), a)| a.atttypid == *ty && named(a, name))
             {
@@ -146,7 +210,8 @@ impl Opened {
                 Some(a) if a.atttypid != pg_sys::INT8OID => {
                     let ty = CStr::from_ptr(pg_sys::format_type_be(a.atttypid)).to_string_lossy();
                     Err(FluxError::WrongType(format!(
-                        "column \"used\" of flux.usage is {ty}, and flux_entitlements expects bigint: ALTER TABLE flux.usage ALTER COLUMN used TYPE bigint"
+                        "column \"used\" of {table} is {ty}, and flux_entitlements expects bigint: ALTER TABLE {table} ALTER COLUMN used TYPE bigint",
+                        table = table_name(self.callers)
                     )))
                 }
                 _ => Ok(false),
@@ -191,12 +256,14 @@ impl Opened {
                 if pgver::has_generated(c) {
                     return false;
                 }
-                // Only ours: used >= 0, which an added positive amount keeps.
+                // Only ours: used >= 0, which an added positive amount keeps
+                // (and the caller's shape, which an update leaves alone).
                 if c.num_check > 0 {
                     let checks = std::slice::from_raw_parts(c.check, c.num_check as usize);
+                    let ours = our_checks(self.callers);
                     if checks
                         .iter()
-                        .any(|k| CStr::from_ptr(k.ccname).to_bytes() != b"usage_used_check")
+                        .any(|k| !ours.contains(&CStr::from_ptr(k.ccname).to_bytes()))
                     {
                         return false;
                     }
@@ -289,7 +356,10 @@ unsafe fn filtered_or_listed(relid: pg_sys::Oid) -> bool {
 thread_local! {
     /// The last index key_fits said yes to. What it checks is fixed for an
     /// index's OID: a new type or collation of a column builds a new index.
-    static CHECKED_KEY: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
+    /// Per table: flux.usage's, flux.caller_usage's.
+    static CHECKED_KEY: [std::cell::Cell<pg_sys::Oid>; 2] = const {
+        [std::cell::Cell::new(pg_sys::InvalidOid), std::cell::Cell::new(pg_sys::InvalidOid)]
+    };
 }
 
 /// Whether the primary key is a B-tree whose columns are the table's first
@@ -301,8 +371,8 @@ thread_local! {
 /// # Safety
 /// Inside a transaction; `index` is the OID of an index of a table this
 /// transaction has locked.
-unsafe fn key_fits(index: pg_sys::Oid) -> bool {
-    if CHECKED_KEY.get() == index {
+unsafe fn key_fits(index: pg_sys::Oid, callers: bool) -> bool {
+    if CHECKED_KEY.with(|k| k[callers as usize].get()) == index {
         return true;
     }
     // SAFETY: opens the index (locked as find_by_key locks it) and reads its
@@ -311,17 +381,23 @@ unsafe fn key_fits(index: pg_sys::Oid) -> bool {
     let ok = unsafe {
         let ix = pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let form = &*(*ix).rd_index;
+        let columns = key_columns(callers);
+        let n = columns.len();
+        let collations = std::slice::from_raw_parts((*ix).rd_indcollation, n);
+        // The text columns: tenant, feature and (callers) the caller.
+        let texts = [0, 1, 3];
         let ok = (*(*ix).rd_rel).relam == pg_sys::BTREE_AM_OID
-            && form.indnkeyatts == 3
-            && form.indkey.values.as_slice(3) == [1, 2, 3]
-            && std::slice::from_raw_parts((*ix).rd_indcollation, 2)
-                .iter()
-                .all(|&c| c != pg_sys::InvalidOid && pg_sys::get_collation_isdeterministic(c));
+            && form.indnkeyatts as usize == n
+            && form.indkey.values.as_slice(n) == columns
+            && texts.iter().filter(|&&i| i < n).all(|&i| {
+                let c = collations[i];
+                c != pg_sys::InvalidOid && pg_sys::get_collation_isdeterministic(c)
+            });
         pg_sys::index_close(ix, pg_sys::NoLock as pg_sys::LOCKMODE);
         ok
     };
     if ok {
-        CHECKED_KEY.set(index);
+        CHECKED_KEY.with(|k| k[callers as usize].set(index));
     }
     ok
 }
@@ -338,54 +414,45 @@ impl Drop for Opened {
     }
 }
 
-/// Scan keys for (tenant, feature, period_start) = the arguments, the texts
+/// Scan keys for the counter's key columns = its values, the texts
 /// compared under `collations`, the index's: a B-tree descends by its own
 /// order only under the collation it was built with (under the database's,
-/// most rows of an index built under another were not found).
-fn keys(
-    tenant: &str,
-    feature: &str,
-    start: i64,
-    collations: [pg_sys::Oid; 2],
-) -> [pg_sys::ScanKeyData; 3] {
-    let mut k: [pg_sys::ScanKeyData; 3] = Default::default();
+/// most rows of an index built under another were not found). Returns the
+/// keys and how many are used (3, or 4 with a caller).
+fn keys(c: &Counter, collations: &[pg_sys::Oid]) -> ([pg_sys::ScanKeyData; 4], usize) {
+    let mut k: [pg_sys::ScanKeyData; 4] = Default::default();
     let text = |s: &str| s.into_datum().unwrap_or(pg_sys::Datum::from(0));
     let eq = pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber;
-    // SAFETY: fills the three scan keys in place; the text datums live in the
-    // current memory context for the call.
-    unsafe {
-        pg_sys::ScanKeyEntryInitialize(
-            &mut k[0],
-            0,
-            1,
-            eq,
-            pg_sys::InvalidOid,
-            collations[0],
-            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
-            text(tenant),
-        );
-        pg_sys::ScanKeyEntryInitialize(
-            &mut k[1],
-            0,
-            2,
-            eq,
-            pg_sys::InvalidOid,
-            collations[1],
-            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
-            text(feature),
-        );
-        pg_sys::ScanKeyEntryInitialize(
-            &mut k[2],
-            0,
-            3,
-            eq,
-            pg_sys::InvalidOid,
+    let texteq = pg_sys::Oid::from(pg_sys::F_TEXTEQ);
+    let mut entries = vec![
+        (collations[0], texteq, text(c.tenant)),
+        (collations[1], texteq, text(c.feature)),
+        (
             pg_sys::InvalidOid,
             pg_sys::Oid::from(pg_sys::F_TIMESTAMPTZ_EQ),
-            pg_sys::Datum::from(start),
-        );
+            pg_sys::Datum::from(c.start),
+        ),
+    ];
+    if let Some(caller) = c.caller {
+        entries.push((collations[3], texteq, text(caller)));
     }
-    k
+    for (i, (collation, proc_, arg)) in entries.iter().enumerate() {
+        // SAFETY: fills one scan key in place; the text datums live in the
+        // current memory context for the call.
+        unsafe {
+            pg_sys::ScanKeyEntryInitialize(
+                &mut k[i],
+                0,
+                (i + 1) as pg_sys::AttrNumber,
+                eq,
+                pg_sys::InvalidOid,
+                *collation,
+                *proc_,
+                *arg,
+            );
+        }
+    }
+    (k, entries.len())
 }
 
 /// The row's version visible to `snapshot`, copied out of the buffer (its
@@ -394,22 +461,20 @@ fn keys(
 fn find(
     opened: &Opened,
     snapshot: pg_sys::Snapshot,
-    tenant: &str,
-    feature: &str,
-    start: i64,
+    c: &Counter,
     prune: Prune,
 ) -> Option<pg_sys::HeapTuple> {
-    let key = place_key(tenant, feature, start);
+    let key = place_key(c);
     // SAFETY: reads the open relation's file number.
     let file = unsafe { pgver::file_number(opened.rel) };
     if let Some(p) = PLACES.with(|m| m.borrow().get(&key).copied()) {
         if p.file == file {
-            if let Some(t) = fetch_at(opened, snapshot, p.root, (tenant, feature, start), prune) {
+            if let Some(t) = fetch_at(opened, snapshot, p.root, c, prune) {
                 return Some(t);
             }
         }
     }
-    let (tuple, root) = find_by_key(opened, snapshot, tenant, feature, start)?;
+    let (tuple, root) = find_by_key(opened, snapshot, c)?;
     remember_place(key, file, root);
     Some(tuple)
 }
@@ -435,13 +500,17 @@ thread_local! {
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-fn place_key(tenant: &str, feature: &str, start: i64) -> u64 {
+fn place_key(c: &Counter) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(tenant.as_bytes());
+    h.update(c.tenant.as_bytes());
     h.update(&[0]);
-    h.update(feature.as_bytes());
+    h.update(c.feature.as_bytes());
     h.update(&[0]);
-    h.update(&start.to_le_bytes());
+    h.update(&c.start.to_le_bytes());
+    if let Some(caller) = c.caller {
+        h.update(&[1]);
+        h.update(caller.as_bytes());
+    }
     h.digest()
 }
 
@@ -475,15 +544,14 @@ enum Prune {
 const PRUNE_BELOW: usize = 144;
 
 /// The version visible to `snapshot` in the chain rooted at `root`, if it
-/// is the row (tenant, feature, start); copied.
+/// is the counter's row; copied.
 fn fetch_at(
     opened: &Opened,
     snapshot: pg_sys::Snapshot,
     root: pg_sys::ItemPointerData,
-    key: (&str, &str, i64),
+    c: &Counter,
     prune: Prune,
 ) -> Option<pg_sys::HeapTuple> {
-    let (tenant, feature, start) = key;
     let rel = opened.rel;
     // SAFETY: the block is checked against the relation's size (a vacuum
     // may have truncated it since); pin, prune and share lock as an index
@@ -519,8 +587,8 @@ fn fetch_at(
         let copy = found.then(|| pg_sys::heap_copytuple(&mut tuple));
         pg_sys::UnlockReleaseBuffer(buf);
         let copy = copy?;
-        Row::of(copy)
-            .is_some_and(|r| r.is(tenant, feature, start))
+        Row::of(copy, opened.callers)
+            .is_some_and(|r| r.is(c))
             .then_some(copy)
     }
 }
@@ -560,6 +628,8 @@ struct Row {
     tenant: usize,
     feature: usize,
     fixed: usize,
+    /// The caller text (flux.caller_usage), after the fixed values.
+    caller: Option<usize>,
 }
 
 /// The 8-byte columns, in order after the texts.
@@ -577,7 +647,7 @@ impl Row {
     ///
     /// # Safety
     /// `tuple` is a copy of a version of a relation Opened::shaped accepted.
-    unsafe fn of(tuple: pg_sys::HeapTuple) -> Option<Row> {
+    unsafe fn of(tuple: pg_sys::HeapTuple, callers: bool) -> Option<Row> {
         // SAFETY: per the function's contract; every offset is checked
         // against the tuple's length before it is read.
         unsafe {
@@ -585,8 +655,9 @@ impl Row {
             let natts = (*header).t_infomask2 as u32 & pg_sys::HEAP_NATTS_MASK;
             // A later column may be null; these (the bitmap's first bits,
             // set when not null) may not.
-            let all = (1u8 << COLUMNS.len()) - 1;
-            if (natts as usize) < COLUMNS.len()
+            let columns = COLUMNS.len() + callers as usize;
+            let all = (1u8 << columns) - 1;
+            if (natts as usize) < columns
                 || ((*header).t_infomask as u32 & pg_sys::HEAP_HASNULL != 0
                     && *(*header).t_bits.as_ptr() & all != all)
             {
@@ -618,11 +689,20 @@ impl Row {
             let (tenant, size) = text_at(0)?;
             let (feature, size) = text_at(tenant + size)?;
             let fixed = (feature + size).next_multiple_of(8);
-            (fixed + 24 <= len).then_some(Row {
+            if fixed + 24 > len {
+                return None;
+            }
+            let caller = if callers {
+                Some(text_at(fixed + 24)?.0)
+            } else {
+                None
+            };
+            Some(Row {
                 data,
                 tenant,
                 feature,
                 fixed,
+                caller,
             })
         }
     }
@@ -664,11 +744,12 @@ impl Row {
         }
     }
 
-    /// Whether this is the row (tenant, feature, start).
-    fn is(&self, tenant: &str, feature: &str, start: i64) -> bool {
-        self.get(Fixed::PeriodStart) == start
-            && self.text(self.tenant) == Some(tenant.as_bytes())
-            && self.text(self.feature) == Some(feature.as_bytes())
+    /// Whether this is the counter's row.
+    fn is(&self, c: &Counter) -> bool {
+        self.get(Fixed::PeriodStart) == c.start
+            && self.text(self.tenant) == Some(c.tenant.as_bytes())
+            && self.text(self.feature) == Some(c.feature.as_bytes())
+            && self.caller.and_then(|off| self.text(off)) == c.caller.map(str::as_bytes)
     }
 }
 
@@ -676,9 +757,7 @@ impl Row {
 fn find_by_key(
     opened: &Opened,
     snapshot: pg_sys::Snapshot,
-    tenant: &str,
-    feature: &str,
-    start: i64,
+    c: &Counter,
 ) -> Option<(pg_sys::HeapTuple, pg_sys::ItemPointerData)> {
     // SAFETY: an index scan of our own table under a live snapshot, as
     // index_getnext_slot runs it but keeping the TID the index entry holds
@@ -689,10 +768,11 @@ fn find_by_key(
     unsafe {
         let rel = opened.rel;
         let index = pg_sys::index_open(opened.pkey, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let coll = (*index).rd_indcollation;
-        let mut k = keys(tenant, feature, start, [*coll, *coll.add(1)]);
-        let scan = pgver::index_beginscan(rel, index, snapshot, 3);
-        pg_sys::index_rescan(scan, k.as_mut_ptr(), 3, std::ptr::null_mut(), 0);
+        let n = key_columns(opened.callers).len();
+        let coll = std::slice::from_raw_parts((*index).rd_indcollation, n);
+        let (mut k, n) = keys(c, coll);
+        let scan = pgver::index_beginscan(rel, index, snapshot, n as i32);
+        pg_sys::index_rescan(scan, k.as_mut_ptr(), n as i32, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
         let mut root = pg_sys::ItemPointerData::default();
         let mut found = None;
@@ -723,49 +803,36 @@ fn find_by_key(
 
 /// Units recorded in the period starting at `start` (i64::MIN: -infinity,
 /// for limit features), under the statement's snapshot: one index probe.
-pub fn read_used(
-    namespace: pg_sys::Oid,
-    tenant: &str,
-    feature: &str,
-    start: i64,
-) -> FluxResult<i64> {
-    let opened = match Opened::open(namespace, pg_sys::AccessShareLock)? {
+pub fn read_used(namespace: pg_sys::Oid, c: &Counter) -> FluxResult<i64> {
+    let opened = match Opened::open(namespace, pg_sys::AccessShareLock, c.of_caller())? {
         Open::Direct(opened) => opened,
-        Open::Sql => return super::sql::read_used(tenant, feature, start),
+        Open::Sql => return super::sql::read_used(c),
     };
     // SAFETY: the active snapshot is the statement's, registered by it.
     let snapshot = unsafe { pg_sys::GetActiveSnapshot() };
-    let Some(t) = find(
-        &opened,
-        snapshot,
-        tenant,
-        feature,
-        start,
-        Prune::Opportunistic,
-    ) else {
+    let Some(t) = find(&opened, snapshot, c, Prune::Opportunistic) else {
         return Ok(0);
     };
     // SAFETY: a copy of a row of this relation.
-    match unsafe { Row::of(t) } {
+    match unsafe { Row::of(t, opened.callers) } {
         Some(row) => Ok(row.get(Fixed::Used)),
         // A null (NOT NULL dropped): SQL reads it as it is.
-        None => super::sql::read_used(tenant, feature, start),
+        None => super::sql::read_used(c),
     }
 }
 
 /// Add `amount` to an existing counter row if the total stays within
-/// `limit` (None: unlimited).
+/// `limit` (None: unlimited). A negative amount undoes this transaction's
+/// own earlier addition (a caller's counter, when the tenant's is full).
 pub fn add(
     namespace: pg_sys::Oid,
-    tenant: &str,
-    feature: &str,
-    start: i64,
+    c: &Counter,
     amount: i64,
     limit: Option<i64>,
 ) -> FluxResult<Added> {
     // Opened first, whatever the isolation level: a `used` that is not
     // bigint is refused here, as SQL could not use it either.
-    let opened = match Opened::open(namespace, pg_sys::RowExclusiveLock)? {
+    let opened = match Opened::open(namespace, pg_sys::RowExclusiveLock, c.of_caller())? {
         Open::Direct(opened) => opened,
         Open::Sql => return Ok(Added::Fallback),
     };
@@ -777,8 +844,7 @@ pub fn add(
     // own earlier writes.
     // SAFETY: a snapshot used within this call only.
     let snapshot = unsafe { pg_sys::GetLatestSnapshot() };
-    let Some(mut version) = find(&opened, snapshot, tenant, feature, start, Prune::WhenNeeded)
-    else {
+    let Some(mut version) = find(&opened, snapshot, c, Prune::WhenNeeded) else {
         return Ok(Added::Fallback);
     };
     // As ExecUpdate: update the version we see; if a concurrent transaction
@@ -787,7 +853,7 @@ pub fn add(
     // locking first cost a WAL record on every call.
     for _ in 0..2 {
         // SAFETY: `version` is a copy of a row of this relation.
-        let Some(row) = (unsafe { Row::of(version) }) else {
+        let Some(row) = (unsafe { Row::of(version, opened.callers) }) else {
             return Ok(Added::Fallback);
         };
         let used = row.get(Fixed::Used);
@@ -825,11 +891,7 @@ pub fn add(
                     pgver::IndexEntries::All => {
                         insert_index_entries(rel, version, false);
                         // A new chain: its index entries point here.
-                        remember_place(
-                            place_key(tenant, feature, start),
-                            pgver::file_number(rel),
-                            (*version).t_self,
-                        );
+                        remember_place(place_key(c), pgver::file_number(rel), (*version).t_self);
                     }
                 }
                 // Our next command (or the next consume in this

@@ -29,6 +29,7 @@ use crate::error::{shown, FluxError, FluxResult, OrRaise};
 use crate::gucs;
 use crate::model::{Decision, Kind, Reason};
 use crate::store;
+use counters::Counter;
 use pgrx::prelude::*;
 use rules::{apply_counter, apply_rate, fits, gcra, meter_for, Meter, RateOutcome};
 
@@ -36,18 +37,156 @@ fn window_micros(text: &str) -> Option<i64> {
     gucs::parse_span(text).map(|s| (s.days as i64) * 86_400_000_000 + s.micros)
 }
 
-fn meter(x: &Decided) -> FluxResult<Option<Meter>> {
+/// The meter of `kind` with `period` for this decision's tenant and clock.
+fn meter_of(x: &Decided, period: Option<&str>) -> FluxResult<Option<Meter>> {
     let (Some(f), Some(t)) = (x.feature(), x.tenant()) else {
         return Ok(None);
     };
     meter_for(
         f.kind,
-        x.d.period.as_deref(),
+        period,
         x.ctx.now,
         t.current_period_start,
         t.current_period_end,
         window_micros,
     )
+}
+
+fn meter(x: &Decided) -> FluxResult<Option<Meter>> {
+    meter_of(x, x.d.period.as_deref())
+}
+
+/// One allowance a request must fit: the tenant's, or a caller's inside it
+/// (the current API key's, the subject's).
+struct Allowance {
+    /// None: the tenant's (flux.usage, flux.rate_state); else `key:<id>` or
+    /// `subject:<id>` (flux.caller_usage, flux.caller_rate_state).
+    caller: Option<String>,
+    /// Who it is, for messages: "the key ci pipeline", "user_42".
+    who: Option<String>,
+    limit: Option<i64>,
+    meter: Meter,
+    /// metered: the period; rate: the window, as granted.
+    period: Option<String>,
+}
+
+impl Allowance {
+    fn counter<'a>(&'a self, x: &'a Decided) -> Counter<'a> {
+        let start = match self.meter {
+            Meter::Quota { start, .. } => Some(start),
+            _ => None,
+        };
+        Counter {
+            tenant: &x.d.tenant,
+            feature: &x.d.feature,
+            start: sql::period_key(start),
+            caller: self.caller.as_deref(),
+        }
+    }
+}
+
+/// The allowances of an allowed decision, in the order they are charged
+/// (and so locked): the key's, the subject's, the tenant's last. The key
+/// counts its usage (flux_key_usage) even with no allowance of its own, in
+/// the tenant's period; the subject only with its grant's subject_limit.
+fn allowances(x: &Decided) -> FluxResult<Vec<Allowance>> {
+    let Some(tenant_meter) = meter(x)? else {
+        return Ok(Vec::new());
+    };
+    let mut list = Vec::with_capacity(3);
+    if let Some(k) = &x.key {
+        let own = k.limit_of(&x.d.feature);
+        let period = own
+            .and_then(|l| l.period.clone())
+            .or_else(|| x.d.period.clone());
+        let meter = match own {
+            Some(l) => meter_of(x, l.period.as_deref().or(x.d.period.as_deref()))?,
+            None => Some(tenant_meter),
+        };
+        let counted = own.is_some() || !matches!(tenant_meter, Meter::Rate { .. });
+        if let (Some(meter), true) = (meter, counted) {
+            list.push(Allowance {
+                caller: Some(format!("key:{}", k.id)),
+                who: Some(format!("the key {}", k.name)),
+                limit: own.map(|l| l.limit),
+                meter,
+                period,
+            });
+        }
+    }
+    if let Some(s) = &x.subject {
+        let grant =
+            x.d.plan
+                .as_deref()
+                .and_then(|p| x.feature().and_then(|f| f.grant_of(p)));
+        if let Some(l) = grant.and_then(|g| g.subject_limit) {
+            list.push(Allowance {
+                caller: Some(format!("subject:{s}")),
+                who: Some(s.clone()),
+                limit: Some(l),
+                meter: tenant_meter,
+                period: x.d.period.clone(),
+            });
+        }
+    }
+    list.push(Allowance {
+        caller: None,
+        who: None,
+        limit: x.d.limit,
+        meter: tenant_meter,
+        period: x.d.period.clone(),
+    });
+    Ok(list)
+}
+
+/// What one allowance says about a request.
+enum Outcome {
+    Counter { used: i64, fits: bool },
+    Rate(RateOutcome),
+}
+
+impl Outcome {
+    fn fits(&self) -> bool {
+        match self {
+            Outcome::Counter { fits, .. } => *fits,
+            Outcome::Rate(o) => o.allowed,
+        }
+    }
+}
+
+/// Report the binding allowance: the first refusal, else the one with the
+/// least left (the tenant's on a tie, so that a request no caller limits
+/// reads as before).
+fn report(x: &mut Decided, list: &[Allowance], outcomes: &[Outcome]) {
+    let left = |a: &Allowance, o: &Outcome| -> i64 {
+        let used = match o {
+            Outcome::Counter { used, .. } => *used,
+            Outcome::Rate(r) => r.used,
+        };
+        a.limit.map_or(i64::MAX, |l| l.saturating_sub(used))
+    };
+    let pick = outcomes.iter().position(|o| !o.fits()).unwrap_or_else(|| {
+        let mut best = outcomes.len() - 1;
+        for (i, (a, o)) in list.iter().zip(outcomes).enumerate() {
+            if left(a, o) < left(&list[best], &outcomes[best]) {
+                best = i;
+            }
+        }
+        best
+    });
+    let a = &list[pick];
+    x.d.limit = a.limit;
+    x.d.period = a.period.clone();
+    let now = x.ctx.now;
+    match &outcomes[pick] {
+        Outcome::Counter { used, fits } => {
+            apply_counter(&mut x.d, a.meter, *used, *fits, a.who.as_deref())
+        }
+        Outcome::Rate(o) => {
+            let text = a.period.clone().unwrap_or_default();
+            apply_rate(&mut x.d, &text, *o, now, a.who.as_deref());
+        }
+    }
 }
 
 /// Read path: fill in used / remaining / resets_at and decide whether
@@ -57,104 +196,150 @@ pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
     if !x.d.allowed {
         return Ok(false);
     }
-    let Some(m) = meter(x)? else {
+    let list = allowances(x)?;
+    if list.is_empty() {
         return Ok(false);
-    };
-    let (tenant, feature) = (x.d.tenant.clone(), x.d.feature.clone());
-    match m {
-        Meter::Allowance | Meter::Quota { .. } => {
-            let start = match m {
-                Meter::Quota { start, .. } => Some(start),
-                _ => None,
-            };
-            let used = sql::load_used(&tenant, &feature, start)?;
-            let fits = fits(x.d.limit, used, amount);
-            apply_counter(&mut x.d, m, used, fits);
-        }
-        Meter::Rate { window } => {
-            if let Some(limit) = x.d.limit {
-                let tat = sql::load_tat(&tenant, &feature)?;
+    }
+    let mut outcomes = Vec::with_capacity(list.len());
+    for a in &list {
+        outcomes.push(match a.meter {
+            Meter::Allowance | Meter::Quota { .. } => {
+                let used = sql::load_used(&a.counter(x))?;
+                Outcome::Counter {
+                    used,
+                    fits: fits(a.limit, used, amount),
+                }
+            }
+            Meter::Rate { window } => {
+                let tat = sql::load_tat(&x.d.tenant, &x.d.feature, a.caller.as_deref())?;
+                let limit = a.limit.unwrap_or(i64::MAX);
                 // Would `amount` more pass? Report what is counted now.
                 let mut o = gcra(tat, x.ctx.now, limit, window, amount);
                 let current = gcra(tat, x.ctx.now, limit, window, 0);
                 (o.used, o.resets_at) = (current.used, current.resets_at);
-                let text = x.d.period.clone().unwrap_or_default();
-                apply_rate(&mut x.d, &text, o, x.ctx.now);
+                Outcome::Rate(o)
             }
-        }
+        });
     }
+    // No limit anywhere on a rate feature: nothing is counted.
+    if list
+        .iter()
+        .all(|a| a.limit.is_none() && matches!(a.meter, Meter::Rate { .. }))
+    {
+        return Ok(true);
+    }
+    report(x, &list, &outcomes);
     Ok(true)
 }
 
 /// Record `amount` against a counter if it fits. Returns whether it did and
 /// the total after (when it did not fit, the total as it stands).
-fn record_counter(
-    tenant: &str,
-    feature: &str,
-    start: Option<i64>,
-    amount: i64,
-    limit: Option<i64>,
-) -> FluxResult<(bool, i64)> {
+fn record_counter(c: &Counter, amount: i64, limit: Option<i64>) -> FluxResult<(bool, i64)> {
     if !fits(limit, 0, amount) {
-        return Ok((false, sql::load_used(tenant, feature, start)?));
+        return Ok((false, sql::load_used(c)?));
     }
     // The common case, without SQL: the row exists.
     let cat = crate::cache::catalogue()?;
-    let key = store::ts_datum(start).into_inner();
-    match counters::add(cat.namespace, tenant, feature, key, amount, limit)? {
+    match counters::add(cat.namespace, c, amount, limit)? {
         counters::Added::Total(n) => Ok((true, n)),
         counters::Added::Full(used) => Ok((false, used)),
-        counters::Added::Fallback => sql::add(tenant, feature, start, amount, limit),
+        counters::Added::Fallback => sql::add(c, amount, limit),
     }
 }
 
-/// Write path: record `amount` if the decision allows it.
+/// Advance a rate limiter by `amount` calls if they pass.
+fn record_rate(x: &Decided, a: &Allowance, window: i64, amount: i64) -> FluxResult<RateOutcome> {
+    let (tenant, feature, now) = (&x.d.tenant, &x.d.feature, x.ctx.now);
+    let caller = a.caller.as_deref();
+    let Some(limit) = a.limit else {
+        return Ok(gcra(None, now, i64::MAX, window, amount));
+    };
+    Ok(
+        match sql::record_rate(tenant, feature, caller, now, limit, window, amount)? {
+            Some(new_tat) => {
+                let t = (window / limit.max(1)).max(1);
+                let used = ((new_tat - now).max(0) as u64).div_ceil(t as u64) as i64;
+                RateOutcome {
+                    allowed: true,
+                    new_tat,
+                    used,
+                    retry_after: None,
+                    resets_at: new_tat,
+                }
+            }
+            None => gcra(
+                sql::load_tat(tenant, feature, caller)?,
+                now,
+                limit,
+                window,
+                amount,
+            ),
+        },
+    )
+}
+
+/// Write path: record `amount` on every allowance if it fits them all, and
+/// on none otherwise. Charged in order (the key's, the subject's, the
+/// tenant's), each under its row's lock; when one refuses, what this call
+/// recorded on the ones before is taken back (our own uncommitted writes,
+/// under locks we still hold: no other transaction saw them).
 fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
     if !x.d.allowed {
         return Ok(());
     }
-    let Some(m) = meter(x)? else { return Ok(()) };
-    let (tenant, feature, limit, now) = (
-        x.d.tenant.clone(),
-        x.d.feature.clone(),
-        x.d.limit,
-        x.ctx.now,
-    );
-    match m {
-        Meter::Allowance | Meter::Quota { .. } => {
-            let start = match m {
-                Meter::Quota { start, .. } => Some(start),
-                _ => None,
-            };
-            let (fits, used) = record_counter(&tenant, &feature, start, amount, limit)?;
-            apply_counter(&mut x.d, m, used, fits);
-        }
-        Meter::Rate { window } => {
-            let Some(limit) = limit else { return Ok(()) };
-            let text = x.d.period.clone().unwrap_or_default();
-            let o = match sql::record_rate(&tenant, &feature, now, limit, window, amount)? {
-                Some(new_tat) => {
-                    let t = (window / limit.max(1)).max(1);
-                    let used = ((new_tat - now).max(0) as u64).div_ceil(t as u64) as i64;
-                    RateOutcome {
-                        allowed: true,
-                        new_tat,
-                        used,
-                        retry_after: None,
-                        resets_at: new_tat,
+    let list = allowances(x)?;
+    if list.is_empty() {
+        return Ok(());
+    }
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(list.len());
+    for a in &list {
+        let o = match a.meter {
+            Meter::Allowance | Meter::Quota { .. } => {
+                let (fits, used) = record_counter(&a.counter(x), amount, a.limit)?;
+                Outcome::Counter { used, fits }
+            }
+            Meter::Rate { window } => Outcome::Rate(record_rate(x, a, window, amount)?),
+        };
+        let refused = !o.fits();
+        outcomes.push(o);
+        if refused {
+            let charged = outcomes.len() - 1;
+            for (b, done) in list[..charged].iter().zip(&outcomes[..charged]).rev() {
+                match (b.meter, done) {
+                    (Meter::Rate { window }, Outcome::Rate(_)) => {
+                        if let Some(limit) = b.limit {
+                            sql::undo_rate(
+                                &x.d.tenant,
+                                &x.d.feature,
+                                b.caller.as_deref(),
+                                limit,
+                                window,
+                                amount,
+                            )?;
+                        }
+                    }
+                    _ => {
+                        record_counter(&b.counter(x), -amount, None)?;
                     }
                 }
-                None => gcra(
-                    sql::load_tat(&tenant, &feature)?,
-                    now,
-                    limit,
-                    window,
-                    amount,
-                ),
-            };
-            apply_rate(&mut x.d, &text, o, now);
+            }
+            // The earlier ones report what stands, without this call.
+            for o in outcomes[..charged].iter_mut() {
+                if let Outcome::Counter { used, .. } = o {
+                    *used -= amount;
+                }
+            }
+            report(x, &list[..=charged], &outcomes);
+            return Ok(());
         }
     }
+    if list
+        .iter()
+        .all(|a| a.limit.is_none() && matches!(a.meter, Meter::Rate { .. }))
+    {
+        return Ok(());
+    }
+    report(x, &list, &outcomes);
     Ok(())
 }
 
@@ -163,6 +348,7 @@ pub fn consume(
     feature: &str,
     amount: i64,
     key: Option<&str>,
+    subject: Option<&str>,
 ) -> FluxResult<Decision> {
     store::ensure_writable("flux_consume")?;
     crate::access::require_act_for("flux_consume", tenant)?;
@@ -180,7 +366,7 @@ pub fn consume(
             )));
         }
     }
-    let mut x = entitle(tenant, feature, None)?;
+    let mut x = entitle(tenant, feature, subject)?;
     // An unknown tenant or feature records nothing, and so stores no key
     // (2,000 calls with junk keys stored 6.5 MB).
     let known = !matches!(x.d.reason, Reason::UnknownFeature | Reason::UnknownTenant);
@@ -199,18 +385,32 @@ pub fn consume(
 /// Atomically check and record usage. Allowed: records `amount` and returns
 /// the new used / remaining. Denied: records nothing. A boolean feature
 /// records nothing and answers whether the tenant is entitled.
-#[pg_extern(volatile, parallel_unsafe)]
-fn flux_consume(
+/// (The `_v2` symbol: 0.1.0's script declares `flux_consume` without a
+/// subject, and must keep loading and working until ALTER EXTENSION UPDATE.)
+#[pg_extern(name = "flux_consume", volatile, parallel_unsafe)]
+fn flux_consume_v2(
     tenant: Option<&str>,
     feature: Option<&str>,
     amount: default!(Option<i64>, "1"),
     idempotency_key: default!(Option<&str>, "NULL"),
+    subject: default!(Option<&str>, "NULL"),
 ) -> Option<pgrx::composite_type!('static, "flux.decision")> {
     let (tenant, feature) = (tenant?, feature?);
     let amount = amount.unwrap_or(1);
     Some(to_composite(
-        consume(tenant, feature, amount, idempotency_key).or_raise(),
+        consume(tenant, feature, amount, idempotency_key, subject).or_raise(),
     ))
+}
+
+/// 0.1.0's flux_consume (four arguments), for its install script.
+#[pg_extern(sql = false, volatile, parallel_unsafe)]
+fn flux_consume(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    amount: Option<i64>,
+    idempotency_key: Option<&str>,
+) -> Option<pgrx::composite_type!('static, "flux.decision")> {
+    flux_consume_v2(tenant, feature, amount, idempotency_key, None)
 }
 
 /// Give units of a limit feature back (a seat freed); returns the new used.
@@ -257,13 +457,20 @@ fn flux_release(
 }
 
 /// Units used in the current period (limit: held now; rate: calls in the
-/// current window). NULL for unknown tenants or features and for boolean
-/// features.
-#[pg_extern(stable, strict, parallel_safe)]
-fn flux_usage(tenant: &str, feature: &str) -> Option<i64> {
+/// current window); with `subject`, the subject's own (NULL when its grant
+/// gives subjects no allowance). NULL for unknown tenants or features and
+/// for boolean features.
+/// (The `_v2` symbol, as for flux_consume.)
+#[pg_extern(name = "flux_usage", stable, parallel_safe)]
+fn flux_usage_v2(
+    tenant: Option<&str>,
+    feature: Option<&str>,
+    subject: default!(Option<&str>, "NULL"),
+) -> Option<i64> {
+    let (tenant, feature) = (tenant?, feature?);
     (|| -> FluxResult<Option<i64>> {
         crate::access::require_act_for("flux_usage", tenant)?;
-        let mut x = entitle(tenant, feature, None)?;
+        let mut x = entitle(tenant, feature, subject)?;
         let (Some(f), Some(_)) = (x.facts.feature.clone(), x.tenant()) else {
             return Ok(None);
         };
@@ -277,24 +484,119 @@ fn flux_usage(tenant: &str, feature: &str) -> Option<i64> {
                 .and_then(|p| f.grant_of(&p).and_then(|g| g.period.clone()))
                 .or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()));
         }
-        let now = x.ctx.now;
-        Ok(match meter(&x)? {
-            Some(Meter::Allowance) => Some(sql::load_used(tenant, feature, None)?),
-            Some(Meter::Quota { start, .. }) => Some(sql::load_used(tenant, feature, Some(start))?),
-            Some(Meter::Rate { window }) => {
-                let tat = sql::load_tat(tenant, feature)?;
-                let limit = x.d.limit.unwrap_or(1).max(1);
-                Some(gcra(tat, now, limit, window, 0).used)
-            }
+        let caller = match subject {
             None => None,
-        })
+            Some(s) => {
+                let grant = x.d.plan.as_deref().and_then(|p| f.grant_of(p));
+                if grant.and_then(|g| g.subject_limit).is_none() {
+                    return Ok(None);
+                }
+                Some(format!("subject:{s}"))
+            }
+        };
+        let limit = x.d.limit;
+        used_now(&x, meter(&x)?, caller.as_deref(), limit)
     })()
     .or_raise()
 }
 
-/// The write paths against the rules: the heap path and the SQL path give
-/// the same outcome for the same sequence, and the rate limiter's SQL
-/// agrees with `rules::gcra`.
+/// 0.1.0's flux_usage (STRICT, two arguments), for its install script.
+#[pg_extern(sql = false, stable, strict, parallel_safe)]
+fn flux_usage(tenant: &str, feature: &str) -> Option<i64> {
+    flux_usage_v2(Some(tenant), Some(feature), None)
+}
+
+/// What a counter or rate limiter holds now, in the meter's period.
+fn used_now(
+    x: &Decided,
+    meter: Option<Meter>,
+    caller: Option<&str>,
+    limit: Option<i64>,
+) -> FluxResult<Option<i64>> {
+    let counter = |start: Option<i64>| Counter {
+        tenant: &x.d.tenant,
+        feature: &x.d.feature,
+        start: sql::period_key(start),
+        caller,
+    };
+    Ok(match meter {
+        Some(Meter::Allowance) => Some(sql::load_used(&counter(None))?),
+        Some(Meter::Quota { start, .. }) => Some(sql::load_used(&counter(Some(start)))?),
+        Some(Meter::Rate { window }) => {
+            let tat = sql::load_tat(&x.d.tenant, &x.d.feature, caller)?;
+            let limit = limit.unwrap_or(1).max(1);
+            Some(gcra(tat, x.ctx.now, limit, window, 0).used)
+        }
+        None => None,
+    })
+}
+
+/// Units an API key used of a feature in the current period: of its own
+/// allowance's period when it has one (flux_key_limit), else of its
+/// tenant's grant. NULL for a boolean feature, or a rate feature the key
+/// has no allowance of. Acts for the key's tenant (flux_service, flux_admin
+/// or that tenant's session).
+#[pg_extern(stable, parallel_safe)]
+fn flux_key_usage(key_id: Option<&str>, feature: Option<&str>) -> Option<i64> {
+    let (key_id, feature) = (key_id?, feature?);
+    (|| -> FluxResult<Option<i64>> {
+        let tenant = {
+            let _owner = crate::privilege::AsOwner::enter()?;
+            store::one::<String>(
+                "SELECT tenant FROM flux.api_keys WHERE id OPERATOR(pg_catalog.=) $1",
+                &[key_id.into()],
+            )?
+        };
+        let Some(tenant) = tenant else {
+            return Err(FluxError::UnknownReference(format!(
+                "no API key with id {}",
+                shown(key_id)
+            )));
+        };
+        crate::access::require_act_for("flux_key_usage", &tenant)?;
+        let x = entitle(&tenant, feature, None)?;
+        let Some(f) = x.feature() else {
+            return Ok(None);
+        };
+        if !f.kind.has_limit() {
+            return Ok(None);
+        }
+        let own = {
+            let _owner = crate::privilege::AsOwner::enter()?;
+            store::one::<String>(
+                "SELECT coalesce(period, '') FROM flux.key_limits \
+                 WHERE key_id OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2",
+                &[key_id.into(), feature.into()],
+            )?
+        };
+        let period = match &own {
+            Some(p) if !p.is_empty() => Some(p.clone()),
+            _ => {
+                x.d.period
+                    .clone()
+                    .or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()))
+            }
+        };
+        if f.kind == Kind::Rate && own.is_none() {
+            return Ok(None);
+        }
+        let limit = match f.kind {
+            Kind::Rate => {
+                let _owner = crate::privilege::AsOwner::enter()?;
+                store::one::<i64>(
+                    "SELECT \"limit\" FROM flux.key_limits \
+                     WHERE key_id OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2",
+                    &[key_id.into(), feature.into()],
+                )?
+            }
+            _ => None,
+        };
+        let caller = format!("key:{key_id}");
+        used_now(&x, meter_of(&x, period.as_deref())?, Some(&caller), limit)
+    })()
+    .or_raise()
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {

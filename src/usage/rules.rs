@@ -199,15 +199,20 @@ fn where_phrase(d: &Decision, meter: Meter) -> std::borrow::Cow<'static, str> {
 }
 
 /// Fill in a counter's figures. `used` is what is recorded now (after the
-/// write when consuming); `fits` says whether the request fits the limit.
-pub fn apply_counter(d: &mut Decision, meter: Meter, used: i64, fits: bool) {
+/// write when consuming); `fits` says whether the request fits the limit;
+/// `by` names a caller whose own allowance this is ("the key ci").
+pub fn apply_counter(d: &mut Decision, meter: Meter, used: i64, fits: bool, by: Option<&str>) {
     d.used = Some(used);
     d.remaining = d.limit.map(|l| l.saturating_sub(used).max(0));
     if !fits {
         d.allowed = false;
         d.reason = Reason::LimitReached;
     }
-    let when = where_phrase(d, meter);
+    let when = match (by, meter) {
+        (Some(who), Meter::Allowance) => format!("by {who}").into(),
+        (Some(who), _) => format!("{} by {who}", where_phrase(d, meter)).into(),
+        (None, _) => where_phrase(d, meter),
+    };
     if let Meter::Quota { end, .. } = meter {
         d.resets_at = Some(end);
     }
@@ -231,8 +236,8 @@ pub fn apply_counter(d: &mut Decision, meter: Meter, used: i64, fits: bool) {
     d.message = m;
 }
 
-/// Fill in the rate limiter's figures.
-pub fn apply_rate(d: &mut Decision, window_text: &str, o: RateOutcome, now: i64) {
+/// Fill in the rate limiter's figures; `by` as for apply_counter.
+pub fn apply_rate(d: &mut Decision, window_text: &str, o: RateOutcome, now: i64, by: Option<&str>) {
     d.used = Some(o.used);
     d.remaining = d.limit.map(|l| l.saturating_sub(o.used).max(0));
     d.resets_at = (o.resets_at > now).then_some(o.resets_at);
@@ -241,8 +246,9 @@ pub fn apply_rate(d: &mut Decision, window_text: &str, o: RateOutcome, now: i64)
         Some(l) => format!("{l} per {window_text}"),
         None => "unlimited".to_string(),
     };
+    let by = by.map(|who| format!(" by {who}")).unwrap_or_default();
     if o.allowed {
-        d.message = format!("{f}: {} of {per} used", o.used);
+        d.message = format!("{f}: {} of {per} used{by}", o.used);
     } else {
         d.allowed = false;
         d.reason = Reason::RateLimited;
@@ -253,10 +259,10 @@ pub fn apply_rate(d: &mut Decision, window_text: &str, o: RateOutcome, now: i64)
         });
         d.message = match o.retry_after {
             Some(us) => format!(
-                "{f}: rate limit of {per} reached; retry in {:.1} s",
+                "{f}: rate limit of {per} reached{by}; retry in {:.1} s",
                 us as f64 / 1e6
             ),
-            None => format!("{f}: rate limit of {per} reached"),
+            None => format!("{f}: rate limit of {per} reached{by}"),
         };
     }
 }

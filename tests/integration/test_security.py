@@ -726,6 +726,7 @@ def test_no_internal_function_is_executable_by_an_application_role(fresh_db, rol
         args = {oid: c.execute("SELECT string_agg(format('%%L::%%s', CASE WHEN t = 'bool'::regtype THEN 'true' "
                                "WHEN t IN ('int8'::regtype, 'int4'::regtype, 'numeric'::regtype, 'oid'::regtype) THEN '1' "
                                "WHEN t = 'timestamptz'::regtype THEN '2026-01-01' WHEN t = 'interval'::regtype THEN '1 day' "
+                                   "WHEN t = 'text[]'::regtype THEN '{x}' "
                                "ELSE 'x' END, t::regtype), ', ' ORDER BY n) "
                                "FROM unnest((SELECT proargtypes::oid[] FROM pg_proc WHERE oid = %s)) WITH ORDINALITY u(t, n)",
                                (oid,)).fetchone()[0] or "" for oid, _, trig, _ in internal if not trig}
