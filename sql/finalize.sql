@@ -210,7 +210,7 @@ COMMENT ON FUNCTION flux_flag_clear(text, text) IS 'Admin: take an id off both l
 COMMENT ON FUNCTION flux._check_flag(text, numeric, text) IS 'Validator used by the flags trigger';
 COMMENT ON FUNCTION flux._check_flag_list(text, text, text) IS 'Validator used by the flag_lists trigger';
 COMMENT ON FUNCTION flux_consume(text, text, bigint, text, text) IS 'Atomically check and record usage: allowed records amount and returns the new used / remaining; denied records nothing; a repeated idempotency_key returns the first decision; rolls back with the caller''s transaction. Also charges the current API key''s counter and the subject''s, in one step with the tenant''s (all or none)';
-COMMENT ON FUNCTION flux_release(text, text, bigint) IS 'Give units of a limit feature back (a seat freed); returns the new used (never below 0)';
+COMMENT ON FUNCTION flux_release(text, text, bigint, text) IS 'Give units of a limit feature back (a seat freed); returns the tenant''s new used (never below 0); the current API key''s and the subject''s counters get them back too';
 COMMENT ON FUNCTION flux_usage(text, text, text) IS 'Units used in the current period (limit: held now; rate: calls in the window), by the tenant or (subject) by one subject inside it; NULL for unknown keys and boolean features';
 COMMENT ON FUNCTION flux_prune_usage_keys() IS 'Admin: delete idempotency keys older than flux.idempotency_ttl; returns how many';
 COMMENT ON FUNCTION flux_enforce_limit(regclass, text, name) IS 'Admin: refuse INSERTs (and tenant changes) that would take a tenant''s row count in tbl past its limit of feature; existing rows are never touched';

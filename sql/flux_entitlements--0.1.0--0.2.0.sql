@@ -457,6 +457,17 @@ COMMENT ON FUNCTION flux._check_subject_limit(text, bigint) IS 'Validator used b
 DROP FUNCTION flux_consume(text, text, bigint, text);
 DROP FUNCTION flux_usage(text, text);
 DROP FUNCTION flux_create_api_key(text, text, timestamptz);
+DROP FUNCTION flux_release(text, text, bigint);
+CREATE FUNCTION "flux_release"(
+	"tenant" TEXT,
+	"feature" TEXT,
+	"amount" bigint DEFAULT 1,
+	"subject" TEXT DEFAULT NULL
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_release_v2_wrapper';
+COMMENT ON FUNCTION flux_release(text, text, bigint, text) IS 'Give units of a limit feature back (a seat freed); returns the tenant''s new used (never below 0); the current API key''s and the subject''s counters get them back too';
 CREATE FUNCTION "flux_consume"(
 	"tenant" TEXT,
 	"feature" TEXT,

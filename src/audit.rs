@@ -49,7 +49,12 @@ const AUDIT: &str = "WITH r AS (
                (SELECT pg_catalog.string_agg(row OPERATOR(pg_catalog.->>) col, '/' ORDER BY n)
                   FROM pg_catalog.unnest($4::pg_catalog.text[]) WITH ORDINALITY u(col, n)),
                CASE WHEN $3 OPERATOR(pg_catalog.=) ANY ('{tenants,flag_lists}'::pg_catalog.text[])
-                    THEN row OPERATOR(pg_catalog.->>) 'id' ELSE row OPERATOR(pg_catalog.->>) 'tenant' END,
+                    THEN row OPERATOR(pg_catalog.->>) 'id'
+                    -- A key's allowance is its tenant's.
+                    WHEN $3 OPERATOR(pg_catalog.=) 'key_limits'
+                    THEN (SELECT ak.tenant FROM flux.api_keys ak
+                           WHERE ak.id OPERATOR(pg_catalog.=) (row OPERATOR(pg_catalog.->>) 'key_id'))
+                    ELSE row OPERATOR(pg_catalog.->>) 'tenant' END,
                old, new
           FROM k
         RETURNING action, entity, key, tenant

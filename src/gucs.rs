@@ -89,7 +89,7 @@ pub fn init() {
         c"Set by flux_authenticate() only (superuser-only for SET): a caller can neither name another key nor shed its own key's scopes. A setting, so parallel workers see it too.",
         &API_KEY,
         GucContext::Suset,
-        GucFlags::NO_SHOW_ALL,
+        GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL,
     );
     GucRegistry::define_string_guc(
         c"flux.subject",

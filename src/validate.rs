@@ -343,6 +343,11 @@ mod flux {
             let (Some(feature), Some(l)) = (feature, subject_limit) else {
                 return Ok(());
             };
+            if l < 0 {
+                return Err(FluxError::InvalidValue(format!(
+                    "subject_limit {l} of feature \"{feature}\" must be >= 0 (NULL: no allowance per subject)"
+                )));
+            }
             let kind = feature_kind(feature)?;
             if !kind.has_limit() {
                 return Err(FluxError::InvalidValue(format!(

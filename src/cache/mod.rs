@@ -35,8 +35,9 @@
 //! | `cache` level 2 (`tenants::TenantLru`) | tenants' rows, absent tenants too | `flux.cache_tenants` | a change to the tenant's rows (its bucket); TRUNCATE; overflow; a catalogue reload |
 //! | `cache` level 3 (`answers::Answers`) | flux_check answers that read no usage | 8 x `flux.cache_tenants` | any tenant or catalogue change; flux.now / flux.default_grace_period; the clock leaving the steady window |
 //! | `prepared::KEPT` | SPI plans (loads, metering SQL) | the statements in the code | never: PostgreSQL's plan cache re-plans them |
-//! | `counters::PLACES` | where each usage row was last found | 65,536, then starts over | never: a hint, checked on use |
-//! | `counters::CHECKED_KEY` | the usage key index last checked | one OID | a new index (new OID) |
+//! | `usage::counters::PLACES` | where each usage row (tenants' and callers') was last found | 65,536, then starts over | never: a hint, checked on use |
+//! | `usage::counters::CHECKED_KEY` | the key index of flux.usage and of flux.caller_usage last checked | one OID each | a new index (new OID) |
+//! | `identity::CURRENT_KEY` | the current API key's name, scopes and allowances | one key | another key, or another (local) transaction |
 //! | `access::TRUSTED` | whether the role is flux_service / flux_admin | one role | role or membership change (syscache callback) |
 //! | `privilege::OWNER` | flux's schema owner | one | schema or role change (syscache callback) |
 //! | `gucs` memos | the parsed flux.now / grace setting | one each | the setting's text changing |

@@ -209,6 +209,8 @@ pub fn decide(
     ctx: &Context,
 ) -> Decision {
     let mut d = blank(tenant_id, feature_key, subject);
+    let key = key.filter(|k| k.tenant == tenant_id);
+    d.api_key = key.map(|k| k.id.clone());
 
     let Some(f) = feature else {
         d.reason = Reason::UnknownFeature;
@@ -221,8 +223,7 @@ pub fn decide(
         d.message = format!("unknown tenant {}", shown(tenant_id));
         return d;
     };
-    if let Some(k) = key.filter(|k| k.tenant == tenant_id) {
-        d.api_key = Some(k.id.clone());
+    if let Some(k) = key {
         if !k.permits(feature_key) {
             d.reason = Reason::NotPermitted;
             d.message = format!("the key {} may not use {feature_key}", k.name);

@@ -413,13 +413,17 @@ fn flux_consume(
     flux_consume_v2(tenant, feature, amount, idempotency_key, None)
 }
 
-/// Give units of a limit feature back (a seat freed); returns the new used.
-/// Releasing more than is used stops at 0.
-#[pg_extern(volatile, parallel_unsafe)]
-fn flux_release(
+/// Give units of a limit feature back (a seat freed); returns the tenant's
+/// new used. Releasing more than is used stops at 0. The units go back to
+/// the current API key's counter and (with `subject`) the subject's as
+/// well, as flux_consume took them from those.
+/// (The `_v2` symbol, as for flux_consume.)
+#[pg_extern(name = "flux_release", volatile, parallel_unsafe)]
+fn flux_release_v2(
     tenant: Option<&str>,
     feature: Option<&str>,
     amount: default!(Option<i64>, "1"),
+    subject: default!(Option<&str>, "NULL"),
 ) -> Option<i64> {
     let (tenant, feature) = (tenant?, feature?);
     let amount = amount.unwrap_or(1);
@@ -442,6 +446,50 @@ fn flux_release(
             )));
         }
         crate::validate::require_tenant(tenant)?;
+        let key = crate::identity::current_key()?.filter(|k| k.tenant == tenant);
+        let callers = key
+            .map(|k| format!("key:{}", k.id))
+            .into_iter()
+            .chain(subject.map(|s| format!("subject:{s}")));
+        for caller in callers {
+            store::exec(
+                "UPDATE flux.caller_usage \
+                    SET used = GREATEST(used OPERATOR(pg_catalog.-) $3, 0), updated_at = pg_catalog.now() \
+                  WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+                    AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
+                    AND caller OPERATOR(pg_catalog.=) $4",
+                &[tenant.into(), feature.into(), amount.into(), caller.as_str().into()],
+            )?;
+        }
+        Ok(store::one_mut::<i64>(
+            "UPDATE flux.usage \
+                SET used = GREATEST(used OPERATOR(pg_catalog.-) $3, 0), updated_at = pg_catalog.now() \
+              WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+                AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
+             RETURNING used",
+            &[tenant.into(), feature.into(), amount.into()],
+        )?
+        .unwrap_or(0))
+    })()
+    .or_raise()
+    .into()
+}
+
+/// 0.1.0's flux_release (no subject), for its install script: the tenant's
+/// counter only, as then.
+#[pg_extern(sql = false, volatile, parallel_unsafe)]
+fn flux_release(tenant: Option<&str>, feature: Option<&str>, amount: Option<i64>) -> Option<i64> {
+    let (tenant, feature) = (tenant?, feature?);
+    let amount = amount.unwrap_or(1);
+    (|| -> FluxResult<i64> {
+        store::ensure_writable("flux_release")?;
+        crate::access::require_act_for("flux_release", tenant)?;
+        let _owner = crate::privilege::AsOwner::enter()?;
+        if amount <= 0 {
+            return Err(FluxError::InvalidValue(format!(
+                "amount {amount} must be > 0"
+            )));
+        }
         Ok(store::one_mut::<i64>(
             "UPDATE flux.usage \
                 SET used = GREATEST(used OPERATOR(pg_catalog.-) $3, 0), updated_at = pg_catalog.now() \
@@ -484,17 +532,16 @@ fn flux_usage_v2(
                 .and_then(|p| f.grant_of(&p).and_then(|g| g.period.clone()))
                 .or_else(|| f.grants.iter().rev().find_map(|g| g.period.clone()));
         }
-        let caller = match subject {
-            None => None,
+        let (caller, limit) = match subject {
+            None => (None, x.d.limit),
             Some(s) => {
                 let grant = x.d.plan.as_deref().and_then(|p| f.grant_of(p));
-                if grant.and_then(|g| g.subject_limit).is_none() {
+                let Some(own) = grant.and_then(|g| g.subject_limit) else {
                     return Ok(None);
-                }
-                Some(format!("subject:{s}"))
+                };
+                (Some(format!("subject:{s}")), Some(own))
             }
         };
-        let limit = x.d.limit;
         used_now(&x, meter(&x)?, caller.as_deref(), limit)
     })()
     .or_raise()
