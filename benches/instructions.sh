@@ -36,6 +36,7 @@ scripts/pg.sh stop "$DIR"
 # name, flux statement, baseline statement (each with one int parameter)
 cases=(
     "flux_consume over 1,000 tenants / UPDATE by primary key RETURNING the count@SELECT allowed FROM flux_consume('t' || \$1, 'api_calls')@UPDATE bench_counters SET n = n + 1 WHERE id = \$1 RETURNING n"
+    "flux_consume charging a subject's counter and the tenant's / the same UPDATE@SELECT allowed FROM flux_consume('t' || \$1, 'member_calls', 1, NULL, 'u' || (\$1 % 20))@UPDATE bench_counters SET n = n + 1 WHERE id = \$1 RETURNING n"
     "flux_check / SELECT ('t' || \$1) IS NOT NULL@SELECT flux_check('t' || \$1, 'export')@SELECT ('t' || \$1) IS NOT NULL"
 )
 

@@ -52,6 +52,8 @@ cases=(
     "check as a flux_service member, not a superuser (-c 2) / the same baseline@check.sql@check_baseline.sql@2@0.90@ge@flux_bench_service"
     "consume over 1,000 tenants / UPDATE by primary key (-c 2)@consume.sql@consume_baseline.sql@2@0.85@ge"
     "consume, one hot tenant, 8 clients / single-row UPDATE@hot_consume.sql@hot_baseline.sql@8@0.70@ge"
+    "consume charging a subject's counter and the tenant's, 1,000 tenants / UPDATE by primary key (-c 2)@subject_consume.sql@consume_baseline.sql@2@0.80@ge"
+    "flux_authenticate + consume (key's and tenant's counters) / key lookup + UPDATE, one transaction (-c 2)@key_consume.sql@key_baseline.sql@2@0.60@ge"
     "per-row WHERE flux_check over $ROWS rows, 1,000 tenants: cost / trivial predicate@perrow.sql@perrow_baseline.sql@1@1.60@le"
     "RLS count(*) of 1M rows of one tenant (flux_protect) / unprotected copy with WHERE tenant_id@rls.sql@rls_baseline.sql@1@1.15@le@flux_bench_app"
 )

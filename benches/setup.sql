@@ -8,6 +8,14 @@ SELECT flux_define_plan('pro', rank => 2);
 SELECT flux_grant('pro', 'export');
 SELECT flux_grant('pro', 'api_calls', NULL, 'month');
 SELECT count(flux_subscribe('t' || i, 'pro')) FROM generate_series(1, 1000) i;
+-- Callers: a metered feature with an allowance per subject (a consume
+-- charges the subject's counter and the tenant's), and an API key per
+-- tenant (a consume under it charges the key's and the tenant's).
+SELECT flux_define_feature('member_calls', 'metered');
+SELECT flux_grant('pro', 'member_calls', NULL, 'month', subject_limit => 1000000000);
+DROP TABLE IF EXISTS bench_keys;
+CREATE TABLE bench_keys AS SELECT i AS t, flux_create_api_key('t' || i, 'bench') AS secret FROM generate_series(1, 1000) i;
+ALTER TABLE bench_keys ADD PRIMARY KEY (t);
 -- Baselines: a plain counter table updated by primary key.
 DROP TABLE IF EXISTS bench_counters;
 CREATE TABLE bench_counters (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0);

@@ -204,9 +204,9 @@ CREATE TABLE flux.usage (
     used         bigint NOT NULL DEFAULT 0 CONSTRAINT usage_used_check CHECK (used >= 0),
     updated_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, feature, period_start)
-);
+) WITH (fillfactor = 50);
 CREATE INDEX usage_feature ON flux.usage (feature);
-COMMENT ON TABLE flux.usage IS 'Recorded usage of limit and metered features: one row per tenant, feature and period, kept as billing history; the current period is one primary-key probe';
+COMMENT ON TABLE flux.usage IS 'Recorded usage of limit and metered features: one row per tenant, feature and period, kept as billing history; the current period is one primary-key probe. Half of each page is kept free (fillfactor 50) for the next versions of its rows';
 COMMENT ON COLUMN flux.usage.period_start IS 'metered: the start of the period (UTC calendar, or the billing period); limit: -infinity (never resets)';
 COMMENT ON COLUMN flux.usage.used IS 'Units consumed in the period (limit features: held now, after releases)';
 
@@ -273,7 +273,7 @@ CREATE TABLE flux.caller_usage (
     caller       text NOT NULL CONSTRAINT caller_usage_caller_check
                  CHECK (caller LIKE 'key:%' OR caller LIKE 'subject:%'),
     PRIMARY KEY (tenant, feature, period_start, caller)
-);
+) WITH (fillfactor = 50);
 CREATE INDEX caller_usage_feature ON flux.caller_usage (feature);
 COMMENT ON TABLE flux.caller_usage IS 'Recorded usage of an API key or a subject inside its tenant: one row per tenant, feature, period and caller, written with the tenant''s in one step';
 COMMENT ON COLUMN flux.caller_usage.period_start IS 'As in flux.usage: the period of the key''s or the grant''s allowance; -infinity for limit features';

@@ -82,7 +82,11 @@ pub fn add_span(ts: i64, span: Span) -> i64 {
         let total = y * 12 + (m as i64 - 1) + span.months as i64;
         let (ny, nm) = (total.div_euclid(12), (total.rem_euclid(12) + 1) as u32);
         let nd = d.min(days_in_month(ny, nm));
-        t = from_civil(ny, nm, nd, rem);
+        // In i128: a month past the last timestamp (infinity is i64::MAX)
+        // saturates instead of wrapping.
+        let days = (days_from_civil(ny, nm, nd) - PG_EPOCH_DAYS) as i128;
+        let v = days * USECS_PER_DAY as i128 + rem as i128;
+        t = v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
     }
     t.saturating_add((span.days as i64).saturating_mul(USECS_PER_DAY))
         .saturating_add(span.micros)
@@ -104,6 +108,19 @@ pub fn format_minute(ts: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn months_past_the_last_timestamp_saturate() {
+        let month = |months| Span {
+            months,
+            days: 0,
+            micros: 0,
+        };
+        assert_eq!(add_span(i64::MAX, month(1)), i64::MAX);
+        assert_eq!(add_span(i64::MIN, month(-1)), i64::MIN);
+        assert_eq!(add_span(0, month(i32::MAX)), i64::MAX);
+        assert_eq!(add_span(0, month(i32::MIN)), i64::MIN);
+    }
 
     #[test]
     fn epoch_round_trip() {

@@ -529,11 +529,14 @@ fn remember_place(key: u64, file: pg_sys::Oid, root: pg_sys::ItemPointerData) {
 enum Prune {
     /// As an index fetch does: when less than a tenth of the page is free.
     Opportunistic,
-    /// Before an update: only when the new version might not fit. A page of
-    /// counter rows holds about a hundred; pruned at a tenth free, it was
-    /// pruned every third update, each pass walking every item (a fifth of
-    /// flux_consume). Pruning when under PRUNE_BELOW bytes are free keeps
-    /// the updates HOT and prunes such a page about a fifth as often.
+    /// Before an update: only when the new version might not fit. A full
+    /// page of counter rows holds about a hundred; pruned at a tenth free,
+    /// it was pruned every third update, each pass walking every item (a
+    /// fifth of flux_consume). Pruning when under PRUNE_BELOW bytes are free
+    /// keeps the updates HOT and prunes such a page about a fifth as often;
+    /// the counter tables' fillfactor of 50 leaves room for a few dozen
+    /// versions per page between prunes (pruning a full page on every other
+    /// update was a quarter of a consume charging two counters).
     WhenNeeded,
 }
 
