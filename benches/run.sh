@@ -83,6 +83,26 @@ printf '%-92s %10s %10s %8.3f %3s%s\n' "warm flux_check latency, $SCALE tenants 
     "$l_us" "$s_us" "$(echo "$l_us / $s_us" | bc -l)" "<=" "1.30"
 fi
 
+# flux_limit_report over 1M tenants and 200k counter rows / the same numbers
+# by a hand-written join of plan grants only (benches/report_setup.sql).
+if [ "${REPORT:-1}" != 0 ] && [ "$TRAFFIC" != only ]; then
+"${PSQL[@]}" -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS flux_report" -c "CREATE DATABASE flux_report"
+"${PSQL[@]}" -d flux_report -f benches/report_setup.sql >/dev/null
+ms() { # script -> latency of one run, ms
+    "$BIN/pgbench" -n -t 1 -h "$DIR" -p "$PORT" -U postgres -f "benches/$1" flux_report 2>/dev/null |
+        awk '/^latency average/ {print $4; exit}'
+}
+fl=(); bl=(); ratios=()
+for _ in $(seq "$ROUNDS"); do
+    a=$(ms report.sql); b=$(ms report_baseline.sql)
+    fl+=("$a"); bl+=("$b"); ratios+=("$(echo "$a / $b" | bc -l)")
+done
+f=$(printf '%s\n' "${fl[@]}" | median); b=$(printf '%s\n' "${bl[@]}" | median)
+r=$(printf '%s\n' "${ratios[@]}" | median)
+printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "flux_limit_report(0.8), 1M tenants, 200k counters / hand-written join, plan grants only (ms)" \
+    "$f" "$b" "$r" "<=" "3.00"
+fi
+
 # Traffic (issue 16), in a database of its own (benches/traffic_setup.sql):
 # 200 features x 10 plans (2,000 grants), TRAFFIC_TENANTS tenants, then
 # TRAFFIC_BIG_TENANTS for the last row; checks of a random feature of a random

@@ -30,3 +30,13 @@ SELECT flux_value('acme', 'reports') AS acme_report_formats,
        flux_check('acme', 'sso') AS acme_sso,
        flux_check('nobody', 'export') AS unknown_tenant,
        (flux_decide('acme', 'exprot')).message AS typo;
+
+\echo '== Callers: a CI key for globex that may only export, twice a day (flux_authenticate in the transaction)'
+SELECT flux_create_api_key('globex', 'ci pipeline', scopes => ARRAY['export']) AS ci_key \gset
+SELECT flux_key_limit(id, 'export', 2, 'day') FROM flux.api_keys WHERE tenant = 'globex' AND name = 'ci pipeline' \g /dev/null
+BEGIN;
+SELECT flux_authenticate(:'ci_key') AS authenticated_tenant;
+SELECT n AS call, d.allowed, d.reason, d.used, d."limit", d.message
+  FROM generate_series(1, 3) n, LATERAL flux_consume('globex', 'export') d;
+SELECT reason, message FROM flux_decide('globex', 'sso');
+COMMIT;

@@ -541,6 +541,26 @@ COMMENT ON FUNCTION flux_key_limit(text, text, bigint, text) IS 'Admin: an API k
 COMMENT ON FUNCTION flux_key_usage(text, text) IS 'Units an API key used of a feature in the current period (of its own allowance''s period, else its tenant''s grant''s)';
 COMMENT ON FUNCTION flux_decide(text, text, text) IS 'The decision with its reason (unknown_feature, unknown_tenant, not_permitted, feature_disabled, not_in_rollout, subscription_inactive, not_in_plan, limit_reached, rate_limited, ok), a message to show, the plan, limit and upgrade_plans';
 
+-- Who is pushing their limit (CONTRACT.md, "Decision statistics and limit
+-- reports").
+CREATE FUNCTION "flux_limit_report"(
+	"threshold" NUMERIC DEFAULT 0.8
+) RETURNS TABLE (
+	"tenant" TEXT,
+	"feature" TEXT,
+	"plan" TEXT,
+	"limit" bigint,
+	"used" bigint,
+	"ratio" NUMERIC,
+	"resets_at" timestamp with time zone
+)
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_limit_report_wrapper';
+REVOKE EXECUTE ON FUNCTION flux_limit_report(numeric) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_limit_report(numeric) TO flux_admin;
+COMMENT ON FUNCTION flux_limit_report(numeric) IS 'Admin: every tenant and limit or metered feature whose use this period is at least threshold (default 0.8) of the limit it has now, most pressed first; one pass over the counters, each judged by the decision''s rules';
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';

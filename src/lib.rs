@@ -28,6 +28,7 @@
 //! - `rollout`: the flag bucketing formula;
 //! - `audit`: the audit log and NOTIFY flux_changes;
 //! - `billing`: Stripe events and signatures;
+//! - `reports`: flux_limit_report (who is pushing their limit);
 //! - `gucs`: the flux.* settings and the clock;
 //! - `error`: the error type and its SQLSTATEs;
 //! - `timeutil`: calendar arithmetic in UTC;
@@ -42,7 +43,8 @@
 //! 3. the cache: `cache`
 //! 4. the entitle step: `entitle`
 //! 5. usage: `usage`
-//! 6. SQL functions: `reads`, `admin`, `rls`, `row_limits`, `billing`, `removed`
+//! 6. SQL functions: `reads`, `admin`, `rls`, `row_limits`, `billing`, `reports`,
+//!    `removed`
 
 use pgrx::prelude::*;
 
@@ -63,6 +65,7 @@ pub mod prepared;
 pub mod privilege;
 pub mod reads;
 pub mod removed;
+pub mod reports;
 pub mod rls;
 pub mod rollout;
 pub mod row_limits;

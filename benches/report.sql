@@ -1,0 +1,1 @@
+SELECT count(*) FROM flux_limit_report(0.8);
