@@ -37,6 +37,6 @@ SELECT flux_key_limit(id, 'export', 2, 'day') FROM flux.api_keys WHERE tenant = 
 BEGIN;
 SELECT flux_authenticate(:'ci_key') AS authenticated_tenant;
 SELECT n AS call, d.allowed, d.reason, d.used, d."limit", d.message
-  FROM generate_series(1, 3) n, LATERAL flux_consume('globex', 'export') d;
+  FROM generate_series(1, 3) n, LATERAL flux_consume('globex', 'export', 1, 'build-' || n) d;
 SELECT reason, message FROM flux_decide('globex', 'sso');
 COMMIT;
