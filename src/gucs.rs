@@ -7,6 +7,9 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 use std::str::FromStr;
 
+/// A string setting of ours.
+pub type StringSetting = GucSetting<Option<CString>>;
+
 pub static NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DEFAULT_GRACE_PERIOD: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"7 days"));

@@ -20,11 +20,11 @@ fn setting(name: &str) -> Option<String> {
     }
 }
 
-/// The tenant named by a claim in a JWT claims JSON object. Malformed JSON,
+/// The id (a tenant, a subject) named by a claim in a JWT claims JSON object. Malformed JSON,
 /// a missing claim, or a claim that is not a non-empty string or number
 /// gives None: an unreadable identity is no identity. So does a claim with
 /// a NUL in it (`\u0000`), which no tenant id can hold.
-pub fn tenant_from_claims(claims: &str, claim: &str) -> Option<String> {
+pub fn id_from_claims(claims: &str, claim: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(claims).ok()?;
     match v.get(claim)? {
         serde_json::Value::String(s) if !s.is_empty() && !s.contains('\0') => Some(s.clone()),
@@ -38,12 +38,22 @@ pub fn tenant_from_claims(claims: &str, claim: &str) -> Option<String> {
 /// `flux.tenant` when set and not empty; else the claim named by
 /// `flux.jwt_tenant_claim` in `request.jwt.claims`; else None.
 pub fn current_tenant() -> Option<String> {
-    if let Some(t) = gucs::string_setting(&gucs::TENANT) {
-        return Some(t);
+    from_setting_or_claim(&gucs::TENANT, &gucs::JWT_TENANT_CLAIM, "tenant_id")
+}
+
+/// The setting when set and not empty; else the claim the claim setting
+/// names (default `default_claim`) in `request.jwt.claims`; else None.
+fn from_setting_or_claim(
+    setting_of: &gucs::StringSetting,
+    claim_setting: &gucs::StringSetting,
+    default_claim: &str,
+) -> Option<String> {
+    if let Some(v) = gucs::string_setting(setting_of) {
+        return Some(v);
     }
     let claims = setting("request.jwt.claims").filter(|s| !s.trim().is_empty())?;
-    let claim = gucs::string_setting(&gucs::JWT_TENANT_CLAIM).unwrap_or_else(|| "tenant_id".into());
-    tenant_from_claims(&claims, &claim)
+    let claim = gucs::string_setting(claim_setting).unwrap_or_else(|| default_claim.into());
+    id_from_claims(&claims, &claim)
 }
 
 /// The current tenant: flux.tenant, else the PostgREST JWT claim, else NULL.
@@ -56,12 +66,7 @@ fn flux_current_tenant() -> Option<String> {
 /// `flux.jwt_subject_claim` (default `sub`) in `request.jwt.claims`; else
 /// None. The same reading rules as the tenant's claim.
 pub fn current_subject() -> Option<String> {
-    if let Some(s) = gucs::string_setting(&gucs::SUBJECT) {
-        return Some(s);
-    }
-    let claims = setting("request.jwt.claims").filter(|s| !s.trim().is_empty())?;
-    let claim = gucs::string_setting(&gucs::JWT_SUBJECT_CLAIM).unwrap_or_else(|| "sub".into());
-    tenant_from_claims(&claims, &claim)
+    from_setting_or_claim(&gucs::SUBJECT, &gucs::JWT_SUBJECT_CLAIM, "sub")
 }
 
 /// The current subject: flux.subject, else the JWT claim, else NULL.
@@ -72,32 +77,32 @@ fn flux_current_subject() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::tenant_from_claims;
+    use super::id_from_claims;
 
     #[test]
     fn claims() {
         assert_eq!(
-            tenant_from_claims(r#"{"tenant_id":"acme"}"#, "tenant_id").as_deref(),
+            id_from_claims(r#"{"tenant_id":"acme"}"#, "tenant_id").as_deref(),
             Some("acme")
         );
         assert_eq!(
-            tenant_from_claims(r#"{"org":42}"#, "org").as_deref(),
+            id_from_claims(r#"{"org":42}"#, "org").as_deref(),
             Some("42")
         );
-        assert_eq!(tenant_from_claims(r#"{"tenant_id":""}"#, "tenant_id"), None);
+        assert_eq!(id_from_claims(r#"{"tenant_id":""}"#, "tenant_id"), None);
         assert_eq!(
-            tenant_from_claims(r#"{"tenant_id":{"a":1}}"#, "tenant_id"),
+            id_from_claims(r#"{"tenant_id":{"a":1}}"#, "tenant_id"),
             None
         );
-        assert_eq!(tenant_from_claims("not json", "tenant_id"), None);
-        assert_eq!(tenant_from_claims("[1,2]", "tenant_id"), None);
+        assert_eq!(id_from_claims("not json", "tenant_id"), None);
+        assert_eq!(id_from_claims("[1,2]", "tenant_id"), None);
         assert_eq!(
-            tenant_from_claims(r#"{"tenant_id":"acme\u0000x"}"#, "tenant_id"),
+            id_from_claims(r#"{"tenant_id":"acme\u0000x"}"#, "tenant_id"),
             None
         );
-        assert_eq!(tenant_from_claims(r#"{"org":1.0}"#, "org"), None);
+        assert_eq!(id_from_claims(r#"{"org":1.0}"#, "org"), None);
         assert_eq!(
-            tenant_from_claims(r#"{"org":18446744073709551616}"#, "org"),
+            id_from_claims(r#"{"org":18446744073709551616}"#, "org"),
             None
         );
     }

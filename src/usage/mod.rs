@@ -475,33 +475,12 @@ fn flux_release_v2(
     .into()
 }
 
-/// 0.1.0's flux_release (no subject), for its install script: the tenant's
-/// counter only, as then.
+/// 0.1.0's flux_release (no subject), for its install script. Under a
+/// 0.1.0 schema no key is ever current (identity.rs), so this touches the
+/// tenant's counter only, as 0.1.0 did.
 #[pg_extern(sql = false, volatile, parallel_unsafe)]
 fn flux_release(tenant: Option<&str>, feature: Option<&str>, amount: Option<i64>) -> Option<i64> {
-    let (tenant, feature) = (tenant?, feature?);
-    let amount = amount.unwrap_or(1);
-    (|| -> FluxResult<i64> {
-        store::ensure_writable("flux_release")?;
-        crate::access::require_act_for("flux_release", tenant)?;
-        let _owner = crate::privilege::AsOwner::enter()?;
-        if amount <= 0 {
-            return Err(FluxError::InvalidValue(format!(
-                "amount {amount} must be > 0"
-            )));
-        }
-        Ok(store::one_mut::<i64>(
-            "UPDATE flux.usage \
-                SET used = GREATEST(used OPERATOR(pg_catalog.-) $3, 0), updated_at = pg_catalog.now() \
-              WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
-                AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
-             RETURNING used",
-            &[tenant.into(), feature.into(), amount.into()],
-        )?
-        .unwrap_or(0))
-    })()
-    .or_raise()
-    .into()
+    flux_release_v2(tenant, feature, amount, None)
 }
 
 /// Units used in the current period (limit: held now; rate: calls in the

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import BIN, HOST, PORT, connect
+from conftest import BIN, HOST, PORT, Roles, connect, login, role_dsn
 
 NOW_OPT = "-c flux.now=2026-11-22T12:00:00Z"  # superusers only: a fixed clock
 
@@ -29,46 +29,9 @@ NOW_OPT = "-c flux.now=2026-11-22T12:00:00Z"  # superusers only: a fixed clock
 # Helpers
 
 
-def role_dsn(db, role):
-    return f"host={HOST} port={PORT} user={role} dbname={db}"
-
-
-def login(db, role, *, autocommit=True, options=None):
-    """A real login as `role` (local connections are trust in the test cluster)."""
-    kw = {"options": options} if options else {}
-    c = psycopg.connect(role_dsn(db, role), autocommit=autocommit, **kw)
-    c.notices = []
-    c.add_notice_handler(lambda d: c.notices.append(f"{d.severity}: {d.message_primary}"))
-    return c
-
-
-class Roles:
-    def __init__(self, db):
-        self.db = db
-        self.names = []
-
-    def make(self, what, *, member_of=()):
-        name = f"cal_{what}_{uuid.uuid4().hex[:8]}"
-        with connect(self.db) as c:
-            c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-            for r in member_of:
-                c.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(r), sql.Identifier(name)))
-        self.names.append(name)
-        return name
-
-    def cleanup(self):
-        with connect(self.db) as c:
-            for n in self.names:
-                c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (n,))
-            for n in reversed(self.names):
-                if c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (n,)).fetchone():
-                    c.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(n)))
-                    c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(n)))
-
-
 @pytest.fixture
 def roles(fresh_db):
-    r = Roles(fresh_db)
+    r = Roles(fresh_db, "cal")
     yield r
     wait_until_up(fresh_db)
     r.cleanup()
