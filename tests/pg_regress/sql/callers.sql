@@ -325,6 +325,8 @@ SELECT flux_key_usage(:'ci_id', 'export') AS own_key_used;
 SELECT count(*) AS docs_seen FROM callers_docs;
 -- Admin and other tenants' keys stay out of reach.
 SELECT try(format('SELECT flux_key_limit(%L, %L, 100, %L)', :'ci_id', 'export', 'day'));
+-- Nor read every tenant's pressure on its limits (flux_limit_report is admin only).
+SELECT try('SELECT count(*) FROM flux_limit_report()');
 SELECT try('SELECT count(*) FROM flux.caller_usage');
 SELECT try('SELECT count(*) FROM flux.key_limits');
 SELECT try(format('SELECT flux_key_usage(%L, %L)', :'billing_id', 'export'));
