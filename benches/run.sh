@@ -87,7 +87,7 @@ fi
 # by a hand-written join of plan grants only (benches/report_setup.sql).
 if [ "${REPORT:-1}" != 0 ] && [ "$TRAFFIC" != only ]; then
 "${PSQL[@]}" -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS flux_report" -c "CREATE DATABASE flux_report"
-"${PSQL[@]}" -d flux_report -f benches/report_setup.sql >/dev/null
+"${PSQL[@]}" -d flux_report -f benches/report_setup.sql >/dev/null 2>&1
 ms() { # script -> latency of one run, ms
     "$BIN/pgbench" -n -t 1 -h "$DIR" -p "$PORT" -U postgres -f "benches/$1" flux_report 2>/dev/null |
         awk '/^latency average/ {print $4; exit}'
