@@ -165,51 +165,53 @@ fn flux_create_api_key_v2(
     expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
     scopes: default!(Option<Vec<Option<String>>>, "NULL"),
 ) -> String {
-    (|| -> FluxResult<String> {
-        let tenant = need(tenant, "tenant")?;
-        let name = need(name, "name")?;
-        crate::validate::check_key("API key name", name)?;
-        require_tenant(tenant)?;
-        let id = random_hex(6)?;
-        let secret = random_hex(32)?;
-        crate::store::exec(
-            "INSERT INTO flux.api_keys (id, tenant, name, secret_hash, expires_at, scopes) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                id.as_str().into(),
-                tenant.into(),
-                name.into(),
-                hash(&secret).into(),
-                expires_at.into(),
-                scopes.into(),
-            ],
-        )?;
-        Ok(format!("flux_{id}_{secret}"))
-    })()
-    .or_raise()
+    create_key(tenant, name, expires_at, Some(scopes)).or_raise()
 }
 
-/// 0.1.0's flux_create_api_key (no scopes), for its install script.
+/// 0.1.0's flux_create_api_key (no scopes), for its install script: its
+/// schema has no scopes column to write.
 #[pg_extern(sql = false, volatile, parallel_unsafe)]
 fn flux_create_api_key(
     tenant: Option<&str>,
     name: Option<&str>,
     expires_at: Option<TimestampWithTimeZone>,
 ) -> String {
-    (|| -> FluxResult<String> {
-        let tenant = need(tenant, "tenant")?;
-        let name = need(name, "name")?;
-        crate::validate::check_key("API key name", name)?;
-        require_tenant(tenant)?;
-        let id = random_hex(6)?;
-        let secret = random_hex(32)?;
-        crate::store::exec(
-            "INSERT INTO flux.api_keys (id, tenant, name, secret_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
-            &[id.as_str().into(), tenant.into(), name.into(), hash(&secret).into(), expires_at.into()],
-        )?;
-        Ok(format!("flux_{id}_{secret}"))
-    })()
-    .or_raise()
+    create_key(tenant, name, expires_at, None).or_raise()
+}
+
+/// A new key's row; `scopes` None: a 0.1.0 schema (no scopes column).
+fn create_key(
+    tenant: Option<&str>,
+    name: Option<&str>,
+    expires_at: Option<TimestampWithTimeZone>,
+    scopes: Option<Option<Vec<Option<String>>>>,
+) -> FluxResult<String> {
+    let tenant = need(tenant, "tenant")?;
+    let name = need(name, "name")?;
+    crate::validate::check_key("API key name", name)?;
+    require_tenant(tenant)?;
+    let id = random_hex(6)?;
+    let secret = random_hex(32)?;
+    let mut args = vec![
+        id.as_str().into(),
+        tenant.into(),
+        name.into(),
+        hash(&secret).into(),
+        expires_at.into(),
+    ];
+    let sql = match scopes {
+        Some(scopes) => {
+            args.push(scopes.into());
+            "INSERT INTO flux.api_keys (id, tenant, name, secret_hash, expires_at, scopes) \
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        }
+        None => {
+            "INSERT INTO flux.api_keys (id, tenant, name, secret_hash, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)"
+        }
+    };
+    crate::store::exec(sql, &args)?;
+    Ok(format!("flux_{id}_{secret}"))
 }
 
 /// Check an API key; on success set flux.tenant for the current transaction

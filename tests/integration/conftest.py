@@ -1,6 +1,7 @@
 """Integration tests: real connections to a throwaway cluster started by
 `make integration` (FLUX_PGHOST / FLUX_PGPORT point at it)."""
 import os
+import time
 import uuid
 
 import psycopg
@@ -75,3 +76,29 @@ class Roles:
                 if c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (n,)).fetchone():
                     c.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(n)))
                     c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(n)))
+
+
+def sqlstate_of(c, query, params=None):
+    """'ok' or the SQLSTATE, in a savepoint when a transaction is open."""
+    try:
+        if c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+            with c.transaction():
+                c.execute(query, params)
+        else:
+            c.execute(query, params)
+        return "ok"
+    except psycopg.Error as e:
+        return e.sqlstate
+
+
+def wait_until_up(db, timeout=60):
+    """Until the server accepts connections again (after a crash)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with connect(db) as c:
+                c.execute("SELECT 1")
+                return
+        except psycopg.Error:
+            time.sleep(0.2)
+    raise AssertionError("the server did not come back")

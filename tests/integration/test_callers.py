@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import BIN, HOST, PORT, Roles, connect, login, role_dsn
+from conftest import BIN, HOST, PORT, Roles, connect, login, role_dsn, sqlstate_of, wait_until_up
 
 NOW_OPT = "-c flux.now=2026-11-22T12:00:00Z"  # superusers only: a fixed clock
 
@@ -37,29 +37,8 @@ def roles(fresh_db):
     r.cleanup()
 
 
-def sqlstate_of(c, query, params=None):
-    """'ok' or the SQLSTATE, in a savepoint when a transaction is open."""
-    try:
-        if c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-            with c.transaction():
-                c.execute(query, params)
-        else:
-            c.execute(query, params)
-        return "ok"
-    except psycopg.Error as e:
-        return e.sqlstate
 
 
-def wait_until_up(db, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with connect(db) as c:
-                c.execute("SELECT 1")
-                return
-        except psycopg.Error:
-            time.sleep(0.2)
-    raise AssertionError("the server did not come back")
 
 
 def make_key(c, tenant, name, scopes=None):

@@ -9,19 +9,9 @@ import time
 
 import psycopg
 
-from conftest import connect, dsn
+from conftest import connect, dsn, wait_until_up
 
 
-def wait_until_up(db, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with connect(db) as c:
-                c.execute("SELECT 1")
-                return
-        except psycopg.Error:
-            time.sleep(0.2)
-    raise AssertionError("the server did not come back")
 
 
 def test_sigkill_during_consumes_loses_nothing_committed(fresh_db):

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import BIN, HOST, PORT, Roles, connect, login, role_dsn
+from conftest import BIN, HOST, PORT, Roles, connect, login, role_dsn, sqlstate_of
 
 # ---------------------------------------------------------------------------
 # Roles, connections, the catalogue
@@ -80,17 +80,6 @@ def rolsuper(db, role):
         return c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]
 
 
-def sqlstate_of(c, query, params=None):
-    """'ok' or the SQLSTATE, in a savepoint when a transaction is open."""
-    try:
-        if c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-            with c.transaction():
-                c.execute(query, params)
-        else:
-            c.execute(query, params)
-        return "ok"
-    except psycopg.Error as e:
-        return e.sqlstate
 
 
 def error_of(c, query, params=None):
