@@ -6,6 +6,8 @@
 #   scripts/pg.sh start DIR PORT   initdb when DIR is new, then start
 #   scripts/pg.sh stop DIR         stop (fast) when running
 #   scripts/pg.sh destroy DIR      stop and remove DIR
+# FLUX_PG_CONF: more postgresql.conf lines for a new cluster (the statistics
+# tests and benches preload the library with it).
 set -euo pipefail
 cmd=${1:?start|stop|destroy}
 dir=${2:?cluster directory}
@@ -48,6 +50,7 @@ fsync = off
 max_connections = 100
 wal_level = replica
 max_wal_senders = 4
+${FLUX_PG_CONF:-}
 CONF
         echo "host replication all 127.0.0.1/32 trust" >>"$dir/pg_hba.conf"
     fi

@@ -167,14 +167,16 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
-    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
+    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
     flux_set_flag, flux_flag_allow, flux_flag_deny, flux_flag_clear, flux_enforce_limit,
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
-    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report
+    flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
+    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -223,6 +225,10 @@ COMMENT ON FUNCTION flux_current_api_key() IS 'The id of the API key flux_authen
 COMMENT ON FUNCTION flux_current_subject() IS 'The session''s subject: setting flux.subject, else the claim flux.jwt_subject_claim (default sub) of request.jwt.claims, else NULL';
 COMMENT ON FUNCTION flux_key_limit(text, text, bigint, text) IS 'Admin: an API key''s own allowance of a limit, metered or rate feature (period as in flux_grant), on top of its tenant''s; limit NULL removes it';
 COMMENT ON FUNCTION flux_limit_report(numeric) IS 'Admin: every tenant and limit or metered feature whose use this period is at least threshold (default 0.8) of the limit it has now, most pressed first; one pass over the counters, each judged by the decision''s rules';
+COMMENT ON FUNCTION flux_decision_stats() IS 'Admin: decisions of flux_check, flux_decide, flux_consume and the flux_protect policies by feature, plan and reason since the last reset, most frequent first (a check counts once per statement for each tenant); needs shared_preload_libraries = ''flux_entitlements''';
+COMMENT ON FUNCTION flux_denials(text) IS 'Admin: denials by tenant, feature and reason, the tenants denied most first; only the given feature''s when not NULL; needs shared_preload_libraries = ''flux_entitlements''';
+COMMENT ON FUNCTION flux_stats_reset() IS 'Admin: forget every decision and denial count';
+COMMENT ON FUNCTION flux_stats_info() IS 'Admin: entries in the statistics table, the most it keeps (flux.stats_max), entries evicted to make room, and the last reset';
 COMMENT ON FUNCTION flux_key_usage(text, text) IS 'Units an API key used of a feature in the current period (of its own allowance''s period, else its tenant''s grant''s)';
 COMMENT ON FUNCTION flux._check_scopes(text[]) IS 'Validator used by the api_keys trigger: scopes name defined features';
 COMMENT ON FUNCTION flux._check_key_limit(text, text, bigint, text) IS 'Validator used by the key_limits trigger; returns the period to store';

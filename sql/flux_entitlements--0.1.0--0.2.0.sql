@@ -561,6 +561,51 @@ REVOKE EXECUTE ON FUNCTION flux_limit_report(numeric) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_limit_report(numeric) TO flux_admin;
 COMMENT ON FUNCTION flux_limit_report(numeric) IS 'Admin: every tenant and limit or metered feature whose use this period is at least threshold (default 0.8) of the limit it has now, most pressed first; one pass over the counters, each judged by the decision''s rules';
 
+-- Decision statistics in shared memory (src/stats/; CONTRACT.md, "Decision
+-- statistics and limit reports").
+CREATE FUNCTION "flux_decision_stats"() RETURNS TABLE (
+	"feature" TEXT,
+	"plan" TEXT,
+	"reason" TEXT,
+	"decisions" bigint,
+	"first_at" timestamp with time zone,
+	"last_at" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_decision_stats_wrapper';
+CREATE FUNCTION "flux_denials"(
+	"feature" TEXT DEFAULT NULL
+) RETURNS TABLE (
+	"tenant" TEXT,
+	"feature" TEXT,
+	"reason" TEXT,
+	"denials" bigint,
+	"last_at" timestamp with time zone
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_denials_wrapper';
+CREATE FUNCTION "flux_stats_info"() RETURNS TABLE (
+	"entries" bigint,
+	"max" INT,
+	"evictions" bigint,
+	"reset_at" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_stats_info_wrapper';
+CREATE FUNCTION "flux_stats_reset"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_stats_reset_wrapper';
+REVOKE EXECUTE ON FUNCTION flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info TO flux_admin;
+COMMENT ON FUNCTION flux_decision_stats() IS 'Admin: decisions of flux_check, flux_decide, flux_consume and the flux_protect policies by feature, plan and reason since the last reset, most frequent first (a check counts once per statement for each tenant); needs shared_preload_libraries = ''flux_entitlements''';
+COMMENT ON FUNCTION flux_denials(text) IS 'Admin: denials by tenant, feature and reason, the tenants denied most first; only the given feature''s when not NULL; needs shared_preload_libraries = ''flux_entitlements''';
+COMMENT ON FUNCTION flux_stats_reset() IS 'Admin: forget every decision and denial count';
+COMMENT ON FUNCTION flux_stats_info() IS 'Admin: entries in the statistics table, the most it keeps (flux.stats_max), entries evicted to make room, and the last reset';
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';

@@ -20,6 +20,7 @@ pub static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>:
 pub static SUBJECT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static JWT_SUBJECT_CLAIM: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"sub"));
+pub static STATS_MAX: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// Bumped by the assign hooks of the settings a decision depends on
 /// (flux.now, flux.default_grace_period): answers remembered under another
@@ -108,6 +109,22 @@ pub fn init() {
         c"Default sub, PostgREST's user id.",
         &JWT_SUBJECT_CLAIM,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+/// flux.stats_max: defined only while shared_preload_libraries loads us
+/// (a server-start setting cannot be defined later; stats/ says why it is
+/// needed).
+pub fn init_stats() {
+    GucRegistry::define_int_guc(
+        c"flux.stats_max",
+        c"How many entries the decision statistics keep (flux_decision_stats, flux_denials).",
+        c"Each entry is one (feature, plan, reason) or one (tenant, feature, reason); when full, the least used 5% are evicted. About 340 bytes of shared memory per entry. Set at server start.",
+        &STATS_MAX,
+        100,
+        1_000_000,
+        GucContext::Postmaster,
         GucFlags::default(),
     );
 }

@@ -29,6 +29,8 @@
 //! - `audit`: the audit log and NOTIFY flux_changes;
 //! - `billing`: Stripe events and signatures;
 //! - `reports`: flux_limit_report (who is pushing their limit);
+//! - `stats/`: decision statistics in shared memory (flux_decision_stats,
+//!   flux_denials), with shared_preload_libraries;
 //! - `gucs`: the flux.* settings and the clock;
 //! - `error`: the error type and its SQLSTATEs;
 //! - `timeutil`: calendar arithmetic in UTC;
@@ -39,7 +41,7 @@
 //! this list and fails otherwise.
 //! 1. pure rules: `error`, `timeutil`, `model`, `rollout`, `decision`
 //! 2. PostgreSQL plumbing: `backend`, `pgver`, `privilege`, `prepared`,
-//!    `gucs`, `store`, `validate`, `identity`, `access`, `audit`
+//!    `gucs`, `store`, `validate`, `identity`, `access`, `audit`, `stats`
 //! 3. the cache: `cache`
 //! 4. the entitle step: `entitle`
 //! 5. usage: `usage`
@@ -69,6 +71,7 @@ pub mod reports;
 pub mod rls;
 pub mod rollout;
 pub mod row_limits;
+pub mod stats;
 pub mod store;
 pub mod timeutil;
 pub mod usage;
@@ -93,6 +96,7 @@ pub extern "C-unwind" fn _PG_init() {
     cache::init();
     privilege::init();
     access::init();
+    stats::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -7,7 +7,7 @@ use crate::decision::steady_window;
 use crate::entitle::{entitle, entitle_with, to_composite};
 use crate::error::{FluxResult, OrRaise};
 use crate::model::Decision;
-use crate::{access, cache, gucs, identity, usage};
+use crate::{access, cache, gucs, identity, stats, usage};
 use pgrx::prelude::*;
 use pgrx::FromDatum;
 
@@ -27,8 +27,12 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
 pub fn allowed(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<bool> {
     let tenant_alone = subject.is_none() && gucs::api_key_bytes().is_none();
     if tenant_alone {
-        if let Some(a) = cache::answer(tenant.as_bytes(), feature.as_bytes())? {
-            return Ok(a);
+        if let Some((a, generation)) = cache::answer(tenant.as_bytes(), feature.as_bytes())? {
+            if !stats::enabled()
+                || stats::rechecked(tenant.as_bytes(), feature.as_bytes(), generation)
+            {
+                return Ok(a);
+            }
         }
     }
     decide_allowed(tenant, feature, subject, tenant_alone)
@@ -55,6 +59,9 @@ fn decide_allowed(
             window,
         );
     }
+    // Counted after remembering: a kept answer is then of the generation
+    // the count records.
+    stats::checked(&x.d, remember.then(cache::answers_generation));
     Ok(x.d.allowed)
 }
 
@@ -107,7 +114,10 @@ pub unsafe extern "C-unwind" fn flux_check_wrapper(
         // full path.
         let kept = std::panic::catch_unwind(|| match access::may_act_for_fast(t.bytes()) {
             Some(true) if gucs::api_key_bytes().is_none() => {
-                cache::answer_ready(t.bytes(), f.bytes())
+                let (allowed, generation) = cache::answer_ready(t.bytes(), f.bytes())?;
+                // Counted as the decision behind it, or decided anew.
+                (!stats::enabled() || stats::rechecked(t.bytes(), f.bytes(), generation))
+                    .then_some(allowed)
             }
             Some(true) => None,
             Some(false) => Some(false),
@@ -165,9 +175,9 @@ fn flux_decide(
 ) -> Option<pgrx::composite_type!('static, "flux.decision")> {
     let (tenant, feature) = (tenant?, feature?);
     access::require_act_for("flux_decide", tenant).or_raise();
-    Some(to_composite(
-        decide_one(tenant, feature, subject).or_raise(),
-    ))
+    let d = decide_one(tenant, feature, subject).or_raise();
+    stats::checked(&d, None);
+    Some(to_composite(d))
 }
 
 /// One decision per feature, ordered by feature key.

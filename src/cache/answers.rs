@@ -28,6 +28,10 @@ pub(super) struct Answers {
     /// is tried first.
     pub(super) by_feature: Vec<(Box<[u8]>, TenantAnswers)>,
     pub(super) last: usize,
+    /// Bumped each time the table starts over: every answer kept is of the
+    /// current generation (the decision statistics count a kept answer as
+    /// the decision of its generation, stats/local.rs).
+    pub(super) generation: u64,
 }
 
 /// One feature's answers: an open-addressing table of 8-byte slots, at most
@@ -302,6 +306,7 @@ impl Answers {
             len: 0,
             by_feature: Vec::new(),
             last: 0,
+            generation: 0,
         }
     }
 

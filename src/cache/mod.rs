@@ -329,10 +329,11 @@ pub fn cached_tenants() -> usize {
     TENANTS.with(|t| t.borrow().len())
 }
 
-/// The remembered answer for (tenant, feature) at this instant, if any.
-/// Reads pending invalidations first, like every lookup. Takes bytes: ids
-/// are compared, not decoded, on this path.
-pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<bool>> {
+/// The remembered answer for (tenant, feature) at this instant, if any,
+/// with the answers' generation (see Answers::generation). Reads pending
+/// invalidations first, like every lookup. Takes bytes: ids are compared,
+/// not decoded, on this path.
+pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<(bool, u64)>> {
     let found = STATE.with(|st| {
         if must_reload(st) {
             return Err(());
@@ -344,7 +345,7 @@ pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<bool>> {
         let Some(i) = a.feature(feature) else {
             return Ok(None);
         };
-        Ok(a.by_feature[i].1.get(tenant))
+        Ok(a.by_feature[i].1.get(tenant).map(|v| (v, a.generation)))
     });
     match found {
         Ok(a) => Ok(a),
@@ -357,7 +358,7 @@ pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<bool>> {
 /// pending. Never raises; None sends the caller to `answer` (flux_check's
 /// entry point, reads.rs).
 #[inline]
-pub fn answer_ready(tenant: &[u8], feature: &[u8]) -> Option<bool> {
+pub fn answer_ready(tenant: &[u8], feature: &[u8]) -> Option<(bool, u64)> {
     STATE
         .try_with(|st| {
             let now = (backend::statement_start(), backend::transaction_start());
@@ -369,7 +370,7 @@ pub fn answer_ready(tenant: &[u8], feature: &[u8]) -> Option<bool> {
                 return None;
             }
             let i = a.feature(feature)?;
-            a.by_feature[i].1.get(tenant)
+            a.by_feature[i].1.get(tenant).map(|v| (v, a.generation))
         })
         .ok()
         .flatten()
@@ -408,6 +409,7 @@ pub fn remember(
                 a.by_feature.iter_mut().for_each(|(_, m)| m.clear());
             }
             a.stamp = stamp;
+            a.generation += 1;
             a.clock = fixed.then_some(now);
             (a.from, a.until) = (i64::MIN, i64::MAX);
             a.len = 0;
@@ -427,6 +429,11 @@ pub fn remember(
             a.len += 1;
         }
     });
+}
+
+/// The generation of the remembered answers (see Answers::generation).
+pub fn answers_generation() -> u64 {
+    STATE.with(|st| st.answers.borrow().generation)
 }
 
 #[pg_schema]

@@ -379,6 +379,8 @@ pub fn consume(
     if let (Some(k), true) = (key, known) {
         keys::store(tenant, feature, k, &x.d, amount)?;
     }
+    // An idempotent repeat (returned above) is not a new decision.
+    crate::stats::consumed(&x.d);
     Ok(x.d)
 }
 
