@@ -6,7 +6,8 @@
 # SCALE_TENANTS for the warm-latency row (default 1000000), TRAFFIC: 1 (the
 # default) runs the traffic rows of issue 16 after the others, 0 skips them,
 # only runs nothing else; TRAFFIC_TENANTS (default 100000) and
-# TRAFFIC_BIG_TENANTS (default 1000000) size their catalogue.
+# TRAFFIC_BIG_TENANTS (default 1000000) size their catalogue; STATS=0 skips
+# the statistics on / off rows (benches/stats.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
@@ -101,6 +102,12 @@ f=$(printf '%s\n' "${fl[@]}" | median); b=$(printf '%s\n' "${bl[@]}" | median)
 r=$(printf '%s\n' "${ratios[@]}" | median)
 printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "flux_limit_report(0.8), 1M tenants, 200k counters / hand-written join, plan grants only (ms)" \
     "$f" "$b" "$r" "<=" "3.00"
+fi
+
+# Statistics on / off (issue 19): a second, preloaded cluster
+# (benches/stats.sh).
+if [ "${STATS:-1}" != 0 ] && [ "$TRAFFIC" != only ]; then
+    BENCH_DIR=$DIR BENCH_PORT=$PORT FLUX_PGBIN=$BIN benches/stats.sh
 fi
 
 # Traffic (issue 16), in a database of its own (benches/traffic_setup.sql):

@@ -27,10 +27,8 @@ pub fn decide_one(tenant: &str, feature: &str, subject: Option<&str>) -> FluxRes
 pub fn allowed(tenant: &str, feature: &str, subject: Option<&str>) -> FluxResult<bool> {
     let tenant_alone = subject.is_none() && gucs::api_key_bytes().is_none();
     if tenant_alone {
-        if let Some((a, generation)) = cache::answer(tenant.as_bytes(), feature.as_bytes())? {
-            if !stats::enabled()
-                || stats::rechecked(tenant.as_bytes(), feature.as_bytes(), generation)
-            {
+        if let Some((a, mark)) = cache::answer(tenant.as_bytes(), feature.as_bytes())? {
+            if !stats::enabled() || stats::rechecked(mark) {
                 return Ok(a);
             }
         }
@@ -47,6 +45,8 @@ fn decide_allowed(
 ) -> FluxResult<bool> {
     let mut x = entitle_with(tenant, feature, subject, false)?;
     let read_usage = usage::observe(&mut x, 1)?;
+    // Counted, and the answer kept with what it counts as (stats/local.rs).
+    let mark = stats::checked(&x.d, remember);
     if !read_usage && remember {
         let window = steady_window(x.tenant(), &x.ctx);
         cache::remember(
@@ -54,14 +54,12 @@ fn decide_allowed(
             tenant,
             feature,
             x.d.allowed,
+            mark,
             x.ctx.now,
             gucs::clock_is_set(),
             window,
         );
     }
-    // Counted after remembering: a kept answer is then of the generation
-    // the count records.
-    stats::checked(&x.d, remember.then(cache::answers_generation));
     Ok(x.d.allowed)
 }
 
@@ -114,10 +112,9 @@ pub unsafe extern "C-unwind" fn flux_check_wrapper(
         // full path.
         let kept = std::panic::catch_unwind(|| match access::may_act_for_fast(t.bytes()) {
             Some(true) if gucs::api_key_bytes().is_none() => {
-                let (allowed, generation) = cache::answer_ready(t.bytes(), f.bytes())?;
+                let (allowed, mark) = cache::answer_ready(t.bytes(), f.bytes())?;
                 // Counted as the decision behind it, or decided anew.
-                (!stats::enabled() || stats::rechecked(t.bytes(), f.bytes(), generation))
-                    .then_some(allowed)
+                (!stats::enabled() || stats::rechecked(mark)).then_some(allowed)
             }
             Some(true) => None,
             Some(false) => Some(false),
@@ -176,7 +173,8 @@ fn flux_decide(
     let (tenant, feature) = (tenant?, feature?);
     access::require_act_for("flux_decide", tenant).or_raise();
     let d = decide_one(tenant, feature, subject).or_raise();
-    stats::checked(&d, None);
+    // The same decision flux_check makes, when it is the tenant's alone.
+    stats::checked(&d, subject.is_none() && gucs::api_key_bytes().is_none());
     Some(to_composite(d))
 }
 

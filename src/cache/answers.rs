@@ -28,10 +28,6 @@ pub(super) struct Answers {
     /// is tried first.
     pub(super) by_feature: Vec<(Box<[u8]>, TenantAnswers)>,
     pub(super) last: usize,
-    /// Bumped each time the table starts over: every answer kept is of the
-    /// current generation (the decision statistics count a kept answer as
-    /// the decision of its generation, stats/local.rs).
-    pub(super) generation: u64,
 }
 
 /// One feature's answers: an open-addressing table of 8-byte slots, at most
@@ -48,6 +44,10 @@ pub(super) struct TenantAnswers {
     slots: SlotArray,
     len: usize,
     ids: Vec<u8>,
+    /// Beside each slot, the decision statistics' mark of its answer
+    /// (stats::Mark: what a kept answer counts as); empty until one is set,
+    /// so without statistics the table is as small as before.
+    marks: Vec<u64>,
 }
 
 /// A slot: 0 when empty. Bits 0-1: 1 denied, 2 allowed. Bit 2 set: the id
@@ -154,17 +154,29 @@ impl TenantAnswers {
         }
     }
 
+    /// The answer kept for `id`, and its mark (0: none).
     #[inline]
-    pub(super) fn get(&self, id: &[u8]) -> Option<bool> {
+    pub(super) fn get(&self, id: &[u8]) -> Option<(bool, u64)> {
         if self.slots.is_empty() {
             return None;
         }
-        let s = self.slots[self.probe(id, xxhash_rust::xxh3::xxh3_64(id))];
-        (s != 0).then_some(s & ANSWER == 2)
+        let i = self.probe(id, xxhash_rust::xxh3::xxh3_64(id));
+        let s = self.slots[i];
+        (s != 0).then(|| (s & ANSWER == 2, self.marks.get(i).copied().unwrap_or(0)))
     }
 
-    /// Insert; false when it was there (or the id is too long to keep).
-    pub(super) fn insert(&mut self, id: &[u8], allowed: bool) -> bool {
+    fn set_mark(&mut self, i: usize, mark: u64) {
+        if mark != 0 && self.marks.is_empty() {
+            self.marks = vec![0; self.slots.len()];
+        }
+        if let Some(m) = self.marks.get_mut(i) {
+            *m = mark;
+        }
+    }
+
+    /// Insert; false when it was there (its mark is then replaced) or the
+    /// id is too long to keep.
+    pub(super) fn insert(&mut self, id: &[u8], allowed: bool, mark: u64) -> bool {
         let (Ok(at), Ok(_)) = (u32::try_from(self.ids.len()), u8::try_from(id.len())) else {
             return false;
         };
@@ -174,6 +186,7 @@ impl TenantAnswers {
         let hash = xxhash_rust::xxh3::xxh3_64(id);
         let i = self.probe(id, hash);
         if self.slots[i] != 0 {
+            self.set_mark(i, mark);
             return false;
         }
         let mut s = key_bits(id, hash) | if allowed { 2 } else { 1 };
@@ -182,6 +195,7 @@ impl TenantAnswers {
             self.ids.extend_from_slice(id);
         }
         self.slots[i] = s;
+        self.set_mark(i, mark);
         self.len += 1;
         true
     }
@@ -189,15 +203,22 @@ impl TenantAnswers {
     fn grow(&mut self) {
         let n = (self.slots.len() * 2).max(64);
         let old = std::mem::replace(&mut self.slots, SlotArray::new(n));
+        let old_marks = std::mem::take(&mut self.marks);
+        if !old_marks.is_empty() {
+            self.marks = vec![0; n];
+        }
         // The ids are distinct: each goes to the first empty slot from its
         // hash, without comparing ids.
         let mask = n - 1;
-        for &s in old.iter().filter(|&&s| s != 0) {
+        for (j, &s) in old.iter().enumerate().filter(|&(_, &s)| s != 0) {
             let mut i = self.hash_of(s) as usize & mask;
             while self.slots[i] != 0 {
                 i = (i + 1) & mask;
             }
             self.slots[i] = s;
+            if let Some(&m) = old_marks.get(j) {
+                self.marks[i] = m;
+            }
         }
     }
 
@@ -205,6 +226,7 @@ impl TenantAnswers {
         self.slots = SlotArray::empty();
         self.len = 0;
         self.ids.clear();
+        self.marks = Vec::new();
     }
 }
 
@@ -306,7 +328,6 @@ impl Answers {
             len: 0,
             by_feature: Vec::new(),
             last: 0,
-            generation: 0,
         }
     }
 
@@ -390,6 +411,12 @@ mod tests {
         }
     }
 
+    impl TenantAnswers {
+        fn get0(&self, id: &[u8]) -> Option<bool> {
+            self.get(id).map(|a| a.0)
+        }
+    }
+
     #[test]
     fn answers_table_keeps_every_id_apart_through_growth() {
         let mut t = TenantAnswers::default();
@@ -404,26 +431,34 @@ mod tests {
             })
             .collect();
         for (i, id) in ids.iter().enumerate() {
-            assert_eq!(t.get(id.as_bytes()), None);
-            assert!(t.insert(id.as_bytes(), i % 3 == 0));
-            assert!(!t.insert(id.as_bytes(), i % 3 != 0), "kept twice: {id}");
+            assert_eq!(t.get(id.as_bytes()).map(|a| a.0), None);
+            assert!(t.insert(id.as_bytes(), i % 3 == 0, i as u64 + 1));
+            assert!(
+                !t.insert(id.as_bytes(), i % 3 != 0, i as u64 + 1),
+                "kept twice: {id}"
+            );
         }
+        // Every answer kept its mark through the table's growth.
         for (i, id) in ids.iter().enumerate() {
-            assert_eq!(t.get(id.as_bytes()), Some(i % 3 == 0), "{id}");
+            assert_eq!(
+                t.get(id.as_bytes()),
+                Some((i % 3 == 0, i as u64 + 1)),
+                "{id}"
+            );
         }
-        assert_eq!(t.get(b"tenant-20000"), None);
-        assert_eq!(t.get(b"20000"), None);
-        assert_eq!(t.get(b"tenant-1"), None);
-        assert_eq!(t.get(b""), None);
-        assert!(t.insert(b"", true));
-        assert_eq!(t.get(b""), Some(true));
+        assert_eq!(t.get0(b"tenant-20000"), None);
+        assert_eq!(t.get0(b"20000"), None);
+        assert_eq!(t.get0(b"tenant-1"), None);
+        assert_eq!(t.get0(b""), None);
+        assert!(t.insert(b"", true, 0));
+        assert_eq!(t.get0(b""), Some(true));
         // Ids too long to keep are refused, not truncated.
         let long = vec![b'x'; 300];
-        assert!(!t.insert(&long, true));
-        assert_eq!(t.get(&long), None);
+        assert!(!t.insert(&long, true, 0));
+        assert_eq!(t.get0(&long), None);
         t.clear();
-        assert_eq!(t.get(b"tenant-1"), None);
-        assert!(t.insert(b"tenant-1", false));
-        assert_eq!(t.get(b"tenant-1"), Some(false));
+        assert_eq!(t.get0(b"tenant-1"), None);
+        assert!(t.insert(b"tenant-1", false, 0));
+        assert_eq!(t.get0(b"tenant-1"), Some(false));
     }
 }

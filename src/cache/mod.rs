@@ -330,7 +330,7 @@ pub fn cached_tenants() -> usize {
 }
 
 /// The remembered answer for (tenant, feature) at this instant, if any,
-/// with the answers' generation (see Answers::generation). Reads pending
+/// with its statistics mark (stats::Mark; 0: none). Reads pending
 /// invalidations first, like every lookup. Takes bytes: ids are compared,
 /// not decoded, on this path.
 pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<(bool, u64)>> {
@@ -345,7 +345,7 @@ pub fn answer(tenant: &[u8], feature: &[u8]) -> FluxResult<Option<(bool, u64)>> 
         let Some(i) = a.feature(feature) else {
             return Ok(None);
         };
-        Ok(a.by_feature[i].1.get(tenant).map(|v| (v, a.generation)))
+        Ok(a.by_feature[i].1.get(tenant))
     });
     match found {
         Ok(a) => Ok(a),
@@ -370,19 +370,22 @@ pub fn answer_ready(tenant: &[u8], feature: &[u8]) -> Option<(bool, u64)> {
                 return None;
             }
             let i = a.feature(feature)?;
-            a.by_feature[i].1.get(tenant).map(|v| (v, a.generation))
+            a.by_feature[i].1.get(tenant)
         })
         .ok()
         .flatten()
 }
 
 /// Remember an answer that read no usage (see Answers), decided from
-/// `facts` at clock `now` (`fixed`: from flux.now), steady in `window`.
+/// `facts` at clock `now` (`fixed`: from flux.now), steady in `window`,
+/// with its statistics mark.
+#[allow(clippy::too_many_arguments)]
 pub fn remember(
     facts: &Facts,
     tenant: &str,
     feature: &str,
     allowed: bool,
+    mark: u64,
     now: i64,
     fixed: bool,
     window: (i64, i64),
@@ -409,7 +412,6 @@ pub fn remember(
                 a.by_feature.iter_mut().for_each(|(_, m)| m.clear());
             }
             a.stamp = stamp;
-            a.generation += 1;
             a.clock = fixed.then_some(now);
             (a.from, a.until) = (i64::MIN, i64::MAX);
             a.len = 0;
@@ -425,15 +427,10 @@ pub fn remember(
                 a.by_feature.len() - 1
             }
         };
-        if a.by_feature[i].1.insert(tenant.as_bytes(), allowed) {
+        if a.by_feature[i].1.insert(tenant.as_bytes(), allowed, mark) {
             a.len += 1;
         }
     });
-}
-
-/// The generation of the remembered answers (see Answers::generation).
-pub fn answers_generation() -> u64 {
-    STATE.with(|st| st.answers.borrow().generation)
 }
 
 #[pg_schema]

@@ -89,7 +89,13 @@ mod tests {
         let base = Key::new(5, Kind::Decision, Reason::Ok, b"export", Some(b"pro"));
         for other in [
             Key::new(5, Kind::Denial, Reason::Ok, b"export", Some(b"pro")),
-            Key::new(5, Kind::Decision, Reason::NotInPlan, b"export", Some(b"pro")),
+            Key::new(
+                5,
+                Kind::Decision,
+                Reason::NotInPlan,
+                b"export",
+                Some(b"pro"),
+            ),
             Key::new(5, Kind::Decision, Reason::Ok, b"exporter", Some(b"pro")),
             Key::new(5, Kind::Decision, Reason::Ok, b"export", Some(b"pr")),
             Key::new(5, Kind::Decision, Reason::Ok, b"export", None),

@@ -8,23 +8,26 @@ use super::key::{Key, Kind};
 use crate::model::Reason;
 use std::collections::HashMap;
 
+/// Which statement: (local transaction, client command start, statements
+/// parsed), see stats::statement.
+pub type Statement = (u32, i64, u64);
+
 /// A (tenant, feature) as last decided in this backend.
 struct Seen {
-    /// The cache's answers generation it was decided under (cache.rs), so
-    /// that a kept answer of that generation is this decision; NO_GEN: a
-    /// decision that is not the tenant's alone (a key or subject applied).
-    generation: u64,
     decision: u32,
     denial: Option<u32>,
     /// The statement it was last counted in.
-    counted: (u32, i64),
+    counted: Statement,
 }
-
-pub const NO_GEN: u64 = u64::MAX;
 
 /// Past these, the maps start over after a flush (memory stays bounded).
 const MAX_KEYS: usize = 10_000;
 const MAX_SEEN: usize = 100_000;
+
+/// A kept answer's reference to its Seen record (see `Local::checked`):
+/// the epoch of the records in the high 32 bits, the record + 1 in the low.
+/// 0: none.
+pub type Mark = u64;
 
 #[derive(Default)]
 pub struct Local {
@@ -33,7 +36,10 @@ pub struct Local {
     keys: Vec<(Key, u64)>,
     index: HashMap<Key, u32>,
     dirty: Vec<u32>,
-    seen: HashMap<Box<[u8]>, Seen, xxhash_rust::xxh3::Xxh3Builder>,
+    seen: Vec<Seen>,
+    seen_index: HashMap<Box<[u8]>, u32, xxhash_rust::xxh3::Xxh3Builder>,
+    /// Bumped when `seen` starts over: older marks no longer apply.
+    epoch: u32,
     scratch: Vec<u8>,
 }
 
@@ -56,14 +62,6 @@ impl Local {
         *n += 1;
     }
 
-    fn seen_key(&mut self, tenant: &[u8], feature: &[u8]) {
-        // 0xff never occurs in UTF-8: the boundary is unambiguous.
-        self.scratch.clear();
-        self.scratch.extend_from_slice(feature);
-        self.scratch.push(0xff);
-        self.scratch.extend_from_slice(tenant);
-    }
-
     fn keys_of(
         &mut self,
         tenant: &[u8],
@@ -79,57 +77,16 @@ impl Local {
             feature,
             plan.map(str::as_bytes),
         ));
-        let n =
-            (!allowed).then(|| self.intern(Key::new(self.db, Kind::Denial, reason, feature, Some(tenant))));
+        let n = (!allowed).then(|| {
+            self.intern(Key::new(
+                self.db,
+                Kind::Denial,
+                reason,
+                feature,
+                Some(tenant),
+            ))
+        });
         (d, n)
-    }
-
-    /// A check's decision in statement `stmt`: counted unless this
-    /// (tenant, feature) was already counted in it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn checked(
-        &mut self,
-        tenant: &[u8],
-        feature: &[u8],
-        plan: Option<&str>,
-        reason: Reason,
-        allowed: bool,
-        generation: u64,
-        stmt: (u32, i64),
-    ) {
-        let (decision, denial) = self.keys_of(tenant, feature, plan, reason, allowed);
-        self.seen_key(tenant, feature);
-        let counted = match self.seen.get_mut(&self.scratch[..]) {
-            Some(s) => {
-                let again = s.counted == stmt;
-                *s = Seen {
-                    generation,
-                    decision,
-                    denial,
-                    counted: stmt,
-                };
-                again
-            }
-            None => {
-                if self.seen.len() >= MAX_SEEN {
-                    self.seen.clear();
-                }
-                let k: Box<[u8]> = self.scratch[..].into();
-                self.seen.insert(
-                    k,
-                    Seen {
-                        generation,
-                        decision,
-                        denial,
-                        counted: stmt,
-                    },
-                );
-                false
-            }
-        };
-        if !counted {
-            self.count(decision, denial);
-        }
     }
 
     fn count(&mut self, decision: u32, denial: Option<u32>) {
@@ -139,22 +96,70 @@ impl Local {
         }
     }
 
-    /// A kept answer of `generation`: counted from the decision behind it.
-    /// False when this backend does not have that decision (decide anew).
-    pub fn rechecked(
+    /// A check's decision in statement `stmt`: counted unless this
+    /// (tenant, feature) was already counted in it. `alone`: the tenant's
+    /// decision alone (no key or subject applied; those are recorded
+    /// apart, so a kept answer never counts as one). Returns the mark a
+    /// kept answer of this decision holds, for `rechecked`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn checked(
         &mut self,
         tenant: &[u8],
         feature: &[u8],
-        generation: u64,
-        stmt: (u32, i64),
-    ) -> bool {
-        self.seen_key(tenant, feature);
-        let Some(s) = self.seen.get_mut(&self.scratch[..]) else {
-            return false;
+        plan: Option<&str>,
+        reason: Reason,
+        allowed: bool,
+        alone: bool,
+        stmt: Statement,
+    ) -> Mark {
+        let (decision, denial) = self.keys_of(tenant, feature, plan, reason, allowed);
+        // 0xff never occurs in UTF-8: the boundary is unambiguous.
+        self.scratch.clear();
+        self.scratch.push(u8::from(alone));
+        self.scratch.extend_from_slice(feature);
+        self.scratch.push(0xff);
+        self.scratch.extend_from_slice(tenant);
+        let id = match self.seen_index.get(&self.scratch[..]) {
+            Some(&id) => id,
+            None => {
+                if self.seen.len() >= MAX_SEEN {
+                    self.forget_seen();
+                }
+                let id = self.seen.len() as u32;
+                self.seen.push(Seen {
+                    decision,
+                    denial,
+                    counted: (0, i64::MIN, 0),
+                });
+                self.seen_index.insert(self.scratch[..].into(), id);
+                id
+            }
         };
-        if s.generation != generation || generation == NO_GEN {
+        let s = &mut self.seen[id as usize];
+        let again = s.counted == stmt;
+        (s.decision, s.denial, s.counted) = (decision, denial, stmt);
+        if !again {
+            self.count(decision, denial);
+        }
+        u64::from(self.epoch) << 32 | u64::from(id + 1)
+    }
+
+    fn forget_seen(&mut self) {
+        self.seen.clear();
+        self.seen_index.clear();
+        self.epoch = self.epoch.wrapping_add(1);
+    }
+
+    /// A kept answer, counted as the decision its mark refers to. False
+    /// when the mark is none or out of date (decide anew).
+    #[inline]
+    pub fn rechecked(&mut self, mark: Mark, stmt: Statement) -> bool {
+        if mark == 0 || (mark >> 32) as u32 != self.epoch {
             return false;
         }
+        let Some(s) = self.seen.get_mut((mark as u32 as usize).wrapping_sub(1)) else {
+            return false;
+        };
         if s.counted != stmt {
             s.counted = stmt;
             let (d, n) = (s.decision, s.denial);
@@ -176,35 +181,31 @@ impl Local {
         self.count(d, n);
     }
 
-    /// The counts not yet added, and a reset of them.
-    pub fn drain(&mut self, mut add: impl FnMut(&[(&Key, u64)])) {
+    /// The counts not yet added, passed to `add`, and a reset of them.
+    pub fn drain(&mut self, add: impl FnOnce(&mut dyn Iterator<Item = (&Key, u64)>)) {
         if self.dirty.is_empty() {
             return;
         }
-        let batch: Vec<(&Key, u64)> = self
-            .dirty
-            .iter()
-            .map(|&i| {
-                let (k, n) = &self.keys[i as usize];
-                (k, *n)
-            })
-            .collect();
-        add(&batch);
+        let keys = &self.keys;
+        add(&mut self.dirty.iter().map(|&i| {
+            let (k, n) = &keys[i as usize];
+            (k, *n)
+        }));
         for &i in &self.dirty {
             self.keys[i as usize].1 = 0;
         }
         self.dirty.clear();
         if self.keys.len() > MAX_KEYS {
-            // Seen entries point into keys.
+            // Seen records point into keys.
             self.keys.clear();
             self.index.clear();
-            self.seen.clear();
+            self.forget_seen();
         }
     }
 
     /// Forget the counts not yet added (flux_stats_reset).
     pub fn discard(&mut self) {
-        self.drain(|_| {});
+        self.drain(|_| ());
     }
 }
 
@@ -222,7 +223,7 @@ mod tests {
                     k.other
                         .as_ref()
                         .map(|o| String::from_utf8(o.to_vec()).unwrap()),
-                    *n,
+                    n,
                 ));
             }
         });
@@ -233,24 +234,23 @@ mod tests {
     #[test]
     fn a_check_counts_once_per_statement() {
         let mut l = Local::default();
+        let mut mark = 0;
         for _ in 0..3 {
-            l.checked(
+            mark = l.checked(
                 b"acme",
                 b"export",
                 Some("starter"),
                 Reason::NotInPlan,
                 false,
-                7,
-                (1, 10),
+                true,
+                (1, 10, 0),
             );
         }
-        assert!(l.rechecked(b"acme", b"export", 7, (1, 10)));
+        assert!(l.rechecked(mark, (1, 10, 0)));
         // The next statement counts again, from the kept answer.
-        assert!(l.rechecked(b"acme", b"export", 7, (1, 11)));
-        assert!(l.rechecked(b"acme", b"export", 7, (1, 11)));
-        // Another generation of answers: this decision may be stale.
-        assert!(!l.rechecked(b"acme", b"export", 8, (1, 12)));
-        assert!(!l.rechecked(b"globex", b"export", 7, (1, 12)));
+        assert!(l.rechecked(mark, (1, 11, 0)));
+        assert!(l.rechecked(mark, (1, 11, 0)));
+        assert!(!l.rechecked(0, (1, 12, 0)));
         assert_eq!(
             pending(&mut l),
             vec![
@@ -259,36 +259,82 @@ mod tests {
             ]
         );
         assert!(pending(&mut l).is_empty());
+        // A new decision for the same pair replaces what the mark counts.
+        let again = l.checked(
+            b"acme",
+            b"export",
+            Some("pro"),
+            Reason::Ok,
+            true,
+            true,
+            (1, 13, 0),
+        );
+        assert_eq!(again, mark);
+        assert!(l.rechecked(mark, (1, 14, 0)));
+        assert_eq!(
+            pending(&mut l),
+            vec![(Kind::Decision, "export".into(), Some("pro".into()), 2)]
+        );
+        // Once the records start over, old marks no longer count.
+        l.forget_seen();
+        assert!(!l.rechecked(mark, (1, 15, 0)));
     }
 
     #[test]
-    fn consumes_count_each_and_keyed_checks_are_not_reused() {
+    fn consumes_count_each_and_keyed_checks_are_recorded_apart() {
         let mut l = Local::default();
         for _ in 0..4 {
             l.consumed(b"acme", b"api", Some("pro"), Reason::Ok, true);
         }
         l.consumed(b"acme", b"api", Some("pro"), Reason::LimitReached, false);
-        l.checked(
+        let alone = l.checked(
+            b"acme",
+            b"api",
+            Some("pro"),
+            Reason::Ok,
+            true,
+            true,
+            (2, 1, 0),
+        );
+        let keyed = l.checked(
             b"acme",
             b"api",
             Some("pro"),
             Reason::NotPermitted,
             false,
-            NO_GEN,
-            (2, 1),
+            false,
+            (2, 1, 0),
         );
-        assert!(!l.rechecked(b"acme", b"api", NO_GEN, (2, 2)));
+        assert_ne!(alone, keyed);
+        // The tenant's kept answer still counts as the tenant's decision.
+        assert!(l.rechecked(alone, (2, 2, 0)));
         let p = pending(&mut l);
         assert_eq!(p.len(), 5, "{p:?}");
-        assert!(p.contains(&(Kind::Decision, "api".into(), Some("pro".into()), 4)));
+        assert!(p.contains(&(Kind::Decision, "api".into(), Some("pro".into()), 4 + 2)));
         assert!(p.contains(&(Kind::Denial, "api".into(), Some("acme".into()), 1)));
     }
 
     #[test]
     fn tenant_and_feature_boundary_is_kept() {
         let mut l = Local::default();
-        l.checked(b"ab", b"c", None, Reason::UnknownTenant, false, 1, (1, 1));
-        assert!(!l.rechecked(b"b", b"ca", 1, (1, 2)));
-        assert!(l.rechecked(b"ab", b"c", 1, (1, 2)));
+        let a = l.checked(
+            b"ab",
+            b"c",
+            None,
+            Reason::UnknownTenant,
+            false,
+            true,
+            (1, 1, 0),
+        );
+        let b = l.checked(
+            b"b",
+            b"ca",
+            None,
+            Reason::UnknownTenant,
+            false,
+            true,
+            (1, 1, 0),
+        );
+        assert_ne!(a, b);
     }
 }

@@ -29,13 +29,20 @@ use crate::error::{FluxError, FluxResult, OrRaise};
 use crate::model::Decision;
 use crate::{backend, gucs, pgver};
 use key::{reason_word, Kind};
-use local::{Local, NO_GEN};
+pub use local::Mark;
+use local::{Local, Statement};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
 
 static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
+static mut PREV_ANALYZE: pg_sys::post_parse_analyze_hook_type = None;
+
+/// Statements parsed in this process: with the statement's start time, it
+/// tells apart the statements of one query string (which share the time;
+/// the extended protocol gives each Execute a time of its own).
+static PARSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// From _PG_init: when preloaded, define flux.stats_max and ask for the
 /// shared table.
@@ -51,6 +58,23 @@ pub fn init() {
         pg_sys::shmem_request_hook = Some(on_shmem_request);
         PREV_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(on_shmem_startup);
+        PREV_ANALYZE = pg_sys::post_parse_analyze_hook;
+        pg_sys::post_parse_analyze_hook = Some(on_parsed);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_parsed(
+    pstate: *mut pg_sys::ParseState,
+    query: *mut pg_sys::Query,
+    jstate: *mut pg_sys::JumbleState,
+) {
+    PARSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: the hook chain set up in init(), with its own arguments.
+    unsafe {
+        if let Some(prev) = PREV_ANALYZE {
+            prev(pstate, query, jstate);
+        }
     }
 }
 
@@ -125,10 +149,17 @@ fn database() -> u32 {
     unsafe { pg_sys::MyDatabaseId.to_u32() }
 }
 
-/// The statement a decision is made in.
+/// The statement a decision is made in: the transaction, the client
+/// command's start and the statements parsed so far. (A statement that
+/// parses others as it runs, such as dynamic SQL in a function, counts a
+/// check again after each.)
 #[inline]
-fn statement() -> (u32, i64) {
-    (pgver::local_transaction(), backend::statement_start())
+fn statement() -> Statement {
+    (
+        pgver::local_transaction(),
+        backend::statement_start(),
+        PARSED.load(std::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 /// Flush at every transaction's end (this process's first count registers
@@ -161,23 +192,24 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
 fn flush() {
     let _ = LOCAL.try_with(|l| {
         if let Ok(mut l) = l.try_borrow_mut() {
-            // SAFETY: reads the clock.
-            l.drain(|batch| shared::add(batch, unsafe { pg_sys::GetCurrentTimestamp() }));
+            // At the last statement's start: no clock read per transaction.
+            l.drain(|batch| shared::add(batch, backend::statement_start()));
         }
     });
 }
 
 /// A check's decision (flux_check, flux_decide, policies): counted once per
-/// statement for its tenant and feature. `generation`: the cache answers'
-/// generation it was remembered under when it is the tenant's alone.
-pub fn checked(d: &Decision, generation: Option<u64>) {
+/// statement for its tenant and feature. `alone`: the tenant's decision
+/// alone, which flux_check may keep as an answer; the mark returned goes
+/// with that answer (cache::remember) for `rechecked`.
+pub fn checked(d: &Decision, alone: bool) -> Mark {
     if !enabled() {
-        return;
+        return 0;
     }
     register();
     let stmt = statement();
-    LOCAL.with(|l| {
-        if let Ok(mut l) = l.try_borrow_mut() {
+    LOCAL.with(|l| match l.try_borrow_mut() {
+        Ok(mut l) => {
             l.db = database();
             l.checked(
                 d.tenant.as_bytes(),
@@ -185,22 +217,26 @@ pub fn checked(d: &Decision, generation: Option<u64>) {
                 d.plan.as_deref(),
                 d.reason,
                 d.allowed,
-                generation.unwrap_or(NO_GEN),
+                alone,
                 stmt,
-            );
+            )
         }
-    });
+        Err(_) => 0,
+    })
 }
 
-/// flux_check's kept answer (of `generation`), counted as the decision
-/// behind it. False when this backend does not know that decision: the
-/// caller decides anew (and `checked` counts it). Never raises.
+/// flux_check's kept answer, counted as the decision its mark refers to.
+/// False when there is none (the answer was kept before statistics knew
+/// it): the caller decides anew, and `checked` counts it. Never raises.
 #[inline]
-pub fn rechecked(tenant: &[u8], feature: &[u8], generation: u64) -> bool {
+pub fn rechecked(mark: Mark) -> bool {
+    if mark == 0 {
+        return false;
+    }
     let stmt = statement();
     LOCAL
         .try_with(|l| match l.try_borrow_mut() {
-            Ok(mut l) => l.rechecked(tenant, feature, generation, stmt),
+            Ok(mut l) => l.rechecked(mark, stmt),
             Err(_) => false,
         })
         .unwrap_or(false)
@@ -257,7 +293,7 @@ fn flux_decision_stats() -> TableIterator<
 > {
     require().or_raise();
     flush();
-    let rows = shared::rows(database(), Kind::Decision).unwrap_or_default();
+    let rows = shared::rows(database(), Kind::Decision, None).unwrap_or_default();
     TableIterator::new(rows.into_iter().map(|r| {
         (
             r.feature,
@@ -287,12 +323,8 @@ fn flux_denials(
 > {
     require().or_raise();
     flush();
-    let want = feature.map(str::to_owned);
-    let rows = shared::rows(database(), Kind::Denial).unwrap_or_default();
-    let mut rows: Vec<_> = rows
-        .into_iter()
-        .filter(|r| want.as_deref().is_none_or(|f| r.feature == f))
-        .collect();
+    let mut rows =
+        shared::rows(database(), Kind::Denial, feature.map(str::as_bytes)).unwrap_or_default();
     rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.other.cmp(&b.other)));
     TableIterator::new(rows.into_iter().map(|r| {
         (
