@@ -50,8 +50,11 @@ install: deps
 	cargo pgrx install --release --pg-config $(PG_CONFIG) >/dev/null
 	@echo "== installed flux_entitlements into $$($(PG_CONFIG) --pkglibdir)"
 
+# A new cluster each time: it preloads the library (decision statistics),
+# and a preloaded server keeps the build it started with.
 demo: install
-	@scripts/pg.sh start $(DEMO_DIR) $(DEMO_PORT)
+	@scripts/pg.sh destroy $(DEMO_DIR)
+	@FLUX_PG_CONF="shared_preload_libraries = 'flux_entitlements'" scripts/pg.sh start $(DEMO_DIR) $(DEMO_PORT)
 	@$(PG_BIN)/psql -X -q -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres -d postgres \
 	    -c "DROP DATABASE IF EXISTS flux_demo" -c "CREATE DATABASE flux_demo"
 	@$(PG_BIN)/psql -X -q -v ON_ERROR_STOP=1 -h $(DEMO_DIR) -p $(DEMO_PORT) -U postgres -d flux_demo \

@@ -40,3 +40,7 @@ SELECT n AS call, d.allowed, d.reason, d.used, d."limit", d.message
   FROM generate_series(1, 3) n, LATERAL flux_consume('globex', 'export', 1, 'build-' || n) d;
 SELECT reason, message FROM flux_decide('globex', 'sso');
 COMMIT;
+
+\echo '== Insights: what this demo decided, counted in shared memory (the demo server preloads the library)'
+SELECT feature, plan, reason, decisions FROM flux_decision_stats() ORDER BY decisions DESC, feature, plan LIMIT 8;
+SELECT tenant, feature, reason, denials FROM flux_denials() ORDER BY denials DESC, tenant, feature LIMIT 5;

@@ -120,7 +120,7 @@ pub fn init_stats() {
     GucRegistry::define_int_guc(
         c"flux.stats_max",
         c"How many entries the decision statistics keep (flux_decision_stats, flux_denials).",
-        c"Each entry is one (feature, plan, reason) or one (tenant, feature, reason); when full, the least used 5% are evicted. About 340 bytes of shared memory per entry. Set at server start.",
+        c"Each entry is one (feature, plan, reason) or one (tenant, feature, reason); when full, the least used 5% are evicted. About 350 bytes of shared memory per entry. Set at server start.",
         &STATS_MAX,
         100,
         1_000_000,

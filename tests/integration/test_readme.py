@@ -1,5 +1,7 @@
 """The README's SQL runs, and where an output block follows it, psql prints
-exactly that output."""
+exactly that output. Blocks fenced ```sql stats need the library preloaded
+(the Insights section): test_stats.py runs the whole README, those
+included, on its preloaded cluster."""
 import os
 import re
 import subprocess
@@ -7,12 +9,12 @@ import subprocess
 from conftest import BIN, HOST, PORT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BLOCK = re.compile(r"```(sql|text)\n(.*?)```", re.S)
+BLOCK = re.compile(r"```(sql stats|sql|text)\n(.*?)```", re.S)
 
 
-def psql(db, sql):
+def psql(db, sql, host=HOST, port=PORT):
     r = subprocess.run(
-        [f"{BIN}/psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(PORT), "-U", "postgres", "-d", db],
+        [f"{BIN}/psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", host, "-p", str(port), "-U", "postgres", "-d", db],
         input=sql,
         capture_output=True,
         text=True,
@@ -20,14 +22,17 @@ def psql(db, sql):
     return r
 
 
-def test_readme_sql_runs_and_prints_what_the_readme_shows(fresh_db):
+def run_readme(db, host=HOST, port=PORT, stats=False):
+    """Run the README's SQL blocks in order in `db` (which has the extension:
+    the first block creates it again), comparing each output block with what
+    psql printed. `stats`: the ```sql stats blocks too. Returns (ran,
+    compared)."""
     with open(os.path.join(ROOT, "README.md")) as f:
         blocks = BLOCK.findall(f.read())
-    # The extension is created by the first block itself.
-    psql(fresh_db, "DROP EXTENSION flux_entitlements")
+    psql(db, "DROP EXTENSION flux_entitlements", host, port)
     ran = compared = 0
     for i, (lang, body) in enumerate(blocks):
-        if lang != "sql":
+        if lang == "text" or (lang == "sql stats" and not stats):
             continue
         # A statement followed by a '-- ERROR:  message' line must fail with it.
         expected_error = None
@@ -35,9 +40,9 @@ def test_readme_sql_runs_and_prints_what_the_readme_shows(fresh_db):
             head, error = body.split("-- ERROR:")
             body, failing = head.rstrip("\n").rsplit("\n", 1)
             expected_error = (failing, "ERROR:  " + error.strip())
-        r = psql(fresh_db, body)
+        r = psql(db, body, host, port)
         if expected_error:
-            e = psql(fresh_db, expected_error[0])
+            e = psql(db, expected_error[0], host, port)
             assert e.returncode != 0 and expected_error[1] in e.stderr, e.stderr
         assert r.returncode == 0, f"README block {i} failed:\n{body}\n{r.stderr}"
         ran += 1
@@ -46,4 +51,9 @@ def test_readme_sql_runs_and_prints_what_the_readme_shows(fresh_db):
             got = [line.rstrip() for line in r.stdout.splitlines()]
             assert got == want, f"README block {i} printed:\n{r.stdout}"
             compared += 1
+    return ran, compared
+
+
+def test_readme_sql_runs_and_prints_what_the_readme_shows(fresh_db):
+    ran, compared = run_readme(fresh_db)
     assert ran >= 5 and compared >= 3

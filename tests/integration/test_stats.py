@@ -643,3 +643,20 @@ def test_without_the_preload_every_function_names_the_setting(fresh_db):
         assert c.execute("SELECT current_setting('flux.stats_max', true)").fetchone()[0] is None
         c.execute("SELECT flux_define_feature('export')")
         assert c.execute("SELECT flux_check('nobody', 'export')").fetchone()[0] is False
+
+
+# ---------------------------------------------------------------------------
+# 9. The README's Insights section
+
+
+def test_the_readme_prints_what_it_shows_with_statistics_on(db):
+    """The whole README, its ```sql stats blocks (Insights) included, runs
+    on a preloaded server and prints exactly what it shows: the rest of it
+    answers the same as without the preload."""
+    from test_readme import ROOT as README_ROOT, run_readme
+
+    with open(os.path.join(README_ROOT, "README.md")) as f:
+        stats_blocks = f.read().count("```sql stats\n")
+    assert stats_blocks >= 3
+    ran, compared = run_readme(db, STATS_DIR, STATS_PORT, stats=True)
+    assert ran >= 5 + stats_blocks and compared >= 3 + 3
