@@ -1,34 +1,38 @@
 #!/usr/bin/env bash
 # What counting decisions costs (issue 19): the same workloads against two
-# clusters of the same build and data, one with shared_preload_libraries =
-# 'flux_entitlements' (statistics on), one without (off), run interleaved
-# (on, off, on, off, ...), median of ROUNDS. Called by benches/run.sh (STATS=0
-# skips it), or alone: benches/stats.sh. Environment as for run.sh, plus
-# STATS_DIR / STATS_PORT for the preloaded cluster.
+# new clusters made alike (same build, settings and data), one with
+# shared_preload_libraries = 'flux_entitlements' (statistics on), one
+# without (off), run interleaved (on, off, on, off, ...), median of ROUNDS.
+# Called by benches/run.sh (STATS=0 skips it), or alone: benches/stats.sh.
+# Environment as for run.sh; the clusters are BENCH_DIR-stats-on /
+# BENCH_PORT - 5 and BENCH_DIR-stats-off / BENCH_PORT - 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
 DIR=${BENCH_DIR:-${PGX_ROOT:-/tmp/flux-pg}/bench}
 PORT=${BENCH_PORT:-5497}
-ON_DIR=${STATS_DIR:-$DIR-stats}
-ON_PORT=${STATS_PORT:-$((PORT - 5))}
+ON_DIR=$DIR-stats-on
+ON_PORT=$((PORT - 5))
+OFF_DIR=$DIR-stats-off
+OFF_PORT=$((PORT - 4))
 T=${SECONDS_PER_RUN:-5}
 ROUNDS=${ROUNDS:-3}
 ROWS=${ROWS:-100000}
 
-scripts/pg.sh start "$DIR" "$PORT"
-# A new cluster each run, so the preload line is there and the counts start
-# from nothing.
+# New clusters each run: alike but for the preload line, and the counts
+# start from nothing.
 scripts/pg.sh destroy "$ON_DIR"
+scripts/pg.sh destroy "$OFF_DIR"
 FLUX_PGBIN=$BIN FLUX_PG_CONF="shared_preload_libraries = 'flux_entitlements'" scripts/pg.sh start "$ON_DIR" "$ON_PORT"
-trap 'scripts/pg.sh destroy "$ON_DIR"' EXIT
+FLUX_PGBIN=$BIN scripts/pg.sh start "$OFF_DIR" "$OFF_PORT"
+trap 'scripts/pg.sh destroy "$ON_DIR"; scripts/pg.sh destroy "$OFF_DIR"' EXIT
 
 setup() { # dir port
     local p=("$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$1" -p "$2" -U postgres)
     "${p[@]}" -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS flux_stats_bench" -c "CREATE DATABASE flux_stats_bench"
     "${p[@]}" -d flux_stats_bench -v rows="$ROWS" -f benches/setup.sql >/dev/null 2>&1
 }
-setup "$DIR" "$PORT"
+setup "$OFF_DIR" "$OFF_PORT"
 setup "$ON_DIR" "$ON_PORT"
 
 tps() { # dir port script clients
@@ -49,7 +53,7 @@ for c in "${cases[@]}"; do
     on=(); off=(); ratios=()
     for _ in $(seq "$ROUNDS"); do
         a=$(tps "$ON_DIR" "$ON_PORT" "$script" "$clients")
-        b=$(tps "$DIR" "$PORT" "$script" "$clients")
+        b=$(tps "$OFF_DIR" "$OFF_PORT" "$script" "$clients")
         on+=("$a"); off+=("$b"); ratios+=("$(echo "$a / $b" | bc -l)")
     done
     printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "$name" \

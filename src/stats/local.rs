@@ -20,6 +20,14 @@ struct Seen {
     counted: Statement,
 }
 
+/// The keys of a (tenant, feature)'s last consume.
+struct Consumed {
+    reason: Reason,
+    plan: Option<Box<str>>,
+    decision: u32,
+    denial: Option<u32>,
+}
+
 /// Past these, the maps start over after a flush (memory stays bounded).
 const MAX_KEYS: usize = 10_000;
 const MAX_SEEN: usize = 100_000;
@@ -38,6 +46,7 @@ pub struct Local {
     dirty: Vec<u32>,
     seen: Vec<Seen>,
     seen_index: HashMap<Box<[u8]>, u32, xxhash_rust::xxh3::Xxh3Builder>,
+    consumes: HashMap<Box<[u8]>, Consumed, xxhash_rust::xxh3::Xxh3Builder>,
     /// Bumped when `seen` starts over: older marks no longer apply.
     epoch: u32,
     scratch: Vec<u8>,
@@ -147,6 +156,7 @@ impl Local {
     fn forget_seen(&mut self) {
         self.seen.clear();
         self.seen_index.clear();
+        self.consumes.clear();
         self.epoch = self.epoch.wrapping_add(1);
     }
 
@@ -168,7 +178,9 @@ impl Local {
         true
     }
 
-    /// A consume's decision: every one counts.
+    /// A consume's decision: every one counts. The keys of the last
+    /// decision for this (tenant, feature) are reused when its reason and
+    /// plan are the same (no key built or hashed on a repeat).
     pub fn consumed(
         &mut self,
         tenant: &[u8],
@@ -177,8 +189,32 @@ impl Local {
         reason: Reason,
         allowed: bool,
     ) {
-        let (d, n) = self.keys_of(tenant, feature, plan, reason, allowed);
-        self.count(d, n);
+        self.scratch.clear();
+        self.scratch.push(2);
+        self.scratch.extend_from_slice(feature);
+        self.scratch.push(0xff);
+        self.scratch.extend_from_slice(tenant);
+        if let Some(m) = self.consumes.get(&self.scratch[..]) {
+            if m.reason == reason && m.plan.as_deref() == plan {
+                let (d, n) = (m.decision, m.denial);
+                self.count(d, n);
+                return;
+            }
+        }
+        let (decision, denial) = self.keys_of(tenant, feature, plan, reason, allowed);
+        if self.consumes.len() >= MAX_SEEN {
+            self.consumes.clear();
+        }
+        self.consumes.insert(
+            self.scratch[..].into(),
+            Consumed {
+                reason,
+                plan: plan.map(Into::into),
+                decision,
+                denial,
+            },
+        );
+        self.count(decision, denial);
     }
 
     /// The counts not yet added, passed to `add`, and a reset of them.
