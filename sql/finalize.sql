@@ -92,6 +92,11 @@ BEGIN
 END
 $$;
 
+-- Top-ups are changes people make (flux_add_credits): audited. Draws are
+-- usage, as flux.usage is: not.
+CREATE TRIGGER audit AFTER INSERT ON flux.credit_ledger
+    FOR EACH ROW WHEN (NEW.amount OPERATOR(pg_catalog.>) 0) EXECUTE FUNCTION flux._audit('id');
+
 -- What changed for a tenant, and who did it.
 CREATE FUNCTION flux_history(tenant text, since timestamptz DEFAULT NULL)
 RETURNS SETOF flux.audit_log LANGUAGE sql STABLE
@@ -158,6 +163,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON flux.features, flux.plans, flux.grants, 
     flux.usage, flux.rate_state, flux.usage_keys, flux.api_keys, flux.key_limits, flux.caller_usage,
     flux.caller_rate_state TO flux_admin;
 GRANT SELECT ON flux.audit_log TO flux_admin;
+-- The ledger is written by flux_consume and flux_add_credits only, so that it
+-- always adds up to the balances.
+GRANT SELECT ON flux.credit_ledger TO flux_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage/),
 -- so PUBLIC needs no write grant on any flux table.
@@ -168,7 +176,7 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
-    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info
+    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
@@ -176,7 +184,7 @@ GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flu
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
-    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info
+    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -185,7 +193,7 @@ COMMENT ON FUNCTION flux_decide(text, text, text) IS 'The decision with its reas
 COMMENT ON FUNCTION flux_entitlements(text) IS 'One decision per feature for the tenant, ordered by feature key';
 COMMENT ON FUNCTION flux_value(text, text) IS 'The effective grant value (override, else plan, else addon) when the tenant is entitled, else NULL';
 COMMENT ON FUNCTION flux_current_tenant() IS 'The session''s tenant: setting flux.tenant, else the claim flux.jwt_tenant_claim (default tenant_id) of request.jwt.claims, else NULL';
-COMMENT ON FUNCTION flux_define_feature(text, text, text) IS 'Admin: define or redefine a feature (kind boolean, limit, metered or rate); a NULL description keeps the current one';
+COMMENT ON FUNCTION flux_define_feature(text, text, text) IS 'Admin: define or redefine a feature (kind boolean, limit, metered, rate or credits); a NULL description keeps the current one';
 COMMENT ON FUNCTION flux_define_plan(text, text, integer, boolean, interval) IS 'Admin: define or redefine a plan (rank orders plans cheapest first; at most one is_default); NULL name or grace_period keeps the current one';
 COMMENT ON FUNCTION flux_grant(text, text, bigint, text, jsonb, bigint) IS 'Admin: grant a feature on a plan with a limit (NULL = unlimited), a period (metered: minute..billing_period; rate: an interval), a value and each subject''s own allowance inside the tenant''s (subject_limit)';
 COMMENT ON FUNCTION flux_revoke(text, text) IS 'Admin: remove a feature from a plan';
@@ -233,6 +241,10 @@ COMMENT ON FUNCTION flux_key_usage(text, text) IS 'Units an API key used of a fe
 COMMENT ON FUNCTION flux._check_scopes(text[]) IS 'Validator used by the api_keys trigger: scopes name defined features';
 COMMENT ON FUNCTION flux._check_key_limit(text, text, bigint, text) IS 'Validator used by the key_limits trigger; returns the period to store';
 COMMENT ON FUNCTION flux._check_subject_limit(text, bigint) IS 'Validator used by the grants trigger: subject_limit only on limited kinds';
+COMMENT ON FUNCTION flux._check_cost(text, text, text, bigint) IS 'Validator used by the features trigger: a price draws from another feature of kind credits, and a pool stays one while features draw from it';
+COMMENT ON FUNCTION flux_set_cost(text, text, bigint) IS 'Admin: each unit of feature consumed draws credits from pool (a feature of kind credits); credits => NULL removes the price';
+COMMENT ON FUNCTION flux_add_credits(text, text, bigint, timestamptz, text, text) IS 'Admin: a purchased top-up of a credits pool (one flux.credit_ledger row, audited); a repeated idempotency_key adds nothing; returns the balance';
+COMMENT ON FUNCTION flux_balance(text, text) IS 'What is left of a credits pool for the tenant now: the period''s allowance left plus live top-ups (NULL: unlimited)';
 COMMENT ON FUNCTION flux_revoke_api_key(text) IS 'Admin: revoke the API key with this flux.api_keys.id';
 COMMENT ON FUNCTION flux_protect(regclass, text, name, boolean) IS 'Admin: row-level security on tbl: rows of the session''s tenant only, and only while it is entitled to feature (decided once per statement); force => true applies it to the table owner too';
 COMMENT ON FUNCTION flux._protect_setup(oid, text, text, boolean) IS 'The body of flux_protect';
@@ -258,7 +270,7 @@ GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, 
     flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
     flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats(),
-    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit
+    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit, flux._check_cost
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

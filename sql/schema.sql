@@ -54,13 +54,20 @@ COMMENT ON COLUMN flux.decision.hold_id IS 'The hold a reservation made (NULL wh
 CREATE TABLE flux.features (
     key         text PRIMARY KEY,
     kind        text NOT NULL DEFAULT 'boolean'
-                CONSTRAINT features_kind_check CHECK (kind IN ('boolean', 'limit', 'metered', 'rate')),
+                CONSTRAINT features_kind_check CHECK (kind IN ('boolean', 'limit', 'metered', 'rate', 'credits')),
     description text,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- Last, where ALTER TABLE ... ADD COLUMN puts them in a database
+    -- upgraded from 0.1.0.
+    cost_pool   text REFERENCES flux.features (key) ON UPDATE CASCADE,
+    cost_credits bigint CONSTRAINT features_cost_credits_check CHECK (cost_credits > 0),
+    CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL))
 );
 COMMENT ON TABLE flux.features IS 'Capabilities the application gates, by key; application code checks these, never plan names';
 COMMENT ON COLUMN flux.features.key IS 'Stable key used by flux_check (e.g. export, seats, api_calls)';
-COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period) or rate (calls per sliding window)';
+COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period), rate (calls per sliding window) or credits (a pool other features draw from)';
+COMMENT ON COLUMN flux.features.cost_pool IS 'The credits pool each unit of this feature draws from (flux_set_cost); NULL: not priced';
+COMMENT ON COLUMN flux.features.cost_credits IS 'Credits one unit of this feature draws from cost_pool';
 
 CREATE TABLE flux.plans (
     key          text PRIMARY KEY,
@@ -289,6 +296,38 @@ CREATE TABLE flux.caller_rate_state (
 );
 COMMENT ON TABLE flux.caller_rate_state IS 'Rate limiter state (GCRA) of an API key or a subject inside its tenant';
 
+-- Credits (src/usage/credits.rs): every top-up and every draw of a pool,
+-- keyed by tenant first. A top-up's remaining is what is left of it; draws
+-- take the period's allowance (flux.usage of the pool) first, then top-ups
+-- by earliest expiry.
+CREATE TABLE flux.credit_ledger (
+    id              bigserial PRIMARY KEY,
+    tenant          text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    pool            text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    amount          bigint NOT NULL CONSTRAINT credit_ledger_amount_check CHECK (amount <> 0),
+    balance_after   bigint,
+    feature         text,
+    at              timestamptz NOT NULL DEFAULT now(),
+    idempotency_key text,
+    reason          text,
+    expires_at      timestamptz,
+    remaining       bigint CONSTRAINT credit_ledger_remaining_check
+                    CHECK (remaining >= 0 AND remaining <= amount),
+    CONSTRAINT credit_ledger_topup_check CHECK ((amount > 0) = (remaining IS NOT NULL))
+);
+CREATE UNIQUE INDEX credit_ledger_topup_key ON flux.credit_ledger (tenant, pool, idempotency_key)
+    WHERE amount > 0 AND idempotency_key IS NOT NULL;
+CREATE INDEX credit_ledger_live ON flux.credit_ledger (tenant, pool, expires_at) WHERE remaining > 0;
+CREATE INDEX credit_ledger_tenant ON flux.credit_ledger (tenant, pool, at);
+CREATE INDEX credit_ledger_pool ON flux.credit_ledger (pool);
+COMMENT ON TABLE flux.credit_ledger IS 'Credits: one row per top-up (flux_add_credits, amount > 0; also in the audit log) and per draw (a consume of a priced feature or of the pool, amount < 0), written in the caller''s transaction';
+COMMENT ON COLUMN flux.credit_ledger.amount IS 'Credits added (> 0) or drawn (< 0)';
+COMMENT ON COLUMN flux.credit_ledger.balance_after IS 'The pool''s balance after this row (allowance left + live top-ups); NULL when the allowance is unlimited';
+COMMENT ON COLUMN flux.credit_ledger.feature IS 'A draw: the feature consumed (the pool itself when consumed directly)';
+COMMENT ON COLUMN flux.credit_ledger.idempotency_key IS 'A top-up: its key (a repeat adds nothing); a draw: the consume''s key';
+COMMENT ON COLUMN flux.credit_ledger.expires_at IS 'A top-up: when what is left of it stops counting (NULL: never)';
+COMMENT ON COLUMN flux.credit_ledger.remaining IS 'A top-up: what draws have left of it (NULL for a draw)';
+
 -- The audit log: every change to the catalogue, tenants, flags and API keys,
 -- written in the same transaction by triggers (a rolled-back change leaves
 -- nothing). Usage is not audited: it is billing data with its own table.
@@ -365,6 +404,7 @@ BEGIN
             '%s is the trigger of %s, not of %s', 'flux._features_validate()', 'flux.features', TG_RELID::pg_catalog.regclass);
     END IF;
     PERFORM flux._check_feature(NEW.key, NEW.kind, CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.key END);
+    PERFORM flux._check_cost(NEW.key, NEW.kind, NEW.cost_pool, NEW.cost_credits);
     RETURN NEW;
 END $$;
 CREATE TRIGGER features_validate BEFORE INSERT OR UPDATE ON flux.features
@@ -593,6 +633,8 @@ SELECT pg_catalog.pg_extension_config_dump('flux.api_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.key_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.caller_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.caller_rate_state', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.billing_prices', '');

@@ -385,3 +385,30 @@ fn flux_key_limit(
     })()
     .or_raise()
 }
+
+/// Price `feature` in credits: each unit consumed draws `credits` from
+/// `pool` (a feature of kind credits); `credits => NULL` (or `pool => NULL`)
+/// removes the price. Admin only; audited as a change of the feature.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_set_cost(feature: Option<&str>, pool: Option<&str>, credits: Option<i64>) {
+    (|| {
+        let feature = need(feature, "feature")?;
+        let (pool, credits) = match (pool, credits) {
+            (Some(p), Some(c)) => (Some(p), Some(c)),
+            _ => (None, None),
+        };
+        let found = store::one_mut::<String>(
+            "UPDATE flux.features SET cost_pool = $2, cost_credits = $3 \
+              WHERE key OPERATOR(pg_catalog.=) $1 RETURNING key",
+            &[feature.into(), pool.into(), credits.into()],
+        )?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(crate::error::FluxError::UnknownReference(format!(
+                "unknown feature {}: define it first with flux_define_feature",
+                crate::error::shown(feature)
+            ))),
+        }
+    })()
+    .or_raise()
+}

@@ -77,6 +77,7 @@ words!(Kind, "feature kind" {
     Limit = "limit",
     Metered = "metered",
     Rate = "rate",
+    Credits = "credits",
 });
 
 impl Kind {

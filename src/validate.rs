@@ -52,15 +52,16 @@ pub fn check_period(
     match (kind, period) {
         (Kind::Boolean | Kind::Limit, None) => Ok(None),
         (Kind::Boolean | Kind::Limit, Some(p)) => Err(FluxError::InvalidValue(format!(
-            "period {} does not apply to {} feature \"{feature}\": only metered and rate features have a period",
+            "period {} does not apply to {} feature \"{feature}\": only metered, rate and credits features have a period",
             shown(p),
             kind.as_str()
         ))),
-        (Kind::Metered, None) => Ok(Some("month".to_string())),
-        (Kind::Metered, Some(p)) if Period::parse(p).is_ok() => Ok(Some(p.to_string())),
-        (Kind::Metered, Some(p)) => Err(FluxError::InvalidValue(format!(
-            "unknown period {} for metered feature \"{feature}\": expected {}",
+        (Kind::Metered | Kind::Credits, None) => Ok(Some("month".to_string())),
+        (Kind::Metered | Kind::Credits, Some(p)) if Period::parse(p).is_ok() => Ok(Some(p.to_string())),
+        (Kind::Metered | Kind::Credits, Some(p)) => Err(FluxError::InvalidValue(format!(
+            "unknown period {} for {} feature \"{feature}\": expected {}",
             shown(p),
+            kind.as_str(),
             Period::expected()
         ))),
         (Kind::Rate, None) => Err(FluxError::InvalidValue(format!(
@@ -85,7 +86,7 @@ pub fn check_limit(feature: &str, kind: Kind, limit: Option<i64>) -> FluxResult<
             "limit {l} for feature \"{feature}\" must be >= 0 (NULL means unlimited)"
         ))),
         Some(l) if !kind.has_limit() => Err(FluxError::InvalidValue(format!(
-            "limit {l} does not apply to boolean feature \"{feature}\": grant it without a limit, or define it as kind limit, metered or rate"
+            "limit {l} does not apply to boolean feature \"{feature}\": grant it without a limit, or define it as kind limit, metered, rate or credits"
         ))),
         _ => Ok(()),
     }
@@ -332,6 +333,64 @@ mod flux {
             }
             check_limit(feature, kind, limit)?;
             check_period(feature, kind, period, gucs::parse_span)
+        })()
+        .or_raise()
+    }
+
+    /// A feature's price in credits (flux_set_cost, or psql on
+    /// flux.features): the pool is another feature, of kind credits, and a
+    /// pool is not priced itself; a feature that prices others stays a pool.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_cost(
+        key: Option<&str>,
+        kind: Option<&str>,
+        cost_pool: Option<&str>,
+        cost_credits: Option<i64>,
+    ) {
+        (|| -> FluxResult<()> {
+            let key = need(key, "feature key")?;
+            let kind = Kind::parse(need(kind, "feature kind")?)?;
+            if let Some(pool) = cost_pool {
+                if kind == Kind::Credits {
+                    return Err(FluxError::InvalidValue(format!(
+                        "\"{key}\" is a credits pool: a pool is drawn from, not priced in another"
+                    )));
+                }
+                if pool == key {
+                    return Err(FluxError::InvalidValue(format!(
+                        "\"{key}\" cannot be priced in itself: name a feature of kind credits as its pool"
+                    )));
+                }
+                let pool_kind = feature_kind(pool)?;
+                if pool_kind != Kind::Credits {
+                    return Err(FluxError::InvalidValue(format!(
+                        "pool \"{pool}\" is a {} feature: a cost draws from a feature of kind credits (flux_define_feature('{pool}', 'credits'))",
+                        pool_kind.as_str()
+                    )));
+                }
+                match cost_credits {
+                    Some(c) if c > 0 => {}
+                    c => {
+                        return Err(FluxError::InvalidValue(format!(
+                            "credits {} for \"{key}\" must be > 0 (NULL removes the cost)",
+                            c.map_or("NULL".to_string(), |c| c.to_string())
+                        )))
+                    }
+                }
+            }
+            if kind != Kind::Credits {
+                if let Some(user) = store::one::<String>(
+                    "SELECT key FROM flux.features WHERE cost_pool OPERATOR(pg_catalog.=) $1 \
+                      ORDER BY key LIMIT 1",
+                    &[key.into()],
+                )? {
+                    return Err(FluxError::InvalidValue(format!(
+                        "feature \"{key}\" cannot become kind {}: \"{user}\" draws from it (flux_set_cost('{user}', NULL, NULL) first)",
+                        kind.as_str()
+                    )));
+                }
+            }
+            Ok(())
         })()
         .or_raise()
     }

@@ -110,6 +110,9 @@ pub struct Catalogue {
     /// By feature: what one unit of each addon grants.
     pub addon_grants: HashMap<String, Vec<AddonUnit>>,
     pub flags: HashMap<String, FlagEntry>,
+    /// By priced feature: the credits pool it draws from and the credits
+    /// one unit costs (flux_set_cost).
+    pub costs: HashMap<String, (String, i64)>,
     /// OIDs of the flux tables whose changes make the cache stale.
     pub watched: Vec<pg_sys::Oid>,
     /// The composite type flux.decision (looking it up by name per call
@@ -130,7 +133,12 @@ const GRANTS_SQL: &str =
             (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'subject_limit')::pg_catalog.int8 \
      FROM flux.grants g JOIN flux.plans p ON p.key OPERATOR(pg_catalog.=) g.plan \
      WHERE g.enabled ORDER BY g.feature, p.rank, p.key";
-const FEATURES_SQL: &str = "SELECT key, kind FROM flux.features ORDER BY key";
+/// cost_pool and cost_credits read through to_jsonb, which a 0.1.0 schema
+/// (no such columns) answers with NULL.
+const FEATURES_SQL: &str = "SELECT f.key, f.kind, \
+        pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_pool', \
+        (pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_credits')::pg_catalog.int8 \
+   FROM flux.features f ORDER BY f.key";
 const ADDON_GRANTS_SQL: &str = "SELECT feature, addon, \"limit\", value::pg_catalog.text \
      FROM flux.addon_grants ORDER BY addon";
 const FLAGS_SQL: &str = "SELECT feature, enabled, rollout_percent::pg_catalog.text, \
@@ -165,14 +173,21 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
         Some(rows) => rows,
         None => load_catalogue_sql()?,
     };
-    (cat.features, cat.plan_grace, cat.addon_grants, cat.flags) = rows.0;
+    (
+        cat.features,
+        cat.plan_grace,
+        cat.addon_grants,
+        cat.flags,
+        cat.costs,
+    ) = rows.0;
     if let Some(keys) = rows.1 {
         let _ = cat.keys.set(keys);
     }
     Ok(cat)
 }
 
-/// The catalogue's contents: (features, plan_grace, addon_grants, flags),
+/// The catalogue's contents: (features, plan_grace, addon_grants, flags,
+/// costs),
 /// and the feature keys in order when the load had them sorted.
 type CatalogueRows = (
     (
@@ -180,6 +195,7 @@ type CatalogueRows = (
         HashMap<String, Option<Span>>,
         HashMap<String, Vec<AddonUnit>>,
         HashMap<String, FlagEntry>,
+        HashMap<String, (String, i64)>,
     ),
     Option<Vec<String>>,
 );
@@ -283,6 +299,9 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
             for r in c.select(&*kept(c, FEATURES_SQL, &[], false)?, None, &[])? {
                 let key = required(text(&r, 1)?, "features.key")?;
                 let kind = Kind::parse(&required(text(&r, 2)?, "features.kind")?)?;
+                if let (Some(pool), Some(credits)) = (text(&r, 3)?, r.get::<i64>(4)?) {
+                    cat.costs.insert(key.clone(), (pool, credits));
+                }
                 let facts = FeatureFacts {
                     key: key.clone(),
                     kind,
@@ -326,7 +345,13 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                 }
             }
             Ok((
-                (cat.features, cat.plan_grace, cat.addon_grants, cat.flags),
+                (
+                    cat.features,
+                    cat.plan_grace,
+                    cat.addon_grants,
+                    cat.flags,
+                    cat.costs,
+                ),
                 cat.keys.take(),
             ))
         })
@@ -382,6 +407,10 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     const SUBJECT_LIMIT: [(&str, pg_sys::Oid); 1] = [("subject_limit", pg_sys::INT8OID)];
     const FEATURES: [(&str, pg_sys::Oid); 2] =
         [("key", pg_sys::TEXTOID), ("kind", pg_sys::TEXTOID)];
+    const COSTS: [(&str, pg_sys::Oid); 2] = [
+        ("cost_pool", pg_sys::TEXTOID),
+        ("cost_credits", pg_sys::INT8OID),
+    ];
     const ADDON_GRANTS: [(&str, pg_sys::Oid); 4] = [
         ("feature", pg_sys::TEXTOID),
         ("addon", pg_sys::TEXTOID),
@@ -421,6 +450,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         return Ok(None);
     };
     let subject_limit_at = grants.columns(&SUBJECT_LIMIT).map(|c| c[0]);
+    let costs_at = features.columns(&COSTS);
     let snapshot = LoadSnapshot::take();
     let snap = snapshot.0;
 
@@ -481,9 +511,15 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     })?;
 
     let mut feature_map = HashMap::new();
+    let mut costs = HashMap::new();
     features.scan(snap, |row| {
         let key = row.text(fc[0]).ok_or_else(|| null("features.key"))?;
         let kind = Kind::parse(&row.text(fc[1]).ok_or_else(|| null("features.kind"))?)?;
+        if let Some([p, c]) = costs_at {
+            if let (Some(pool), Some(credits)) = (row.text(p), row.int(c)) {
+                costs.insert(key.clone(), (pool, credits));
+            }
+        }
         let mut g = by_feature.remove(&key).unwrap_or_default();
         g.sort_by_key(|(at, _)| *at);
         let facts = FeatureFacts {
@@ -544,7 +580,10 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         }
         Ok(())
     })?;
-    Ok(Some(((feature_map, plan_grace, units, flag_map), None)))
+    Ok(Some((
+        (feature_map, plan_grace, units, flag_map, costs),
+        None,
+    )))
 }
 
 /// A tenant as the cache holds it: the subscription row, every addon held
@@ -1154,8 +1193,9 @@ mod tests {
                 v.sort();
                 v
             };
-            let ((f, p, a, fl), _) = r;
+            let ((f, p, a, fl, co), _) = r;
             (
+                sorted(co.iter().map(|(k, v)| format!("{k}={v:?}")).collect()),
                 sorted(f.iter().map(|(k, v)| format!("{k}={v:?}")).collect()),
                 sorted(p.iter().map(|(k, v)| format!("{k}={v:?}")).collect()),
                 sorted(a.iter().map(|(k, v)| format!("{k}={v:?}")).collect()),

@@ -271,7 +271,7 @@ pub fn decide(
             if f.kind.has_limit() {
                 d.limit = limit;
             }
-            if matches!(f.kind, Kind::Metered | Kind::Rate) {
+            if matches!(f.kind, Kind::Metered | Kind::Rate | Kind::Credits) {
                 let from_plan = plan
                     .and_then(|p| f.grant_of(p))
                     .and_then(|g| g.period.clone());
@@ -287,7 +287,7 @@ pub fn decide(
             // Sentences cost more than the decision: only when asked for,
             // and not for a counter, whose figures the meter then puts in
             // the message (metering::apply_counter).
-            if ctx.detail && !matches!(f.kind, Kind::Limit | Kind::Metered) {
+            if ctx.detail && !matches!(f.kind, Kind::Limit | Kind::Metered | Kind::Credits) {
                 let source = source.phrase(plan);
                 d.message = match (f.kind.has_limit(), limit) {
                     (false, _) => format!("{tenant_id} may use {feature_key} {source}"),

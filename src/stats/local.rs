@@ -217,6 +217,10 @@ impl Local {
         self.count(decision, denial);
     }
 
+    pub fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     /// The counts not yet added, passed to `add`, and a reset of them.
     pub fn drain(&mut self, add: impl FnOnce(&mut dyn Iterator<Item = (&Key, u64)>)) {
         if self.dirty.is_empty() {

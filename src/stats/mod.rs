@@ -172,20 +172,33 @@ fn register() {
     }
 }
 
-#[pg_guard]
+/// Not guarded: most events of most transactions have nothing to add, and
+/// pgrx's guard (a sigsetjmp) cost more than the check. Plain Rust that
+/// cannot raise or panic decides; the guarded `flush` adds.
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     // Aborted transactions' decisions were made too: they count.
-    if matches!(
+    let ends = matches!(
         event,
         XACT_EVENT_COMMIT
             | XACT_EVENT_ABORT
             | XACT_EVENT_PARALLEL_COMMIT
             | XACT_EVENT_PARALLEL_ABORT
             | XACT_EVENT_PREPARE
-    ) {
-        flush();
+    );
+    let pending = || {
+        LOCAL
+            .try_with(|l| l.try_borrow().is_ok_and(|l| l.has_pending()))
+            .unwrap_or(false)
+    };
+    if ends && pending() {
+        flush_guarded();
     }
+}
+
+#[pg_guard]
+extern "C-unwind" fn flush_guarded() {
+    flush();
 }
 
 /// Add this backend's counts to the shared table.

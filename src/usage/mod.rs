@@ -7,7 +7,8 @@
 //! - `sql`: the same through SQL where the heap path stands aside (the
 //!   row does not exist yet, REPEATABLE READ, an altered table), the rate
 //!   limiter's state and the usage probes;
-//! - `keys`: idempotency keys.
+//! - `keys`: idempotency keys;
+//! - `credits`: pools other features draw from, and their top-ups.
 //!
 //! Exact under concurrency: a counter's row is locked before its limit is
 //! checked (the heap path re-checks on the latest version when a concurrent
@@ -20,6 +21,7 @@
 //! and binds the amount: a replay with another amount is refused.
 
 pub mod counters;
+pub mod credits;
 pub mod keys;
 pub mod rules;
 pub mod sql;
@@ -193,6 +195,17 @@ fn report(x: &mut Decided, list: &[Allowance], outcomes: &[Outcome]) {
 /// `amount` more would pass. Writes nothing. Returns whether usage was read
 /// (the answer then depends on more than the cached rows and the clock).
 pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
+    let is_pool = x.feature().is_some_and(|f| f.kind == Kind::Credits);
+    if is_pool {
+        // The pool's figures are its balance (credits.rs).
+        return credits::observe(x, amount);
+    }
+    let read = observe_usage(x, amount)?;
+    // A priced feature: does its pool cover it?
+    Ok(credits::observe(x, amount)? || read)
+}
+
+fn observe_usage(x: &mut Decided, amount: i64) -> FluxResult<bool> {
     if !x.d.allowed {
         return Ok(false);
     }
@@ -343,6 +356,36 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
     Ok(())
 }
 
+/// Record `amount`, drawing from the credits pool when the feature is
+/// priced (or is the pool): the pool's rows are locked and the draw decided
+/// first, the feature's own limits recorded next, the draw written last,
+/// so that a refusal by either leaves nothing written (credits.rs).
+fn draw_and_record(x: &mut Decided, amount: i64, key: Option<&str>) -> FluxResult<()> {
+    let Some(_) = credits::price_of(x)? else {
+        return record(x, amount);
+    };
+    let is_pool = x.feature().is_some_and(|f| f.kind == Kind::Credits);
+    let open = x.d.allowed || (is_pool && x.d.reason == Reason::NotInPlan);
+    if !open {
+        return Ok(());
+    }
+    let Some(draw) = credits::reserve(x, amount)? else {
+        return Ok(());
+    };
+    if is_pool {
+        credits::write(&draw, key)?;
+        credits::drawn_from_pool(x, &draw);
+        return Ok(());
+    }
+    record(x, amount)?;
+    if x.d.allowed {
+        credits::write(&draw, key)?;
+        x.d.balance = draw.balance_after;
+        credits::with_balance(x, &draw.pool);
+    }
+    Ok(())
+}
+
 pub fn consume(
     tenant: &str,
     feature: &str,
@@ -375,7 +418,7 @@ pub fn consume(
             return Ok(first);
         }
     }
-    record(&mut x, amount)?;
+    draw_and_record(&mut x, amount, key)?;
     if let (Some(k), true) = (key, known) {
         keys::store(tenant, feature, k, &x.d, amount)?;
     }

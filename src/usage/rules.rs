@@ -166,7 +166,8 @@ pub fn meter_for(
     Ok(match kind {
         Kind::Boolean => None,
         Kind::Limit => Some(Meter::Allowance),
-        Kind::Metered => {
+        // A pool's allowance is a quota of credits per period.
+        Kind::Metered | Kind::Credits => {
             let p = Period::parse(period.unwrap_or("month"))?;
             let (start, end) = period_bounds(p, now, anchor, end);
             Some(Meter::Quota {

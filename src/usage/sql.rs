@@ -208,6 +208,48 @@ pub fn add(c: &Counter, amount: i64, limit: Option<i64>) -> FluxResult<(bool, i6
     })
 }
 
+/// Lock a counter's row, made at 0 when there is none (a credits pool's
+/// allowance: every draw queues on it, credits.rs); returns its used.
+pub fn lock_counter(c: &Counter) -> FluxResult<i64> {
+    let st = statements(c);
+    let _path = crate::privilege::Pinned::enter();
+    Spi::connect_mut(|client| {
+        for _ in 0..16 {
+            let (types, args) = key_args(c);
+            let p = crate::prepared::kept(client, st.lock, &types, true)?;
+            let found = client.update(&*p, Some(1), &args)?;
+            if !found.is_empty() {
+                return Ok(found.first().get_one::<i64>()?.unwrap_or(0));
+            }
+            let (mut types, mut args) = key_args(c);
+            types.push(INT8);
+            args.push(0i64.into());
+            let p = crate::prepared::kept(client, st.insert, &types, true)?;
+            // Ours until commit: others wait on its key.
+            if !client.update(&*p, Some(1), &args)?.is_empty() {
+                return Ok(0);
+            }
+        }
+        Err(FluxError::Internal(format!(
+            "the usage row of {} and {} kept changing: try again",
+            c.tenant, c.feature
+        )))
+    })
+}
+
+/// Set a counter this transaction holds locked (lock_counter) to `used`.
+pub fn set_counter(c: &Counter, used: i64) -> FluxResult<()> {
+    let _path = crate::privilege::Pinned::enter();
+    let (mut types, mut args) = key_args(c);
+    types.push(INT8);
+    args.push(used.into());
+    Spi::connect_mut(|client| {
+        let p = crate::prepared::kept(client, statements(c).update, &types, true)?;
+        client.update(&*p, Some(1), &args)?;
+        Ok(())
+    })
+}
+
 /// Advance the rate limiter by `amount` calls if they pass; returns the new
 /// theoretical arrival time, or None when rate limited (nothing recorded).
 /// GCRA as one conditional upsert (the row lock orders concurrent calls;

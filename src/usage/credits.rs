@@ -1,0 +1,497 @@
+//! Credits (CONTRACT "Credits and holds"): a feature of kind `credits` is a
+//! pool; `flux_grant(plan, pool, "limit", period)` gives an allowance each
+//! period (counted in flux.usage like a metered quota, no rollover), and
+//! `flux_add_credits` adds top-ups (rows of flux.credit_ledger with what is
+//! left of them). A feature priced with `flux_set_cost` draws
+//! `amount x credits` from its pool when consumed; consuming the pool
+//! itself draws `amount`.
+//!
+//! A draw takes the allowance first, then top-ups by earliest expiry
+//! (never-expiring last), and writes one ledger row. Exact under
+//! concurrency: the pool's counter row (its allowance this period) is
+//! locked first, then its live top-ups in draw order, so concurrent draws
+//! queue and none can take the balance below zero; everything is written in
+//! the caller's transaction and rolls back with it. A priced feature's own
+//! limits are recorded after the pool's rows are locked and before the
+//! draw is written: when either refuses, nothing is written (no undo).
+
+use super::counters::Counter;
+use super::rules::Meter;
+use super::sql;
+use crate::entitle::{entitle, Decided};
+use crate::error::{FluxError, FluxResult};
+use crate::model::{Kind, Reason};
+use crate::store::ts_datum;
+use pgrx::prelude::*;
+use pgrx::{PgBuiltInOids, PgOid};
+
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+
+const LIVE: &str = "SELECT COALESCE(pg_catalog.sum(remaining), 0)::pg_catalog.int8 \
+      FROM flux.credit_ledger \
+     WHERE tenant OPERATOR(pg_catalog.=) $1 AND pool OPERATOR(pg_catalog.=) $2 \
+       AND remaining OPERATOR(pg_catalog.>) 0 \
+       AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3)";
+/// In draw order, locked.
+const LOCK_LIVE: &str = "SELECT id, remaining FROM flux.credit_ledger \
+     WHERE tenant OPERATOR(pg_catalog.=) $1 AND pool OPERATOR(pg_catalog.=) $2 \
+       AND remaining OPERATOR(pg_catalog.>) 0 \
+       AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3) \
+     ORDER BY expires_at ASC NULLS LAST, id FOR UPDATE";
+const TAKE: &str = "UPDATE flux.credit_ledger SET remaining = remaining OPERATOR(pg_catalog.-) $2 \
+     WHERE id OPERATOR(pg_catalog.=) $1";
+const DRAWN: &str = "INSERT INTO flux.credit_ledger \
+        (tenant, pool, amount, balance_after, feature, at, idempotency_key) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// The pool a feature draws from and the credits one unit costs; for the
+/// pool itself, (itself, 1).
+pub fn price_of(x: &Decided) -> FluxResult<Option<(String, i64)>> {
+    let Some(f) = x.feature() else {
+        return Ok(None);
+    };
+    if f.kind == Kind::Credits {
+        return Ok(Some((f.key.clone(), 1)));
+    }
+    Ok(crate::cache::catalogue()?.costs.get(&f.key).cloned())
+}
+
+/// A pool's allowance for a tenant now: the limit (None: unlimited) and
+/// its counter's period key, or none (not granted: top-ups only).
+struct Allowance {
+    limit: Option<i64>,
+    start: i64,
+    meter: Meter,
+}
+
+fn allowance(pool: &Decided) -> FluxResult<Option<Allowance>> {
+    if !pool.d.allowed {
+        return Ok(None);
+    }
+    let Some(meter) = super::meter(pool)? else {
+        return Ok(None);
+    };
+    let start = match meter {
+        Meter::Quota { start, .. } => Some(start),
+        _ => None,
+    };
+    Ok(Some(Allowance {
+        limit: pool.d.limit,
+        start: sql::period_key(start),
+        meter,
+    }))
+}
+
+fn counter<'a>(pool: &'a Decided, a: &Allowance) -> Counter<'a> {
+    Counter {
+        tenant: &pool.d.tenant,
+        feature: &pool.d.feature,
+        start: a.start,
+        caller: None,
+    }
+}
+
+fn checked_mul(amount: i64, credits: i64, feature: &str) -> FluxResult<i64> {
+    amount.checked_mul(credits).ok_or_else(|| {
+        FluxError::InvalidValue(format!(
+            "amount {amount} of \"{feature}\" at {credits} credits each is out of range for bigint"
+        ))
+    })
+}
+
+/// What a pool holds for a tenant: (allowance left, None: unlimited; the
+/// allowance's used; live top-ups). Reads only.
+fn holdings(pool: &Decided) -> FluxResult<(Option<i64>, i64, i64)> {
+    let (left, used) = match allowance(pool)? {
+        Some(a) => {
+            let used = sql::load_used(&counter(pool, &a))?;
+            (a.limit.map(|l| (l - used).max(0)), used)
+        }
+        None => (Some(0), 0),
+    };
+    let live = live_top_ups(&pool.d.tenant, &pool.d.feature, pool.ctx.now)?;
+    Ok((left, used, live))
+}
+
+fn live_top_ups(tenant: &str, pool: &str, now: i64) -> FluxResult<i64> {
+    let _owner = crate::privilege::AsOwner::enter()?;
+    Spi::connect(|c| {
+        let p = crate::prepared::kept(c, LIVE, &[TEXT, TEXT, TSTZ], false)?;
+        let t = c.select(
+            &*p,
+            Some(1),
+            &[tenant.into(), pool.into(), ts_datum(Some(now)).into()],
+        )?;
+        Ok(t.first().get_one::<i64>()?.unwrap_or(0))
+    })
+}
+
+/// The balance: allowance left plus live top-ups (None: unlimited).
+fn balance(left: Option<i64>, live: i64) -> Option<i64> {
+    left.map(|l| l.saturating_add(live))
+}
+
+/// flux_balance: what is left of `pool` for `tenant` now.
+pub fn balance_of(tenant: &str, pool: &str) -> FluxResult<Option<i64>> {
+    let x = entitle(tenant, pool, None)?;
+    match x.feature().map(|f| f.kind) {
+        Some(Kind::Credits) => {}
+        Some(k) => {
+            return Err(FluxError::InvalidValue(format!(
+                "\"{pool}\" is a {} feature, not a credits pool",
+                k.as_str()
+            )))
+        }
+        None => {
+            return Err(FluxError::UnknownReference(format!(
+                "unknown feature \"{pool}\": define the pool with flux_define_feature('{pool}', 'credits')"
+            )))
+        }
+    }
+    if matches!(x.d.reason, Reason::UnknownTenant) {
+        return Ok(Some(0));
+    }
+    let (left, _, live) = holdings(&x)?;
+    Ok(balance(left, live))
+}
+
+/// The read path's figures (flux_decide, flux_check): for a pool, its
+/// balance as what remains (allowed while `amount` is left, top-ups
+/// counting where the plan grants no allowance); for a priced feature,
+/// whether its pool covers `amount` units. Returns whether it applied.
+pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
+    let Some((pool, credits)) = price_of(x)? else {
+        return Ok(false);
+    };
+    let is_pool = pool == x.d.feature;
+    // Denials before the allowance stand (an unknown tenant, a flag, the
+    // subscription); a pool not in the plan may still have top-ups.
+    let open = x.d.allowed || (is_pool && x.d.reason == Reason::NotInPlan);
+    if !open {
+        return Ok(true);
+    }
+    let need = checked_mul(amount, credits, &x.d.feature)?;
+    if is_pool {
+        let (left, used, live) = holdings(x)?;
+        let bal = balance(left, live);
+        x.d.balance = bal;
+        x.d.remaining = bal;
+        x.d.used = Some(used);
+        if !x.d.allowed {
+            x.d.limit = Some(0);
+        }
+        if let Some(Allowance {
+            meter: Meter::Quota { end, .. },
+            ..
+        }) = allowance(x)?
+        {
+            x.d.resets_at = Some(end);
+        }
+        let covered = bal.is_none_or(|b| b >= need);
+        x.d.allowed = covered;
+        x.d.reason = if covered {
+            Reason::Ok
+        } else {
+            Reason::LimitReached
+        };
+        x.d.message = pool_message(&x.d.feature, bal, left, live);
+        if covered {
+            x.d.upgrade_plans = None;
+        }
+        return Ok(true);
+    }
+    let px = entitle(&x.d.tenant, &pool, None)?;
+    let (left, _, live) = holdings(&px)?;
+    let bal = balance(left, live);
+    x.d.balance = bal;
+    if bal.is_some_and(|b| b < need) {
+        refuse(x, &pool, bal.unwrap_or(0), need);
+    } else {
+        with_balance(x, &pool);
+    }
+    Ok(true)
+}
+
+/// "...; ai_credits: 40 left" after a priced feature's own message.
+pub fn with_balance(x: &mut Decided, pool: &str) {
+    if let Some(b) = x.d.balance {
+        let sep = if x.d.message.is_empty() { "" } else { "; " };
+        x.d.message = format!("{}{sep}{pool}: {b} left", x.d.message);
+    }
+}
+
+fn pool_message(pool: &str, bal: Option<i64>, left: Option<i64>, live: i64) -> String {
+    match (bal, left) {
+        (None, _) => format!("{pool}: unlimited"),
+        (Some(b), Some(l)) if live > 0 => {
+            format!("{pool}: {b} left ({l} of this period's allowance, {live} purchased)")
+        }
+        (Some(b), _) => format!("{pool}: {b} left"),
+    }
+}
+
+fn refuse(x: &mut Decided, pool: &str, left: i64, need: i64) {
+    x.d.allowed = false;
+    x.d.reason = Reason::LimitReached;
+    x.d.message = if pool == x.d.feature {
+        format!("{pool}: {left} left; {need} asked")
+    } else {
+        format!("{pool}: {left} left; {} costs {need}", x.d.feature)
+    };
+}
+
+/// A draw decided under the pool's locks, not yet written.
+pub struct Draw {
+    pub pool: String,
+    tenant: String,
+    feature: String,
+    need: i64,
+    from_allowance: i64,
+    /// (ledger id, credits taken) in draw order.
+    from_top_ups: Vec<(i64, i64)>,
+    counter: Option<(i64, i64)>,
+    pub balance_after: Option<i64>,
+    at: i64,
+}
+
+/// Lock `x`'s pool (its counter row, then its live top-ups) and decide
+/// whether it covers `amount` units: Some(draw) to write with `write`,
+/// None when it does not (`x` then says so). `x` is the decision of the
+/// priced feature or of the pool itself.
+pub fn reserve(x: &mut Decided, amount: i64) -> FluxResult<Option<Draw>> {
+    let Some((pool, credits)) = price_of(x)? else {
+        return Ok(None);
+    };
+    let need = checked_mul(amount, credits, &x.d.feature)?;
+    let px = if pool == x.d.feature {
+        None
+    } else {
+        Some(entitle(&x.d.tenant, &pool, None)?)
+    };
+    let p = px.as_ref().unwrap_or(x);
+    let a = allowance(p)?;
+    let (tenant, now) = (p.d.tenant.clone(), p.ctx.now);
+    let _owner = crate::privilege::AsOwner::enter()?;
+    // The allowance's row first: every draw of this tenant's pool queues
+    // here, then on the top-ups (always in the same order).
+    let (left, counter) = match &a {
+        Some(a) => {
+            let c = counter(p, a);
+            let used = sql::lock_counter(&c)?;
+            (a.limit.map(|l| (l - used).max(0)), Some((a.start, used)))
+        }
+        None => (Some(0), None),
+    };
+    let lots: Vec<(i64, i64)> = Spi::connect_mut(|c| {
+        let q = crate::prepared::kept(c, LOCK_LIVE, &[TEXT, TEXT, TSTZ], true)?;
+        let t = c.update(
+            &*q,
+            None,
+            &[
+                tenant.as_str().into(),
+                pool.as_str().into(),
+                ts_datum(Some(now)).into(),
+            ],
+        )?;
+        let mut v = Vec::new();
+        for r in t {
+            if let (Some(id), Some(rem)) = (r.get::<i64>(1)?, r.get::<i64>(2)?) {
+                v.push((id, rem));
+            }
+        }
+        Ok::<_, FluxError>(v)
+    })?;
+    let live: i64 = lots.iter().map(|l| l.1).sum();
+    let bal = balance(left, live);
+    if bal.is_some_and(|b| b < need) {
+        x.d.balance = bal;
+        refuse(x, &pool, bal.unwrap_or(0), need);
+        return Ok(None);
+    }
+    let from_allowance = left.map_or(need, |l| l.min(need));
+    let mut rest = need - from_allowance;
+    let mut from_top_ups = Vec::new();
+    for (id, rem) in lots {
+        if rest == 0 {
+            break;
+        }
+        let take = rem.min(rest);
+        from_top_ups.push((id, take));
+        rest -= take;
+    }
+    Ok(Some(Draw {
+        pool,
+        tenant,
+        feature: x.d.feature.clone(),
+        need,
+        from_allowance,
+        from_top_ups,
+        counter,
+        balance_after: bal.map(|b| b - need),
+        at: now,
+    }))
+}
+
+/// Write a reserved draw: the allowance's counter, the top-ups taken, one
+/// ledger row.
+pub fn write(d: &Draw, key: Option<&str>) -> FluxResult<()> {
+    let _owner = crate::privilege::AsOwner::enter()?;
+    if let (Some((start, used)), true) = (d.counter, d.from_allowance > 0) {
+        let c = Counter {
+            tenant: &d.tenant,
+            feature: &d.pool,
+            start,
+            caller: None,
+        };
+        sql::set_counter(&c, sql::total(used, d.from_allowance)?)?;
+    }
+    Spi::connect_mut(|c| {
+        let take = crate::prepared::kept(c, TAKE, &[INT8, INT8], true)?;
+        for &(id, n) in &d.from_top_ups {
+            c.update(&*take, None, &[id.into(), n.into()])?;
+        }
+        let ins =
+            crate::prepared::kept(c, DRAWN, &[TEXT, TEXT, INT8, INT8, TEXT, TSTZ, TEXT], true)?;
+        c.update(
+            &*ins,
+            None,
+            &[
+                d.tenant.as_str().into(),
+                d.pool.as_str().into(),
+                (-d.need).into(),
+                d.balance_after.into(),
+                d.feature.as_str().into(),
+                ts_datum(Some(d.at)).into(),
+                key.into(),
+            ],
+        )?;
+        Ok::<_, FluxError>(())
+    })
+}
+
+/// The decision after a draw of a pool consumed directly.
+pub fn drawn_from_pool(x: &mut Decided, d: &Draw) {
+    x.d.allowed = true;
+    x.d.reason = Reason::Ok;
+    x.d.upgrade_plans = None;
+    x.d.balance = d.balance_after;
+    x.d.remaining = d.balance_after;
+    x.d.used = d.counter.map(|(_, used)| used + d.from_allowance);
+    if x.d.limit.is_none() && d.counter.is_none() {
+        x.d.limit = Some(0);
+    }
+    x.d.message = match d.balance_after {
+        Some(b) => format!("{}: {} drawn, {b} left", d.pool, d.need),
+        None => format!("{}: {} drawn (unlimited)", d.pool, d.need),
+    };
+}
+
+const TOP_UP: &str = "INSERT INTO flux.credit_ledger \
+        (tenant, pool, amount, remaining, balance_after, at, expires_at, idempotency_key, reason) \
+     VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8) \
+     ON CONFLICT (tenant, pool, idempotency_key) WHERE amount > 0 AND idempotency_key IS NOT NULL \
+     DO NOTHING RETURNING id";
+
+/// flux_add_credits: a purchased top-up, once per idempotency key.
+fn add_top_up(
+    tenant: &str,
+    pool: &str,
+    amount: i64,
+    expires_at: Option<i64>,
+    key: Option<&str>,
+    reason: Option<&str>,
+) -> FluxResult<Option<i64>> {
+    crate::store::ensure_writable("flux_add_credits")?;
+    if amount <= 0 {
+        return Err(FluxError::InvalidValue(format!(
+            "amount {amount} must be > 0 (a draw is a consume of the pool or of a priced feature)"
+        )));
+    }
+    if let Some(k) = key {
+        if k.is_empty() || k.chars().count() > 200 {
+            return Err(FluxError::InvalidValue(format!(
+                "idempotency_key {} must be 1 to 200 characters",
+                crate::error::shown(k)
+            )));
+        }
+    }
+    crate::validate::require_tenant(tenant)?;
+    let x = entitle(tenant, pool, None)?;
+    let before = balance_of(tenant, pool)?;
+    if expires_at.is_some_and(|e| e <= x.ctx.now) {
+        return Err(FluxError::InvalidValue(format!(
+            "expires_at {} is already past: a top-up must expire later than now ({})",
+            crate::timeutil::format_minute(expires_at.unwrap_or_default()),
+            crate::timeutil::format_minute(x.ctx.now)
+        )));
+    }
+    let after = before.map(|b| b.saturating_add(amount));
+    let _owner = crate::privilege::AsOwner::enter()?;
+    Spi::connect_mut(|c| {
+        let p = crate::prepared::kept(
+            c,
+            TOP_UP,
+            &[TEXT, TEXT, INT8, INT8, TSTZ, TSTZ, TEXT, TEXT],
+            true,
+        )?;
+        c.update(
+            &*p,
+            Some(1),
+            &[
+                tenant.into(),
+                pool.into(),
+                amount.into(),
+                after.into(),
+                ts_datum(Some(x.ctx.now)).into(),
+                expires_at.map(|e| ts_datum(Some(e))).into(),
+                key.into(),
+                reason.into(),
+            ],
+        )?;
+        Ok::<_, FluxError>(())
+    })?;
+    drop(_owner);
+    // A repeated key added nothing: the balance as it stands.
+    balance_of(tenant, pool)
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_add_credits(
+    tenant: Option<&str>,
+    pool: Option<&str>,
+    amount: Option<i64>,
+    expires_at: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
+    idempotency_key: default!(Option<&str>, "NULL"),
+    reason: default!(Option<&str>, "NULL"),
+) -> Option<i64> {
+    use crate::error::OrRaise;
+    (|| {
+        let tenant = crate::validate::need(tenant, "tenant")?;
+        let pool = crate::validate::need(pool, "pool")?;
+        let amount = crate::validate::need(amount, "amount")?;
+        add_top_up(
+            tenant,
+            pool,
+            amount,
+            expires_at.map(|t| t.into_inner()),
+            idempotency_key,
+            reason,
+        )
+    })()
+    .or_raise()
+}
+
+/// What is left of `pool` for `tenant` now: the period's allowance left
+/// plus live top-ups; NULL when the allowance is unlimited.
+#[pg_extern(stable, parallel_safe)]
+fn flux_balance(tenant: Option<&str>, pool: Option<&str>) -> Option<i64> {
+    use crate::error::OrRaise;
+    let (tenant, pool) = (tenant?, pool?);
+    (|| {
+        crate::access::require_act_for("flux_balance", tenant)?;
+        balance_of(tenant, pool)
+    })()
+    .or_raise()
+}
