@@ -53,6 +53,26 @@ ALTER TABLE flux.audit_log ADD COLUMN role text;
 COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g. a Stripe event id), else the role that made the change (current_user); only superusers and members of flux_admin can set flux.actor';
 COMMENT ON COLUMN flux.audit_log.role IS 'The role that made the change (current_user at the time, which flux.actor cannot change)';
 
+-- Credits (CONTRACT.md, "Credits and holds"): kind credits, and a feature's
+-- price in a pool (before the features trigger below reads them).
+ALTER TABLE flux.features DROP CONSTRAINT features_kind_check,
+    ADD CONSTRAINT features_kind_check CHECK (kind IN ('boolean', 'limit', 'metered', 'rate', 'credits')),
+    ADD COLUMN cost_pool text REFERENCES flux.features (key) ON UPDATE CASCADE,
+    ADD COLUMN cost_credits bigint CONSTRAINT features_cost_credits_check CHECK (cost_credits > 0),
+    ADD CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL));
+COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period), rate (calls per sliding window) or credits (a pool other features draw from)';
+COMMENT ON COLUMN flux.features.cost_pool IS 'The credits pool each unit of this feature draws from (flux_set_cost); NULL: not priced';
+COMMENT ON COLUMN flux.features.cost_credits IS 'Credits one unit of this feature draws from cost_pool';
+CREATE FUNCTION flux."_check_cost"(
+	"key" TEXT,
+	"kind" TEXT,
+	"cost_pool" TEXT,
+	"cost_credits" bigint
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_check_cost_wrapper';
+
 -- The validation triggers: a pinned search_path, qualified names, and a
 -- refusal to run on any table but their own.
 CREATE OR REPLACE FUNCTION flux._features_validate() RETURNS trigger LANGUAGE plpgsql
@@ -63,6 +83,7 @@ BEGIN
             '%s is the trigger of %s, not of %s', 'flux._features_validate()', 'flux.features', TG_RELID::pg_catalog.regclass);
     END IF;
     PERFORM flux._check_feature(NEW.key, NEW.kind, CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.key END);
+    PERFORM flux._check_cost(NEW.key, NEW.kind, NEW.cost_pool, NEW.cost_credits);
     RETURN NEW;
 END $$;
 CREATE OR REPLACE FUNCTION flux._plans_validate() RETURNS trigger LANGUAGE plpgsql
@@ -383,7 +404,7 @@ SELECT pg_catalog.pg_extension_config_dump('flux.key_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.caller_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.caller_rate_state', '');
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.key_limits, flux.caller_usage, flux.caller_rate_state TO flux_admin;
-COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists, api_keys or key_limits';
+COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists, api_keys, key_limits or credit_ledger (top-ups)';
 
 -- Counter rows are updated in place (HOT): half of each page is kept free
 -- for their next versions, so a page is pruned every few dozen updates
@@ -606,6 +627,77 @@ COMMENT ON FUNCTION flux_denials(text) IS 'Admin: denials by tenant, feature and
 COMMENT ON FUNCTION flux_stats_reset() IS 'Admin: forget every decision and denial count';
 COMMENT ON FUNCTION flux_stats_info() IS 'Admin: entries in the statistics table, the most it keeps (flux.stats_max), entries evicted to make room, and the last reset';
 
+-- Credits (src/usage/credits.rs): every top-up and every draw of a pool,
+-- keyed by tenant first. A top-up's remaining is what is left of it; draws
+-- take the period's allowance (flux.usage of the pool) first, then top-ups
+-- by earliest expiry.
+CREATE TABLE flux.credit_ledger (
+    id              bigserial PRIMARY KEY,
+    tenant          text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    pool            text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    amount          bigint NOT NULL CONSTRAINT credit_ledger_amount_check CHECK (amount <> 0),
+    balance_after   bigint,
+    feature         text,
+    at              timestamptz NOT NULL DEFAULT now(),
+    idempotency_key text,
+    reason          text,
+    expires_at      timestamptz,
+    remaining       bigint CONSTRAINT credit_ledger_remaining_check
+                    CHECK (remaining >= 0 AND remaining <= amount),
+    CONSTRAINT credit_ledger_topup_check CHECK ((amount > 0) = (remaining IS NOT NULL))
+);
+CREATE UNIQUE INDEX credit_ledger_topup_key ON flux.credit_ledger (tenant, pool, idempotency_key)
+    WHERE amount > 0 AND idempotency_key IS NOT NULL;
+CREATE INDEX credit_ledger_live ON flux.credit_ledger (tenant, pool, expires_at) WHERE remaining > 0;
+CREATE INDEX credit_ledger_tenant ON flux.credit_ledger (tenant, pool, at);
+CREATE INDEX credit_ledger_pool ON flux.credit_ledger (pool);
+COMMENT ON TABLE flux.credit_ledger IS 'Credits: one row per top-up (flux_add_credits, amount > 0; also in the audit log) and per draw (a consume of a priced feature or of the pool, amount < 0), written in the caller''s transaction';
+COMMENT ON COLUMN flux.credit_ledger.amount IS 'Credits added (> 0) or drawn (< 0)';
+COMMENT ON COLUMN flux.credit_ledger.balance_after IS 'The pool''s balance after this row (allowance left + live top-ups); NULL when the allowance is unlimited';
+COMMENT ON COLUMN flux.credit_ledger.feature IS 'A draw: the feature consumed (the pool itself when consumed directly)';
+COMMENT ON COLUMN flux.credit_ledger.idempotency_key IS 'A top-up: its key (a repeat adds nothing); a draw: the consume''s key';
+COMMENT ON COLUMN flux.credit_ledger.expires_at IS 'A top-up: when what is left of it stops counting (NULL: never)';
+COMMENT ON COLUMN flux.credit_ledger.remaining IS 'A top-up: what draws have left of it (NULL for a draw)';
+
+SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger_id_seq', '');
+GRANT SELECT ON flux.credit_ledger TO flux_admin;
+CREATE TRIGGER audit AFTER INSERT ON flux.credit_ledger
+    FOR EACH ROW WHEN (NEW.amount OPERATOR(pg_catalog.>) 0) EXECUTE FUNCTION flux._audit('id');
+CREATE FUNCTION "flux_set_cost"(
+	"feature" TEXT,
+	"pool" TEXT,
+	"credits" bigint
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_set_cost_wrapper';
+CREATE FUNCTION "flux_add_credits"(
+	"tenant" TEXT,
+	"pool" TEXT,
+	"amount" bigint,
+	"expires_at" timestamp with time zone DEFAULT NULL,
+	"idempotency_key" TEXT DEFAULT NULL,
+	"reason" TEXT DEFAULT NULL
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_add_credits_wrapper';
+CREATE FUNCTION "flux_balance"(
+	"tenant" TEXT,
+	"pool" TEXT
+) RETURNS bigint
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_balance_wrapper';
+REVOKE EXECUTE ON FUNCTION flux_set_cost, flux_add_credits FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_set_cost, flux_add_credits TO flux_admin;
+COMMENT ON FUNCTION flux._check_cost(text, text, text, bigint) IS 'Validator used by the features trigger: a price draws from another feature of kind credits, and a pool stays one while features draw from it';
+COMMENT ON FUNCTION flux_set_cost(text, text, bigint) IS 'Admin: each unit of feature consumed draws credits from pool (a feature of kind credits); credits => NULL removes the price';
+COMMENT ON FUNCTION flux_add_credits(text, text, bigint, timestamptz, text, text) IS 'Admin: a purchased top-up of a credits pool (one flux.credit_ledger row, audited); a repeated idempotency_key adds nothing; returns the balance';
+COMMENT ON FUNCTION flux_balance(text, text) IS 'What is left of a credits pool for the tenant now: the period''s allowance left plus live top-ups (NULL: unlimited)';
+COMMENT ON FUNCTION flux_define_feature(text, text, text) IS 'Admin: define or redefine a feature (kind boolean, limit, metered, rate or credits); a NULL description keeps the current one';
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';
@@ -629,7 +721,7 @@ GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, 
     flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
     flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats(),
-    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit
+    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit, flux._check_cost
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

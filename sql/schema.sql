@@ -352,7 +352,7 @@ COMMENT ON TABLE flux.audit_log IS 'Who changed what: one row per inserted, upda
 COMMENT ON COLUMN flux.audit_log.at IS 'Transaction time of the change';
 COMMENT ON COLUMN flux.audit_log.actor IS 'The setting flux.actor when set (e.g. a Stripe event id), else the role that made the change (current_user); only superusers and members of flux_admin can set flux.actor';
 COMMENT ON COLUMN flux.audit_log.role IS 'The role that made the change (current_user at the time, which flux.actor cannot change)';
-COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists, api_keys or key_limits';
+COMMENT ON COLUMN flux.audit_log.entity IS 'The table: features, plans, grants, tenants, addons, addon_grants, tenant_addons, overrides, flags, flag_lists, api_keys, key_limits or credit_ledger (top-ups)';
 COMMENT ON COLUMN flux.audit_log.key IS 'The row''s key, parts joined by / (e.g. pro/export for a grant)';
 COMMENT ON COLUMN flux.audit_log.tenant IS 'The tenant the change concerns, when there is one (for flag lists: the listed id)';
 COMMENT ON COLUMN flux.audit_log.old IS 'The row before the change (NULL for an insert); API keys without their hash';

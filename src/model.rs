@@ -454,7 +454,7 @@ mod tests {
         }
         assert_eq!(
             Kind::parse("bool").unwrap_err().to_string(),
-            "unknown feature kind \"bool\": expected boolean, limit, metered or rate"
+            "unknown feature kind \"bool\": expected boolean, limit, metered, rate or credits"
         );
         assert_eq!(
             Period::expected(),

@@ -1180,7 +1180,9 @@ mod tests {
              SELECT flux_set_flag('export', rollout_percent => 12.5);
              SELECT flux_set_flag('seats', enabled => false);
              SELECT flux_flag_deny('export', 'acme');
-             SELECT flux_flag_allow('export', 'globex');",
+             SELECT flux_flag_allow('export', 'globex');
+             SELECT flux_define_feature('credits', 'credits');
+             SELECT flux_set_cost('export', 'credits', 3);",
         )
         .unwrap();
         let direct = load_catalogue_direct(namespace())
@@ -1216,6 +1218,7 @@ mod tests {
             )
         };
         assert_eq!(show(&direct), show(&sql));
+        assert_eq!(direct.0 .4["export"], ("credits".to_string(), 3));
         let plans: Vec<_> = direct.0 .0["export"]
             .grants
             .iter()

@@ -175,6 +175,10 @@ pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
     let need = checked_mul(amount, credits, &x.d.feature)?;
     if is_pool {
         let (left, used, live) = holdings(x)?;
+        // Not in the plan and nothing bought: not_in_plan, as before.
+        if !x.d.allowed && live == 0 {
+            return Ok(true);
+        }
         let bal = balance(left, live);
         x.d.balance = bal;
         x.d.remaining = bal;
