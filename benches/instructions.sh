@@ -9,7 +9,9 @@
 # Both sides of a pair return one row (single-user mode prints it).
 #
 # Usage: benches/instructions.sh  (or make bench-instructions). Needs
-# valgrind; takes a few minutes.
+# valgrind; takes a few minutes. STATS=1: the backend preloads the library
+# (decision statistics on), and a row compares each flux statement with
+# itself without the preload.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
@@ -51,17 +53,18 @@ script() { # file statement calls
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
-count() { # statement calls -> instructions of a whole single-user run
+count() { # statement calls [postgres options] -> instructions of a whole single-user run
     script "$WORK/run.sql" "$1" "$2"
     rm -rf "$DIR.run" && cp -a "$DIR" "$DIR.run"
+    # shellcheck disable=SC2086 # the options are words
     as_pg valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-        "$BIN/postgres" --single -D "$DIR.run" flux_bench <"$WORK/run.sql" 2>"$WORK/vg.err" >/dev/null
+        "$BIN/postgres" --single ${3:-} -D "$DIR.run" flux_bench <"$WORK/run.sql" 2>"$WORK/vg.err" >/dev/null
     awk '/Collected/ {print $4}' "$WORK/vg.err"
 }
 
-per_call() { # statement
+per_call() { # statement [postgres options]
     local a b
-    a=$(count "$1" "$N1"); b=$(count "$1" "$N2")
+    a=$(count "$1" "$N1" "${2:-}"); b=$(count "$1" "$N2" "${2:-}")
     echo $(((b - a) / (N2 - N1)))
 }
 
@@ -70,6 +73,10 @@ for c in "${cases[@]}"; do
     IFS='@' read -r name fx base <<<"$c"
     f=$(per_call "$fx"); b=$(per_call "$base")
     printf '%-78s %10d %10d %8.3f\n' "$name" "$f" "$b" "$(echo "$f / $b" | bc -l)"
+    if [ "${STATS:-0}" = 1 ]; then
+        s=$(per_call "$fx" "-c shared_preload_libraries=flux_entitlements")
+        printf '%-78s %10d %10d %8.3f\n' "  the same, statistics on / off" "$s" "$f" "$(echo "$s / $f" | bc -l)"
+    fi
 done
 echo "(callgrind, single-user backend, mean of calls $N1..$N2 after $WARM passes over every key; ratio: flux / baseline, lower is better)"
 scripts/pg.sh destroy "$DIR" >/dev/null

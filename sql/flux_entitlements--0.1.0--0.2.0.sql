@@ -624,7 +624,7 @@ REVOKE EXECUTE ON FUNCTION flux_decision_stats, flux_denials, flux_stats_reset, 
 GRANT EXECUTE ON FUNCTION flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info TO flux_admin;
 COMMENT ON FUNCTION flux_decision_stats() IS 'Admin: decisions of flux_check, flux_decide, flux_consume and the flux_protect policies by feature, plan and reason since the last reset, most frequent first (a check counts once per statement for each tenant); needs shared_preload_libraries = ''flux_entitlements''';
 COMMENT ON FUNCTION flux_denials(text) IS 'Admin: denials by tenant, feature and reason, the tenants denied most first; only the given feature''s when not NULL; needs shared_preload_libraries = ''flux_entitlements''';
-COMMENT ON FUNCTION flux_stats_reset() IS 'Admin: forget every decision and denial count';
+COMMENT ON FUNCTION flux_stats_reset() IS 'Admin: forget every decision and denial count, of every database (the statistics table is the server''s)';
 COMMENT ON FUNCTION flux_stats_info() IS 'Admin: entries in the statistics table, the most it keeps (flux.stats_max), entries evicted to make room, and the last reset';
 
 -- Credits (src/usage/credits.rs): every top-up and every draw of a pool,

@@ -23,12 +23,13 @@ use pgrx::prelude::*;
 use pgrx::{AllocatedByPostgres, PgTrigger, PgTriggerError};
 use std::ffi::CStr;
 
-/// The role running the statement (after SET ROLE), by name.
+/// The role running the statement (after SET ROLE), by name: the caller
+/// when flux writes as the owner on its behalf (privilege::caller).
 fn current_role() -> String {
-    // SAFETY: GetUserId is backend-local state; GetUserNameFromId with
-    // noerr = true returns NULL rather than raising for a dropped role.
+    // SAFETY: GetUserNameFromId with noerr = true returns NULL rather than
+    // raising for a dropped role.
     unsafe {
-        let name = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), true);
+        let name = pg_sys::GetUserNameFromId(crate::privilege::caller(), true);
         if name.is_null() {
             String::new()
         } else {
@@ -71,6 +72,18 @@ fn audit_log_has_role() -> bool {
         let rel = pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns);
         rel != pg_sys::InvalidOid && pg_sys::get_attnum(rel, c"role".as_ptr()) > 0
     }
+}
+
+/// Whether the statement running is a COPY FROM into flux.`table` (a
+/// restore: validators that look at other rows of the same table let it
+/// load in any order, its constraints checking what they can).
+pub fn copying_into_flux(table: &CStr) -> bool {
+    // SAFETY: syscache lookups by name inside a transaction.
+    let relid = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"flux".as_ptr(), true);
+        pg_sys::get_relname_relid(table.as_ptr(), ns)
+    };
+    relid != pg_sys::InvalidOid && copying_into(relid)
 }
 
 /// Whether the statement running is a COPY FROM into the table `relid`

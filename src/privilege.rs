@@ -218,6 +218,22 @@ pub fn role_name(oid: pg_sys::Oid) -> String {
 struct Switched {
     uid: pg_sys::Oid,
     ctx: i32,
+    caller: Option<pg_sys::Oid>,
+}
+
+thread_local! {
+    /// The role that called, while flux acts as the owner (see `caller`).
+    static CALLER: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
+}
+
+/// The role that made a change: the current user, or, while flux writes as
+/// the tables' owner on a caller's behalf (flux_add_credits, Stripe
+/// events), the role that called it (the audit log names it).
+pub fn caller() -> pg_sys::Oid {
+    // SAFETY: GetUserId reads backend-local state.
+    CALLER
+        .get()
+        .unwrap_or_else(|| unsafe { pg_sys::GetUserId() })
 }
 
 impl Switched {
@@ -232,12 +248,17 @@ impl Switched {
                 ctx | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | flags) as i32,
             );
         }
-        Switched { uid, ctx }
+        let caller = CALLER.get();
+        if caller.is_none() {
+            CALLER.set(Some(uid));
+        }
+        Switched { uid, ctx, caller }
     }
 }
 
 impl Drop for Switched {
     fn drop(&mut self) {
+        CALLER.set(self.caller);
         // SAFETY: restores the identity saved in to() (a plain store that
         // cannot raise, so it is also safe while an error unwinds).
         unsafe { pg_sys::SetUserIdAndSecContext(self.uid, self.ctx) }

@@ -24,8 +24,9 @@ impl Kind {
 pub const OTHER_NULL: u8 = u8::MAX;
 
 /// A counted key: `other` is the plan of a decision (None: an unknown
-/// tenant's) or the tenant of a denial. `hash` covers all of it, names
-/// whole.
+/// tenant's) or the tenant of a denial. Names are kept to their first
+/// shared::NAME bytes (what the shared table keeps); `hash` covers them
+/// whole, so two long names with the same start stay apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key {
     /// The database the decision was made in (each database has its own
@@ -35,6 +36,8 @@ pub struct Key {
     pub reason: u8,
     pub feature: Box<[u8]>,
     pub other: Option<Box<[u8]>>,
+    /// Bit 0: the feature was cut; bit 1: the plan or tenant was.
+    pub cut: u8,
     pub hash: u64,
 }
 
@@ -69,12 +72,15 @@ impl Key {
         }
         // 0 marks an empty slot.
         let hash = h.digest().max(1);
+        let (f, fcut) = super::shared::kept(feature);
+        let o = other.map(super::shared::kept);
         Key {
             db,
             kind,
             reason,
-            feature: feature.into(),
-            other: other.map(Into::into),
+            feature: f.into(),
+            other: o.map(|(o, _)| o.into()),
+            cut: u8::from(fcut) | u8::from(o.is_some_and(|(_, c)| c)) << 1,
             hash,
         }
     }

@@ -28,6 +28,9 @@ struct Consumed {
     denial: Option<u32>,
 }
 
+/// Keys pending before a flush mid-transaction (see must_flush).
+const FLUSH_AT: usize = 512;
+
 /// Past these, the maps start over after a flush (memory stays bounded).
 const MAX_KEYS: usize = 10_000;
 const MAX_SEEN: usize = 100_000;
@@ -45,8 +48,10 @@ pub struct Local {
     index: HashMap<Key, u32>,
     dirty: Vec<u32>,
     seen: Vec<Seen>,
-    seen_index: HashMap<Box<[u8]>, u32, xxhash_rust::xxh3::Xxh3Builder>,
-    consumes: HashMap<Box<[u8]>, Consumed, xxhash_rust::xxh3::Xxh3Builder>,
+    /// By a 128-bit hash of (which, feature, tenant): names are not kept
+    /// whole here (a 1 MB name would be, once per map).
+    seen_index: HashMap<u128, u32>,
+    consumes: HashMap<u128, Consumed>,
     /// Bumped when `seen` starts over: older marks no longer apply.
     epoch: u32,
     scratch: Vec<u8>,
@@ -128,7 +133,8 @@ impl Local {
         self.scratch.extend_from_slice(feature);
         self.scratch.push(0xff);
         self.scratch.extend_from_slice(tenant);
-        let id = match self.seen_index.get(&self.scratch[..]) {
+        let h = xxhash_rust::xxh3::xxh3_128(&self.scratch);
+        let id = match self.seen_index.get(&h) {
             Some(&id) => id,
             None => {
                 if self.seen.len() >= MAX_SEEN {
@@ -140,7 +146,7 @@ impl Local {
                     denial,
                     counted: (0, i64::MIN, 0),
                 });
-                self.seen_index.insert(self.scratch[..].into(), id);
+                self.seen_index.insert(h, id);
                 id
             }
         };
@@ -194,7 +200,8 @@ impl Local {
         self.scratch.extend_from_slice(feature);
         self.scratch.push(0xff);
         self.scratch.extend_from_slice(tenant);
-        if let Some(m) = self.consumes.get(&self.scratch[..]) {
+        let h = xxhash_rust::xxh3::xxh3_128(&self.scratch);
+        if let Some(m) = self.consumes.get(&h) {
             if m.reason == reason && m.plan.as_deref() == plan {
                 let (d, n) = (m.decision, m.denial);
                 self.count(d, n);
@@ -206,7 +213,7 @@ impl Local {
             self.consumes.clear();
         }
         self.consumes.insert(
-            self.scratch[..].into(),
+            h,
             Consumed {
                 reason,
                 plan: plan.map(Into::into),
@@ -219,6 +226,13 @@ impl Local {
 
     pub fn has_pending(&self) -> bool {
         !self.dirty.is_empty()
+    }
+
+    /// So many keys pending that they are added now, mid-transaction: one
+    /// transaction's end never holds the shared table for long, and its
+    /// keys' memory is bounded.
+    pub fn must_flush(&self) -> bool {
+        self.dirty.len() >= FLUSH_AT
     }
 
     /// The counts not yet added, passed to `add`, and a reset of them.

@@ -224,7 +224,7 @@ pub fn checked(d: &Decision, alone: bool) -> Mark {
     LOCAL.with(|l| match l.try_borrow_mut() {
         Ok(mut l) => {
             l.db = database();
-            l.checked(
+            let mark = l.checked(
                 d.tenant.as_bytes(),
                 d.feature.as_bytes(),
                 d.plan.as_deref(),
@@ -232,7 +232,11 @@ pub fn checked(d: &Decision, alone: bool) -> Mark {
                 d.allowed,
                 alone,
                 stmt,
-            )
+            );
+            if l.must_flush() {
+                l.drain(|batch| shared::add(batch, backend::statement_start()));
+            }
+            mark
         }
         Err(_) => 0,
     })
@@ -271,6 +275,9 @@ pub fn consumed(d: &Decision) {
                 d.reason,
                 d.allowed,
             );
+            if l.must_flush() {
+                l.drain(|batch| shared::add(batch, backend::statement_start()));
+            }
         }
     });
 }
@@ -350,7 +357,8 @@ fn flux_denials(
     }))
 }
 
-/// Forget this database's counts (admin).
+/// Forget every count, of every database (admin; the table is the
+/// server's, as pg_stat_statements' is).
 #[pg_extern(volatile, parallel_unsafe)]
 fn flux_stats_reset() {
     require().or_raise();
@@ -360,7 +368,7 @@ fn flux_stats_reset() {
         }
     });
     // SAFETY: reads the clock.
-    shared::reset(database(), unsafe { pg_sys::GetCurrentTimestamp() });
+    shared::reset(unsafe { pg_sys::GetCurrentTimestamp() });
 }
 
 /// The table itself: entries in use, the most it keeps (flux.stats_max),

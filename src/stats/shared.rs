@@ -119,6 +119,31 @@ struct Locked {
 }
 
 impl Locked {
+    /// In the postmaster (which has no PGPROC and so cannot wait): take
+    /// the locks only if they are free (a backend killed by an immediate
+    /// shutdown may have left one held).
+    fn try_take_all() -> Option<Locked> {
+        let h = TABLE.load(Relaxed);
+        if h.is_null() {
+            return None;
+        }
+        // SAFETY: as in take(); on failure what was taken is released.
+        unsafe {
+            for i in 0..PARTITIONS {
+                if !pg_sys::LWLockConditionalAcquire(
+                    Self::lock(h, i),
+                    pg_sys::LWLockMode::LW_EXCLUSIVE,
+                ) {
+                    for j in (0..i).rev() {
+                        pg_sys::LWLockRelease(Self::lock(h, j));
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(Locked { h, exclusive: true })
+    }
+
     fn take(exclusive: bool) -> Option<Locked> {
         let h = TABLE.load(Relaxed);
         if h.is_null() {
@@ -201,11 +226,8 @@ impl Locked {
             return;
         };
         let e = &mut self.slots_mut()[i];
-        let (feature, fcut) = kept(&k.feature);
-        let (other, ocut) = match &k.other {
-            Some(o) => kept(o),
-            None => (&[][..], false),
-        };
+        let feature = &k.feature[..];
+        let other = k.other.as_deref().unwrap_or_default();
         e.db = k.db;
         e.kind = k.kind as u8;
         e.reason = k.reason;
@@ -217,7 +239,7 @@ impl Locked {
             OTHER_NULL
         };
         e.other[..other.len()].copy_from_slice(other);
-        e.cut = u8::from(fcut) | u8::from(ocut) << 1;
+        e.cut = k.cut;
         e.count.store(n, Relaxed);
         e.first_at.store(now, Relaxed);
         e.last_at.store(now, Relaxed);
@@ -283,7 +305,7 @@ impl Drop for Locked {
 }
 
 /// The bytes kept of a name, and whether it was cut.
-fn kept(s: &[u8]) -> (&[u8], bool) {
+pub fn kept(s: &[u8]) -> (&[u8], bool) {
     if s.len() <= NAME {
         return (s, false);
     }
@@ -299,13 +321,13 @@ fn matches(e: &Entry, k: &Key) -> bool {
     if e.hash != k.hash || e.db != k.db || e.kind != k.kind as u8 || e.reason != k.reason {
         return false;
     }
-    let (f, _) = kept(&k.feature);
-    if e.feature.get(..usize::from(e.flen)) != Some(f) {
+    // Names as kept (Key::new cut them).
+    if e.cut != k.cut || e.feature.get(..usize::from(e.flen)) != Some(&k.feature[..]) {
         return false;
     }
     match &k.other {
         None => e.olen == OTHER_NULL,
-        Some(o) => e.olen != OTHER_NULL && e.other.get(..usize::from(e.olen)) == Some(kept(o).0),
+        Some(o) => e.olen != OTHER_NULL && e.other.get(..usize::from(e.olen)) == Some(&o[..]),
     }
 }
 
@@ -328,13 +350,16 @@ pub fn add<'a>(counts: impl Iterator<Item = (&'a Key, u64)>, now: i64) {
     if missing.is_empty() {
         return;
     }
-    let Some(mut t) = Locked::take(true) else {
-        return;
-    };
-    for (k, n) in missing {
-        match t.probe(k) {
-            Ok(i) => bump(&t.slots()[i], n, now),
-            Err(_) => t.insert(k, n, now),
+    // A few at a time: other backends' transactions end between chunks.
+    for chunk in missing.chunks(32) {
+        let Some(mut t) = Locked::take(true) else {
+            return;
+        };
+        for &(k, n) in chunk {
+            match t.probe(k) {
+                Ok(i) => bump(&t.slots()[i], n, now),
+                Err(_) => t.insert(k, n, now),
+            }
         }
     }
 }
@@ -414,20 +439,14 @@ pub fn info() -> Option<(u64, u32, u64, i64)> {
     ))
 }
 
-/// Forget database `db`'s entries (other databases' are kept), and the
-/// eviction count.
-pub fn reset(db: u32, now: i64) -> bool {
+/// Forget every entry (of every database, as pg_stat_statements_reset()
+/// does: the table, its eviction count and its reset time are the
+/// server's), and the eviction count.
+pub fn reset(now: i64) -> bool {
     let Some(mut t) = Locked::take(true) else {
         return false;
     };
-    let keep: Vec<usize> = t
-        .slots()
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.hash != 0 && e.db != db)
-        .map(|(i, _)| i)
-        .collect();
-    t.rebuild(&keep);
+    t.rebuild(&[]);
     t.header().evictions.store(0, Relaxed);
     t.header().reset_at.store(now, Relaxed);
     true
@@ -450,8 +469,10 @@ fn fingerprint() -> u64 {
 /// Write every entry (from the postmaster's on_shmem_exit, after a clean
 /// shutdown: no backend is left to change them).
 pub fn dump() -> std::io::Result<()> {
-    let Some(t) = Locked::take(false) else {
-        return Ok(());
+    let Some(t) = Locked::try_take_all() else {
+        return Err(std::io::Error::other(
+            "the table was locked by a backend that did not finish",
+        ));
     };
     let h = t.header();
     let mut buf = Vec::new();
@@ -509,11 +530,11 @@ pub fn load() -> std::io::Result<usize> {
     if buf.len() != 40 + n.checked_mul(size).ok_or_else(bad)? {
         return Err(bad());
     }
-    let Some(mut t) = Locked::take(true) else {
+    let Some(mut t) = Locked::try_take_all() else {
         return Ok(0);
     };
     let (max, mask) = (u64::from(t.header().max), t.slots().len() - 1);
-    let mut loaded = 0;
+    let (mut loaded, mut skipped) = (0, 0);
     for chunk in buf[40..].chunks_exact(size) {
         // SAFETY: `size` bytes written by dump() from an Entry of this
         // layout (the fingerprint says so); read unaligned from the buffer.
@@ -524,6 +545,7 @@ pub fn load() -> std::io::Result<usize> {
             && usize::from(e.flen) <= NAME
             && (e.olen == OTHER_NULL || usize::from(e.olen) <= NAME);
         if !valid || t.header().live.load(Relaxed) >= max {
+            skipped += 1;
             continue;
         }
         let slots = t.slots_mut();
@@ -538,5 +560,8 @@ pub fn load() -> std::io::Result<usize> {
     }
     t.header().evictions.store(evictions, Relaxed);
     t.header().reset_at.store(reset_at, Relaxed);
+    if skipped > 0 {
+        pgrx::log!("flux_entitlements: {skipped} saved decision statistics entries were invalid or over flux.stats_max, and dropped");
+    }
     Ok(loaded)
 }

@@ -55,7 +55,18 @@ pub fn price_of(x: &Decided) -> FluxResult<Option<(String, i64)>> {
     if f.kind == Kind::Credits {
         return Ok(Some((f.key.clone(), 1)));
     }
-    Ok(crate::cache::catalogue()?.costs.get(&f.key).cloned())
+    let cat = crate::cache::catalogue()?;
+    // A price whose pool is not (or no longer) of kind credits, which only
+    // a COPY could store, prices nothing.
+    Ok(cat
+        .costs
+        .get(&f.key)
+        .filter(|(pool, _)| {
+            cat.features
+                .get(pool)
+                .is_some_and(|p| p.kind == Kind::Credits)
+        })
+        .cloned())
 }
 
 /// A pool's allowance for a tenant now: the limit (None: unlimited) and
@@ -82,6 +93,30 @@ fn allowance(pool: &Decided) -> FluxResult<Option<Allowance>> {
         start: sql::period_key(start),
         meter,
     }))
+}
+
+/// A locked allowance counter: (period key, used).
+type Locked = (i64, i64);
+
+/// Lock the pool's row in flux.usage: its allowance's counter this period
+/// (or, with no allowance, the row of period -infinity, kept at 0). Every
+/// draw and top-up of the tenant's pool queues here first, then on the
+/// top-ups in draw order, so each sees the balance the one before left.
+/// Returns the allowance left (None: unlimited) and, with an allowance,
+/// its counter's (period key, used). As the owner.
+fn lock_pool(p: &Decided) -> FluxResult<(Option<i64>, Option<Locked>)> {
+    let a = allowance(p)?;
+    let start = a.as_ref().map_or(sql::period_key(None), |a| a.start);
+    let used = sql::lock_counter(&Counter {
+        tenant: &p.d.tenant,
+        feature: &p.d.feature,
+        start,
+        caller: None,
+    })?;
+    Ok(match a {
+        Some(a) => (a.limit.map(|l| (l - used).max(0)), Some((a.start, used))),
+        None => (Some(0), None),
+    })
 }
 
 fn counter<'a>(pool: &'a Decided, a: &Allowance) -> Counter<'a> {
@@ -255,7 +290,7 @@ pub struct Draw {
     from_allowance: i64,
     /// (ledger id, credits taken) in draw order.
     from_top_ups: Vec<(i64, i64)>,
-    counter: Option<(i64, i64)>,
+    counter: Option<Locked>,
     pub balance_after: Option<i64>,
     at: i64,
 }
@@ -275,19 +310,9 @@ pub fn reserve(x: &mut Decided, amount: i64) -> FluxResult<Option<Draw>> {
         Some(entitle(&x.d.tenant, &pool, None)?)
     };
     let p = px.as_ref().unwrap_or(x);
-    let a = allowance(p)?;
     let (tenant, now) = (p.d.tenant.clone(), p.ctx.now);
     let _owner = crate::privilege::AsOwner::enter()?;
-    // The allowance's row first: every draw of this tenant's pool queues
-    // here, then on the top-ups (always in the same order).
-    let (left, counter) = match &a {
-        Some(a) => {
-            let c = counter(p, a);
-            let used = sql::lock_counter(&c)?;
-            (a.limit.map(|l| (l - used).max(0)), Some((a.start, used)))
-        }
-        None => (Some(0), None),
-    };
+    let (left, counter) = lock_pool(p)?;
     let lots: Vec<(i64, i64)> = Spi::connect_mut(|c| {
         let q = crate::prepared::kept(c, LOCK_LIVE, &[TEXT, TEXT, TSTZ], true)?;
         let t = c.update(
@@ -422,8 +447,9 @@ fn add_top_up(
         }
     }
     crate::validate::require_tenant(tenant)?;
+    // A pool, or the error saying what it is.
+    balance_of(tenant, pool)?;
     let x = entitle(tenant, pool, None)?;
-    let before = balance_of(tenant, pool)?;
     if expires_at.is_some_and(|e| e <= x.ctx.now) {
         return Err(FluxError::InvalidValue(format!(
             "expires_at {} is already past: a top-up must expire later than now ({})",
@@ -431,16 +457,19 @@ fn add_top_up(
             crate::timeutil::format_minute(x.ctx.now)
         )));
     }
-    let after = before.map(|b| b.saturating_add(amount));
     let _owner = crate::privilege::AsOwner::enter()?;
-    Spi::connect_mut(|c| {
+    // Under the pool's lock, as draws: balance_after follows the one before.
+    let (left, _) = lock_pool(&x)?;
+    let before = balance(left, live_top_ups(tenant, pool, x.ctx.now)?);
+    let after = before.map(|b| b.saturating_add(amount));
+    let added = Spi::connect_mut(|c| {
         let p = crate::prepared::kept(
             c,
             TOP_UP,
             &[TEXT, TEXT, INT8, INT8, TSTZ, TSTZ, TEXT, TEXT],
             true,
         )?;
-        c.update(
+        let t = c.update(
             &*p,
             Some(1),
             &[
@@ -454,11 +483,10 @@ fn add_top_up(
                 reason.into(),
             ],
         )?;
-        Ok::<_, FluxError>(())
+        Ok::<_, FluxError>(!t.is_empty())
     })?;
-    drop(_owner);
     // A repeated key added nothing: the balance as it stands.
-    balance_of(tenant, pool)
+    Ok(if added { after } else { before })
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

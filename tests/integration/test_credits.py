@@ -24,7 +24,6 @@ import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from conftest import BIN, HOST, PORT, Roles, connect, dsn, login, sqlstate_of, wait_until_up
 
@@ -125,10 +124,18 @@ def in_thread(fn):
 # 1. Eight clients drain one tenant's balance
 
 
-def test_eight_clients_drain_the_pool_exactly(fresh_db):
+@pytest.mark.parametrize("allowance", [100, 0])
+def test_eight_clients_drain_the_pool_exactly(fresh_db, allowance):
+    """allowance 100 + a top-up of 200; or, on a plan that does not grant
+    the pool, top-ups only (150 expiring, then 150 never)."""
     with clocked(fresh_db) as c:
         catalogue(c, allowance=100, cost=3)
-        assert one(c, "SELECT flux_add_credits('acme', 'ai_credits', 200, NULL, 'buy-1', 'pack')") == 300
+        if allowance:
+            assert one(c, "SELECT flux_add_credits('acme', 'ai_credits', 200, NULL, 'buy-1', 'pack')") == 300
+        else:
+            c.execute("SELECT flux_revoke('pro', 'ai_credits')")
+            c.execute("SELECT flux_add_credits('acme', 'ai_credits', 150, NULL, 'buy-1')")
+            c.execute("SELECT flux_add_credits('acme', 'ai_credits', 150, '2026-11-30 00:00+00', 'buy-2')")
         assert balance(c) == 300
     allowed, refusals, errors = [], [], []
     barrier = threading.Barrier(8)
@@ -167,12 +174,15 @@ def test_eight_clients_drain_the_pool_exactly(fresh_db):
         assert {r[1] for r in d} == {-3} and {r[3] for r in d} == {"chat"}
         # balance_after, in ledger order, goes down 3 at a time to 0.
         assert [r[2] for r in d] == list(range(297, -1, -3)), [r[2] for r in d]
-        assert used(c, "ai_credits") == 100  # the allowance, all of it
+        assert used(c, "ai_credits") == allowance  # the allowance, all of it
         assert used(c, "chat") == 100  # the priced feature's own counter
-        assert [r[2] for r in top_ups(c)] == [0]  # the top-up's remaining
+        assert {r[2] for r in top_ups(c)} == {0}  # the top-ups' remaining
         assert balance(c) == 0
-        dec = c.execute("SELECT allowed, reason, \"limit\", used, remaining, balance FROM flux_decide('acme', 'ai_credits')").fetchone()
-        assert dec == (False, "limit_reached", 100, 100, 0, 0), dec
+        dec = c.execute("SELECT allowed, reason, \"limit\", remaining, balance FROM flux_decide('acme', 'ai_credits')").fetchone()
+        # Granted: the pool is exhausted; not granted and nothing left that
+        # was bought: not in the plan, as before any purchase.
+        want = (False, "limit_reached", 100, 0, 0) if allowance else (False, "not_in_plan", None, None, None)
+        assert dec == want, dec
 
 
 # ---------------------------------------------------------------------------
@@ -222,6 +232,18 @@ def test_draws_take_the_allowance_then_the_earliest_expiring_top_up(fresh_db):
         assert balance(c) == 100
         r = c.execute("SELECT \"limit\", used, remaining FROM flux_decide('acme', 'ai_credits')").fetchone()
         assert r == (100, 0, 100), r
+
+
+def test_an_unlimited_allowance_draws_no_top_up(fresh_db):
+    with clocked(fresh_db) as c:
+        catalogue(c, allowance=None, cost=3)
+        c.execute("SELECT flux_add_credits('acme', 'ai_credits', 50, NULL, 'buy-1')")
+        assert balance(c) is None
+        r = c.execute("SELECT allowed, balance FROM flux_consume('acme', 'chat', 1000)").fetchone()
+        assert r == (True, None), r
+        assert [d[1:3] for d in draws(c)] == [(-3000, None)]
+        assert [t[2] for t in top_ups(c)] == [50]
+        assert used(c, "ai_credits") == 3000
 
 
 def test_a_refusal_by_the_priced_features_own_limit_draws_nothing(fresh_db):
@@ -362,19 +384,46 @@ def test_a_repeated_top_up_key_adds_once(fresh_db):
         assert [r[4] for r in top_ups(watch)] == ["inv-1", "inv-2", "inv-3"] and balance(watch) == 210
 
 
+def _second_waits_then_commit_first(watch, a, b_sql, fresh_db):
+    """Run b_sql on a new connection while `a` holds its transaction open:
+    b must wait on a's lock (the pool's row); then commit a and let b end."""
+    done = {}
+
+    def run():
+        with clocked(fresh_db) as b:
+            done["result"] = b.execute(b_sql).fetchone()[0]
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        waiting = watch.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query = %s", (b_sql,)
+        ).fetchone()[0]
+        if waiting:
+            break
+        time.sleep(0.05)
+    assert waiting, "the second did not wait for the first's lock on the pool"
+    a.commit()
+    t.join(10)
+    assert not t.is_alive()
+    return done["result"]
+
+
 def test_balance_after_agrees_with_the_balance_after_two_concurrent_top_ups(fresh_db):
     """balance_after is "the pool's balance after this row" (schema.sql): the
     newest row of the ledger says what flux_balance says, also when two
-    top-ups were made at the same time."""
+    top-ups are made at the same time (the second waits on the pool's row)."""
     with clocked(fresh_db) as c:
         catalogue(c, allowance=100, cost=3)
-    with clocked(fresh_db) as watch, clocked(fresh_db, autocommit=False) as a, clocked(fresh_db) as b:
+    with clocked(fresh_db) as watch, clocked(fresh_db, autocommit=False) as a:
         a.execute("SELECT flux_add_credits('acme', 'ai_credits', 50)")
-        b.execute("SELECT flux_add_credits('acme', 'ai_credits', 50)")
-        a.commit()
+        second = _second_waits_then_commit_first(
+            watch, a, "SELECT flux_add_credits('acme', 'ai_credits', 50)", fresh_db)
+        assert second == 200
         assert balance(watch) == 200
         rows = ledger(watch)
-        assert sorted(r[3] for r in rows) == [150, 200], ("balance_after of the two top-ups", rows)
+        assert [r[3] for r in rows] == [150, 200], ("balance_after of the two top-ups", rows)
 
 
 def test_balance_after_agrees_with_the_balance_after_a_concurrent_draw_and_top_up(fresh_db):
@@ -382,14 +431,14 @@ def test_balance_after_agrees_with_the_balance_after_a_concurrent_draw_and_top_u
     with clocked(fresh_db) as c:
         catalogue(c, allowance=100, cost=3)
         c.execute("SELECT flux_add_credits('acme', 'ai_credits', 100)")
-    with clocked(fresh_db) as watch, clocked(fresh_db, autocommit=False) as a, clocked(fresh_db) as b:
+    with clocked(fresh_db) as watch, clocked(fresh_db, autocommit=False) as a:
         a.execute("SELECT flux_consume('acme', 'chat')")
-        b.execute("SELECT flux_add_credits('acme', 'ai_credits', 10)")
-        a.commit()
+        second = _second_waits_then_commit_first(
+            watch, a, "SELECT flux_add_credits('acme', 'ai_credits', 10)", fresh_db)
+        assert second == 207
         assert balance(watch) == 207
         rows = ledger(watch)
-        # Whichever order they are taken in, one of the two rows ends at 207.
-        assert 207 in {r[3] for r in rows[1:]}, ("balance_after of the draw and the top-up", rows)
+        assert [r[3] for r in rows[1:]] == [197, 207], ("balance_after of the draw and the top-up", rows)
 
 
 # ---------------------------------------------------------------------------
@@ -397,7 +446,7 @@ def test_balance_after_agrees_with_the_balance_after_a_concurrent_draw_and_top_u
 
 
 def test_sigkill_during_draws_loses_no_credit(fresh_db):
-    cost, allowance, soon, never = 2, 3000, 4000, 100000
+    cost, allowance, soon, never = 2, 400, 600, 100000
     with clocked(fresh_db) as c:
         catalogue(c, allowance=allowance, cost=cost)
         c.execute("SELECT flux_add_credits('acme', 'ai_credits', %s, '2026-11-30 00:00+00', 'soon')", (soon,))
@@ -694,6 +743,8 @@ def test_a_plain_role_may_only_read_and_draw_its_own_balance(fresh_db, roles):
         assert r == (True, 94), r
         assert balance(c) == 94
         assert c.execute("SELECT remaining, balance FROM flux_decide('acme', 'ai_credits')").fetchone() == (94, 94)
+        assert balance(su, "globex") == 120
+        assert one(su, "SELECT count(*) FROM flux.credit_ledger WHERE tenant = 'acme' AND amount = -6") == 1
     # A placeholder set before the library loads does not move the clock
     # either: a new month would hand out a fresh allowance.
     with login(fresh_db, app) as c:
@@ -701,8 +752,6 @@ def test_a_plain_role_may_only_read_and_draw_its_own_balance(fresh_db, roles):
         c.execute("SET flux.tenant = 'acme'")
         assert balance(c) == 94
         assert c.execute("SELECT coalesce(current_setting('flux.now', true), '')").fetchone() == ("",)
-        assert balance(su, "globex") == 120
-        assert one(su, "SELECT count(*) FROM flux.credit_ledger WHERE tenant = 'acme' AND amount = -6") == 1
 
 
 def test_admin_and_service_roles(fresh_db, roles):
@@ -809,6 +858,10 @@ def test_bad_input_is_refused_with_nothing_written(fresh_db):
                 for w in words:
                     assert w in message, (query, w, message)
             assert written(c) == before, query
+        # An unknown tenant draws nothing (a decision, as for any feature).
+        r = c.execute("SELECT allowed, reason, balance FROM flux_consume('nobody', 'chat', 1, 'k-nobody')").fetchone()
+        assert r == (False, "unknown_tenant", None), r
+        assert written(c) == before
         # The same refusals inside a transaction leave the rest of it whole.
         with clocked(fresh_db, autocommit=False) as t:
             assert t.execute("SELECT balance FROM flux_consume('acme', 'chat')").fetchone() == (111,)
