@@ -7,7 +7,8 @@
 # default) runs the traffic rows of issue 16 after the others, 0 skips them,
 # only runs nothing else; TRAFFIC_TENANTS (default 100000) and
 # TRAFFIC_BIG_TENANTS (default 1000000) size their catalogue; STATS=0 skips
-# the statistics on / off rows (benches/stats.sh).
+# the statistics on / off rows (benches/stats.sh); ONLY=regex runs only the
+# first table's rows whose name matches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${FLUX_PGBIN:-/usr/lib/postgresql/15/bin}
@@ -55,11 +56,14 @@ cases=(
     "consume, one hot tenant, 8 clients / single-row UPDATE@hot_consume.sql@hot_baseline.sql@8@0.70@ge"
     "consume charging a subject's counter and the tenant's, 1,000 tenants / UPDATE by primary key (-c 2)@subject_consume.sql@consume_baseline.sql@2@0.80@ge"
     "flux_authenticate + consume (key's and tenant's counters) / key lookup + UPDATE, one transaction (-c 2)@key_consume.sql@key_baseline.sql@2@0.60@ge"
+    "consume of a priced feature (its counter, a pool draw, a ledger row), 1,000 tenants, 8 clients / UPDATE + INSERT@credits_consume.sql@credits_baseline.sql@8@0.70@ge"
+    "the same, one hot tenant's pool, 8 clients / UPDATE of one row + INSERT@credits_hot.sql@credits_hot_baseline.sql@8@0.60@ge"
     "per-row WHERE flux_check over $ROWS rows, 1,000 tenants: cost / trivial predicate@perrow.sql@perrow_baseline.sql@1@1.60@le"
     "RLS count(*) of 1M rows of one tenant (flux_protect) / unprotected copy with WHERE tenant_id@rls.sql@rls_baseline.sql@1@1.15@le@flux_bench_app"
 )
 for c in "${cases[@]}"; do
     IFS='@' read -r name fx base clients goal dir user <<<"$c"
+    if [ -n "${ONLY:-}" ] && ! grep -qE "$ONLY" <<<"$name"; then continue; fi
     ratios=(); fl=(); bl=()
     for _ in $(seq "$ROUNDS"); do
         a=$(tps "$fx" "$clients" "$user"); b=$(tps "$base" "$clients" "$user")
@@ -67,8 +71,10 @@ for c in "${cases[@]}"; do
     done
     report "$name" "$goal" "$dir"
 done
-# Scale: warm check latency with SCALE_TENANTS tenants / with 1,000 tenants.
+# Scale: warm check latency with SCALE_TENANTS tenants / with 1,000 tenants
+# (SCALE_TENANTS=0 skips it).
 SCALE=${SCALE_TENANTS:-1000000}
+if [ "$SCALE" != 0 ]; then
 scale_us() { # tenants
     "${PSQL[@]}" -d flux_bench -c "SET client_min_messages = warning" -c "TRUNCATE flux.tenants CASCADE" >/dev/null
     # Bulk set-up without the row triggers (validation, audit log and its
@@ -82,6 +88,7 @@ for _ in $(seq "$ROUNDS"); do small+=("$(scale_us 1000)"); large+=("$(scale_us "
 s_us=$(printf '%s\n' "${small[@]}" | median); l_us=$(printf '%s\n' "${large[@]}" | median)
 printf '%-92s %10s %10s %8.3f %3s%s\n' "warm flux_check latency, $SCALE tenants / 1,000 tenants (us per check, 200k checks)" \
     "$l_us" "$s_us" "$(echo "$l_us / $s_us" | bc -l)" "<=" "1.30"
+fi
 fi
 
 # flux_limit_report over 1M tenants and 200k counter rows / the same numbers

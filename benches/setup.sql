@@ -24,3 +24,16 @@ INSERT INTO bench_counters (id) SELECT i FROM generate_series(1, 1000) i;
 DROP TABLE IF EXISTS bench_rows;
 CREATE TABLE bench_rows AS SELECT i AS id, 't' || (i % 1000 + 1) AS tenant_id FROM generate_series(1, :rows) i;
 ANALYZE;
+-- Credits: a pool with a large monthly allowance and a top-up per tenant;
+-- chat (metered, unlimited) costs 1 credit: a consume records chat's
+-- counter, draws from the pool and writes one ledger row.
+SELECT flux_define_feature('ai_credits', 'credits');
+SELECT flux_define_feature('chat', 'metered');
+SELECT flux_grant('pro', 'ai_credits', 1000000000000, 'month');
+SELECT flux_grant('pro', 'chat', NULL, 'month');
+SELECT flux_set_cost('chat', 'ai_credits', 1);
+-- Baseline of a priced consume: the counter's UPDATE plus a ledger INSERT.
+DROP TABLE IF EXISTS bench_ledger;
+CREATE TABLE bench_ledger (id bigserial PRIMARY KEY, t int NOT NULL, amount bigint NOT NULL, at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON bench_ledger (t, at);
+ANALYZE;

@@ -1,0 +1,1 @@
+SELECT allowed FROM flux_consume('t1', 'chat');
