@@ -51,9 +51,16 @@ cases=(
 for c in "${cases[@]}"; do
     IFS='@' read -r name script clients <<<"$c"
     on=(); off=(); ratios=()
-    for _ in $(seq "$ROUNDS"); do
-        a=$(tps "$ON_DIR" "$ON_PORT" "$script" "$clients")
-        b=$(tps "$OFF_DIR" "$OFF_PORT" "$script" "$clients")
+    for r in $(seq "$ROUNDS"); do
+        # Which cluster goes first alternates, so that an order effect
+        # (warm caches, the CPU's clock) favours neither.
+        if [ $((r % 2)) = 1 ]; then
+            a=$(tps "$ON_DIR" "$ON_PORT" "$script" "$clients")
+            b=$(tps "$OFF_DIR" "$OFF_PORT" "$script" "$clients")
+        else
+            b=$(tps "$OFF_DIR" "$OFF_PORT" "$script" "$clients")
+            a=$(tps "$ON_DIR" "$ON_PORT" "$script" "$clients")
+        fi
         on+=("$a"); off+=("$b"); ratios+=("$(echo "$a / $b" | bc -l)")
     done
     printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "$name" \
