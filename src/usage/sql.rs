@@ -9,6 +9,7 @@ use crate::error::{FluxError, FluxResult};
 use crate::store::ts_datum;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use pgrx::{PgBuiltInOids, PgOid};
 
 const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
@@ -162,6 +163,41 @@ pub fn total(used: i64, amount: i64) -> FluxResult<i64> {
     })
 }
 
+/// Lock a counter's row (`FOR NO KEY UPDATE`); its used, or None when
+/// there is no row.
+fn lock_row(client: &mut SpiClient<'_>, c: &Counter, st: &Statements) -> FluxResult<Option<i64>> {
+    let (types, args) = key_args(c);
+    let p = crate::prepared::kept(client, st.lock, &types, true)?;
+    let found = client.update(&*p, Some(1), &args)?;
+    Ok(if found.is_empty() {
+        None
+    } else {
+        Some(found.first().get_one::<i64>()?.unwrap_or(0))
+    })
+}
+
+/// Set a locked row's used (`exists`), or insert the row with it; the value
+/// written, or None when a concurrent insert won (lock it and decide again).
+fn write_row(
+    client: &mut SpiClient<'_>,
+    c: &Counter,
+    st: &Statements,
+    exists: bool,
+    used: i64,
+) -> FluxResult<Option<i64>> {
+    let (mut types, mut args) = key_args(c);
+    types.push(INT8);
+    args.push(used.into());
+    let sql = if exists { st.update } else { st.insert };
+    let p = crate::prepared::kept(client, sql, &types, true)?;
+    let written = client.update(&*p, Some(1), &args)?;
+    Ok(if written.is_empty() {
+        None
+    } else {
+        Some(written.first().get_one::<i64>()?.unwrap_or(used))
+    })
+}
+
 /// Record `amount` against a counter through SQL if it fits (the limit
 /// rule is `rules::fits`, as on the heap path): lock the row (`FOR NO KEY
 /// UPDATE` follows a concurrent writer to the version it committed, under
@@ -179,26 +215,13 @@ pub fn add(c: &Counter, amount: i64, limit: Option<i64>) -> FluxResult<(bool, i6
         // committed during the previous one; a row that keeps appearing and
         // vanishing is not worth waiting on forever.
         for _ in 0..16 {
-            let (types, args) = key_args(c);
-            let p = crate::prepared::kept(client, st.lock, &types, true)?;
-            let found = client.update(&*p, Some(1), &args)?;
-            let used = if found.is_empty() {
-                None
-            } else {
-                Some(found.first().get_one::<i64>()?.unwrap_or(0))
-            };
+            let used = lock_row(client, c, st)?;
             if !fits(limit, used.unwrap_or(0), amount) {
                 return Ok((false, used.unwrap_or(0)));
             }
             let next = total(used.unwrap_or(0), amount)?;
-            let sql = if used.is_some() { st.update } else { st.insert };
-            let (mut types, mut args) = key_args(c);
-            types.push(INT8);
-            args.push(next.into());
-            let p = crate::prepared::kept(client, sql, &types, true)?;
-            let written = client.update(&*p, Some(1), &args)?;
-            if !written.is_empty() {
-                return Ok((true, written.first().get_one::<i64>()?.unwrap_or(next)));
+            if let Some(n) = write_row(client, c, st, used.is_some(), next)? {
+                return Ok((true, n));
             }
         }
         Err(FluxError::Internal(format!(
@@ -215,18 +238,11 @@ pub fn lock_counter(c: &Counter) -> FluxResult<i64> {
     let _path = crate::privilege::Pinned::enter();
     Spi::connect_mut(|client| {
         for _ in 0..16 {
-            let (types, args) = key_args(c);
-            let p = crate::prepared::kept(client, st.lock, &types, true)?;
-            let found = client.update(&*p, Some(1), &args)?;
-            if !found.is_empty() {
-                return Ok(found.first().get_one::<i64>()?.unwrap_or(0));
+            if let Some(used) = lock_row(client, c, st)? {
+                return Ok(used);
             }
-            let (mut types, mut args) = key_args(c);
-            types.push(INT8);
-            args.push(0i64.into());
-            let p = crate::prepared::kept(client, st.insert, &types, true)?;
             // Ours until commit: others wait on its key.
-            if !client.update(&*p, Some(1), &args)?.is_empty() {
+            if write_row(client, c, st, false, 0)?.is_some() {
                 return Ok(0);
             }
         }

@@ -91,8 +91,9 @@ def sqlstate_of(c, query, params=None):
         return e.sqlstate
 
 
-def wait_until_up(db, timeout=60):
-    """Until the server accepts connections again (after a crash)."""
+def wait_until_up(db, timeout=60, connect=connect):
+    """Until the server accepts connections again (after a crash); `connect`
+    for a cluster of a test's own."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:

@@ -33,7 +33,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import BIN, PORT, connect
+from conftest import BIN, PORT, connect, wait_until_up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PG_SH = os.path.join(ROOT, "scripts/pg.sh")
@@ -76,15 +76,7 @@ def restart():
 
 
 def wait_up(db="postgres", timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with sconnect(db) as c:
-                c.execute("SELECT 1")
-                return
-        except psycopg.Error:
-            time.sleep(0.2)
-    raise AssertionError("the statistics cluster did not come back")
+    wait_until_up(db, timeout, connect=sconnect)
 
 
 @pytest.fixture(scope="module")
