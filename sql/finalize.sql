@@ -166,6 +166,8 @@ GRANT SELECT ON flux.audit_log TO flux_admin;
 -- The ledger is written by flux_consume and flux_add_credits only, so that it
 -- always adds up to the balances.
 GRANT SELECT ON flux.credit_ledger TO flux_admin;
+-- Holds are written by flux_hold, flux_settle and flux_release_hold only.
+GRANT SELECT ON flux.holds, flux.hold_charges TO flux_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage/),
 -- so PUBLIC needs no write grant on any flux table.
@@ -244,6 +246,9 @@ COMMENT ON FUNCTION flux._check_subject_limit(text, bigint) IS 'Validator used b
 COMMENT ON FUNCTION flux._check_cost(text, text, text, bigint) IS 'Validator used by the features trigger: a price draws from another feature of kind credits, and a pool stays one while features draw from it';
 COMMENT ON FUNCTION flux_set_cost(text, text, bigint) IS 'Admin: each unit of feature consumed draws credits from pool (a feature of kind credits); credits => NULL removes the price';
 COMMENT ON FUNCTION flux_add_credits(text, text, bigint, timestamptz, text, text) IS 'Admin: a purchased top-up of a credits pool (one flux.credit_ledger row, audited); a repeated idempotency_key adds nothing; returns the balance';
+COMMENT ON FUNCTION flux_hold(text, text, bigint, interval, text) IS 'Reserve amount units of a limit, metered or credits feature or of a priced feature (counted as used, or reserved in its pool) until flux_settle, flux_release_hold or the ttl passes (by the clock, flux.now included); the decision''s hold_id names it; a repeated idempotency_key returns the first hold';
+COMMENT ON FUNCTION flux_settle(text, bigint) IS 'Turn a hold into actual units of usage (more than held only if it fits, else a limit_reached decision and the hold stays open) and free the rest; an unknown, foreign, settled, released or expired hold is an error';
+COMMENT ON FUNCTION flux_release_hold(text) IS 'Give a hold back whole; releasing it again, or once it has expired, does nothing more';
 COMMENT ON FUNCTION flux_balance(text, text) IS 'What is left of a credits pool for the tenant now: the period''s allowance left plus live top-ups (NULL: unlimited)';
 COMMENT ON FUNCTION flux_revoke_api_key(text) IS 'Admin: revoke the API key with this flux.api_keys.id';
 COMMENT ON FUNCTION flux_protect(regclass, text, name, boolean) IS 'Admin: row-level security on tbl: rows of the session''s tenant only, and only while it is entitled to feature (decided once per statement); force => true applies it to the table owner too';

@@ -59,7 +59,9 @@ ALTER TABLE flux.features DROP CONSTRAINT features_kind_check,
     ADD CONSTRAINT features_kind_check CHECK (kind IN ('boolean', 'limit', 'metered', 'rate', 'credits')),
     ADD COLUMN cost_pool text REFERENCES flux.features (key) ON UPDATE CASCADE,
     ADD COLUMN cost_credits bigint CONSTRAINT features_cost_credits_check CHECK (cost_credits > 0),
-    ADD CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL));
+    ADD CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL)),
+    ADD COLUMN has_holds boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN flux.features.has_holds IS 'Set by the first flux_hold of the feature (not audited): from then on its counters subtract holds past their ttl';
 COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period), rate (calls per sliding window) or credits (a pool other features draw from)';
 COMMENT ON COLUMN flux.features.cost_pool IS 'The credits pool each unit of this feature draws from (flux_set_cost); NULL: not priced';
 COMMENT ON COLUMN flux.features.cost_credits IS 'Credits one unit of this feature draws from cost_pool';
@@ -697,6 +699,92 @@ COMMENT ON FUNCTION flux_set_cost(text, text, bigint) IS 'Admin: each unit of fe
 COMMENT ON FUNCTION flux_add_credits(text, text, bigint, timestamptz, text, text) IS 'Admin: a purchased top-up of a credits pool (one flux.credit_ledger row, audited); a repeated idempotency_key adds nothing; returns the balance';
 COMMENT ON FUNCTION flux_balance(text, text) IS 'What is left of a credits pool for the tenant now: the period''s allowance left plus live top-ups (NULL: unlimited)';
 COMMENT ON FUNCTION flux_define_feature(text, text, text) IS 'Admin: define or redefine a feature (kind boolean, limit, metered, rate or credits); a NULL description keeps the current one';
+
+-- Holds (src/usage/holds.rs): a reservation for work that outlives a
+-- transaction. A hold's units are recorded on its counters as a consume's
+-- are (so every check sees them, exactly), with one flux.hold_charges row
+-- per counter; past expires_at a charge stops counting (the readers of a
+-- feature with holds subtract it, and the next writer of that counter
+-- gives it back), with no job. On a credits pool a hold is a reservation:
+-- the balance counts it until it expires; settling draws what was used.
+CREATE TABLE flux.holds (
+    id              text PRIMARY KEY DEFAULT (pg_catalog.gen_random_uuid())::pg_catalog.text,
+    tenant          text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature         text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    amount          bigint NOT NULL CONSTRAINT holds_amount_check CHECK (amount > 0),
+    pool            text REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    credits         bigint CONSTRAINT holds_credits_check CHECK (credits > 0),
+    created_at      timestamptz NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    idempotency_key text,
+    settled_at      timestamptz,
+    actual          bigint CONSTRAINT holds_actual_check CHECK (actual >= 0),
+    released_at     timestamptz,
+    CONSTRAINT holds_pool_check CHECK ((pool IS NULL) = (credits IS NULL)),
+    CONSTRAINT holds_expiry_check CHECK (expires_at > created_at),
+    CONSTRAINT holds_closed_check CHECK ((settled_at IS NULL) = (actual IS NULL) AND (settled_at IS NULL OR released_at IS NULL))
+);
+CREATE UNIQUE INDEX holds_idempotency_key ON flux.holds (tenant, feature, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX holds_tenant ON flux.holds (tenant, created_at);
+CREATE INDEX holds_feature ON flux.holds (feature);
+CREATE INDEX holds_pool ON flux.holds (pool) WHERE pool IS NOT NULL;
+COMMENT ON TABLE flux.holds IS 'Holds (flux_hold): units reserved for work that outlives a transaction, until settled (flux_settle), released (flux_release_hold) or expired (by the clock, flux.now included); kept as history';
+COMMENT ON COLUMN flux.holds.id IS 'The hold_id flux_hold returns';
+COMMENT ON COLUMN flux.holds.amount IS 'Units of feature held';
+COMMENT ON COLUMN flux.holds.pool IS 'A priced feature or a pool: the credits pool the hold reserves credits of';
+COMMENT ON COLUMN flux.holds.credits IS 'Credits reserved in pool (amount x the price)';
+COMMENT ON COLUMN flux.holds.expires_at IS 'When the hold stops counting (created_at + ttl); settling it after then is an error';
+COMMENT ON COLUMN flux.holds.actual IS 'Units recorded by flux_settle';
+
+CREATE TABLE flux.hold_charges (
+    hold_id      text NOT NULL REFERENCES flux.holds (id) ON DELETE CASCADE,
+    caller       text NOT NULL CONSTRAINT hold_charges_caller_check
+                 CHECK (caller IN ('', 'pool') OR caller LIKE 'key:%'),
+    tenant       text NOT NULL,
+    feature      text NOT NULL,
+    period_start timestamptz NOT NULL,
+    amount       bigint NOT NULL CONSTRAINT hold_charges_amount_check CHECK (amount > 0),
+    expires_at   timestamptz NOT NULL,
+    open         boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (hold_id, caller)
+);
+CREATE INDEX hold_charges_counter ON flux.hold_charges (tenant, feature, period_start, caller, expires_at)
+    WHERE open;
+COMMENT ON TABLE flux.hold_charges IS 'What each hold counts on: the tenant''s counter (caller empty), the current API key''s (key:<id>) and the pool''s balance (pool); open until settled, released, or given back after expires_at';
+COMMENT ON COLUMN flux.hold_charges.period_start IS 'The counter''s period (as flux.usage.period_start); -infinity for a pool';
+COMMENT ON COLUMN flux.hold_charges.amount IS 'Units counted (a pool: credits reserved)';
+COMMENT ON COLUMN flux.hold_charges.open IS 'Still counted until expires_at; false once settled, released or given back';
+
+SELECT pg_catalog.pg_extension_config_dump('flux.holds', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.hold_charges', '');
+GRANT SELECT ON flux.holds, flux.hold_charges TO flux_admin;
+CREATE FUNCTION "flux_hold"(
+	"tenant" TEXT,
+	"feature" TEXT,
+	"amount" bigint,
+	"ttl" interval DEFAULT '15 minutes',
+	"idempotency_key" TEXT DEFAULT NULL
+) RETURNS flux.decision
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_hold_wrapper';
+CREATE FUNCTION "flux_settle"(
+	"hold_id" TEXT,
+	"actual" bigint
+) RETURNS flux.decision
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_settle_wrapper';
+CREATE FUNCTION "flux_release_hold"(
+	"hold_id" TEXT
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_release_hold_wrapper';
+COMMENT ON FUNCTION flux_hold(text, text, bigint, interval, text) IS 'Reserve amount units of a limit, metered or credits feature or of a priced feature (counted as used, or reserved in its pool) until flux_settle, flux_release_hold or the ttl passes (by the clock, flux.now included); the decision''s hold_id names it; a repeated idempotency_key returns the first hold';
+COMMENT ON FUNCTION flux_settle(text, bigint) IS 'Turn a hold into actual units of usage (more than held only if it fits, else a limit_reached decision and the hold stays open) and free the rest; an unknown, foreign, settled, released or expired hold is an error';
+COMMENT ON FUNCTION flux_release_hold(text) IS 'Give a hold back whole; releasing it again, or once it has expired, does nothing more';
 
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';

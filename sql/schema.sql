@@ -61,13 +61,15 @@ CREATE TABLE flux.features (
     -- upgraded from 0.1.0.
     cost_pool   text REFERENCES flux.features (key) ON UPDATE CASCADE,
     cost_credits bigint CONSTRAINT features_cost_credits_check CHECK (cost_credits > 0),
-    CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL))
+    CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL)),
+    has_holds   boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE flux.features IS 'Capabilities the application gates, by key; application code checks these, never plan names';
 COMMENT ON COLUMN flux.features.key IS 'Stable key used by flux_check (e.g. export, seats, api_calls)';
 COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period), rate (calls per sliding window) or credits (a pool other features draw from)';
 COMMENT ON COLUMN flux.features.cost_pool IS 'The credits pool each unit of this feature draws from (flux_set_cost); NULL: not priced';
 COMMENT ON COLUMN flux.features.cost_credits IS 'Credits one unit of this feature draws from cost_pool';
+COMMENT ON COLUMN flux.features.has_holds IS 'Set by the first flux_hold of the feature (not audited): from then on its counters subtract holds past their ttl';
 
 CREATE TABLE flux.plans (
     key          text PRIMARY KEY,
@@ -327,6 +329,62 @@ COMMENT ON COLUMN flux.credit_ledger.feature IS 'A draw: the feature consumed (t
 COMMENT ON COLUMN flux.credit_ledger.idempotency_key IS 'A top-up: its key (a repeat adds nothing); a draw: the consume''s key';
 COMMENT ON COLUMN flux.credit_ledger.expires_at IS 'A top-up: when what is left of it stops counting (NULL: never)';
 COMMENT ON COLUMN flux.credit_ledger.remaining IS 'A top-up: what draws have left of it (NULL for a draw)';
+
+-- Holds (src/usage/holds.rs): a reservation for work that outlives a
+-- transaction. A hold's units are recorded on its counters as a consume's
+-- are (so every check sees them, exactly), with one flux.hold_charges row
+-- per counter; past expires_at a charge stops counting (the readers of a
+-- feature with holds subtract it, and the next writer of that counter
+-- gives it back), with no job. On a credits pool a hold is a reservation:
+-- the balance counts it until it expires; settling draws what was used.
+CREATE TABLE flux.holds (
+    id              text PRIMARY KEY DEFAULT (pg_catalog.gen_random_uuid())::pg_catalog.text,
+    tenant          text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature         text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    amount          bigint NOT NULL CONSTRAINT holds_amount_check CHECK (amount > 0),
+    pool            text REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    credits         bigint CONSTRAINT holds_credits_check CHECK (credits > 0),
+    created_at      timestamptz NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    idempotency_key text,
+    settled_at      timestamptz,
+    actual          bigint CONSTRAINT holds_actual_check CHECK (actual >= 0),
+    released_at     timestamptz,
+    CONSTRAINT holds_pool_check CHECK ((pool IS NULL) = (credits IS NULL)),
+    CONSTRAINT holds_expiry_check CHECK (expires_at > created_at),
+    CONSTRAINT holds_closed_check CHECK ((settled_at IS NULL) = (actual IS NULL) AND (settled_at IS NULL OR released_at IS NULL))
+);
+CREATE UNIQUE INDEX holds_idempotency_key ON flux.holds (tenant, feature, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX holds_tenant ON flux.holds (tenant, created_at);
+CREATE INDEX holds_feature ON flux.holds (feature);
+CREATE INDEX holds_pool ON flux.holds (pool) WHERE pool IS NOT NULL;
+COMMENT ON TABLE flux.holds IS 'Holds (flux_hold): units reserved for work that outlives a transaction, until settled (flux_settle), released (flux_release_hold) or expired (by the clock, flux.now included); kept as history';
+COMMENT ON COLUMN flux.holds.id IS 'The hold_id flux_hold returns';
+COMMENT ON COLUMN flux.holds.amount IS 'Units of feature held';
+COMMENT ON COLUMN flux.holds.pool IS 'A priced feature or a pool: the credits pool the hold reserves credits of';
+COMMENT ON COLUMN flux.holds.credits IS 'Credits reserved in pool (amount x the price)';
+COMMENT ON COLUMN flux.holds.expires_at IS 'When the hold stops counting (created_at + ttl); settling it after then is an error';
+COMMENT ON COLUMN flux.holds.actual IS 'Units recorded by flux_settle';
+
+CREATE TABLE flux.hold_charges (
+    hold_id      text NOT NULL REFERENCES flux.holds (id) ON DELETE CASCADE,
+    caller       text NOT NULL CONSTRAINT hold_charges_caller_check
+                 CHECK (caller IN ('', 'pool') OR caller LIKE 'key:%'),
+    tenant       text NOT NULL,
+    feature      text NOT NULL,
+    period_start timestamptz NOT NULL,
+    amount       bigint NOT NULL CONSTRAINT hold_charges_amount_check CHECK (amount > 0),
+    expires_at   timestamptz NOT NULL,
+    open         boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (hold_id, caller)
+);
+CREATE INDEX hold_charges_counter ON flux.hold_charges (tenant, feature, period_start, caller, expires_at)
+    WHERE open;
+COMMENT ON TABLE flux.hold_charges IS 'What each hold counts on: the tenant''s counter (caller empty), the current API key''s (key:<id>) and the pool''s balance (pool); open until settled, released, or given back after expires_at';
+COMMENT ON COLUMN flux.hold_charges.period_start IS 'The counter''s period (as flux.usage.period_start); -infinity for a pool';
+COMMENT ON COLUMN flux.hold_charges.amount IS 'Units counted (a pool: credits reserved)';
+COMMENT ON COLUMN flux.hold_charges.open IS 'Still counted until expires_at; false once settled, released or given back';
 
 -- The audit log: every change to the catalogue, tenants, flags and API keys,
 -- written in the same transaction by triggers (a rolled-back change leaves
@@ -635,6 +693,8 @@ SELECT pg_catalog.pg_extension_config_dump('flux.caller_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.caller_rate_state', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.holds', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.hold_charges', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.billing_prices', '');

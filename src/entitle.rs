@@ -29,6 +29,9 @@ pub struct Decided {
     pub key: Option<std::rc::Rc<KeyFacts>>,
     /// The subject inside the tenant, when the decision is for one.
     pub subject: Option<String>,
+    /// The feature's counters may carry holds (usage/holds.rs): they are
+    /// read and written counting them.
+    pub holds: bool,
 }
 
 impl Decided {
@@ -66,12 +69,14 @@ pub fn entitle_with(
         key.as_deref(),
         &ctx,
     );
+    let holds = facts.feature.as_deref().is_some_and(|f| f.has_holds);
     Ok(Decided {
         d,
         facts,
         ctx,
         key,
         subject: subject.map(str::to_string),
+        holds,
     })
 }
 

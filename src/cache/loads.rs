@@ -137,7 +137,8 @@ const GRANTS_SQL: &str =
 /// (no such columns) answers with NULL.
 const FEATURES_SQL: &str = "SELECT f.key, f.kind, \
         pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_pool', \
-        (pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_credits')::pg_catalog.int8 \
+        (pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_credits')::pg_catalog.int8, \
+        COALESCE((pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'has_holds')::pg_catalog.bool, false) \
    FROM flux.features f ORDER BY f.key";
 const ADDON_GRANTS_SQL: &str = "SELECT feature, addon, \"limit\", value::pg_catalog.text \
      FROM flux.addon_grants ORDER BY addon";
@@ -307,6 +308,7 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                     kind,
                     grants: grants.remove(&key).unwrap_or_default(),
                     default_plan: default_plan.clone(),
+                    has_holds: r.get::<bool>(5)?.unwrap_or(false),
                 };
                 keys.push(key.clone());
                 cat.features.insert(key, std::rc::Rc::new(facts));
@@ -411,6 +413,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         ("cost_pool", pg_sys::TEXTOID),
         ("cost_credits", pg_sys::INT8OID),
     ];
+    const HAS_HOLDS: [(&str, pg_sys::Oid); 1] = [("has_holds", pg_sys::BOOLOID)];
     const ADDON_GRANTS: [(&str, pg_sys::Oid); 4] = [
         ("feature", pg_sys::TEXTOID),
         ("addon", pg_sys::TEXTOID),
@@ -451,6 +454,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     };
     let subject_limit_at = grants.columns(&SUBJECT_LIMIT).map(|c| c[0]);
     let costs_at = features.columns(&COSTS);
+    let has_holds_at = features.columns(&HAS_HOLDS).map(|c| c[0]);
     let snapshot = LoadSnapshot::take();
     let snap = snapshot.0;
 
@@ -527,6 +531,9 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
             kind,
             grants: g.into_iter().map(|(_, g)| g).collect(),
             default_plan: default_plan.clone(),
+            has_holds: has_holds_at
+                .and_then(|at| row.int(at))
+                .is_some_and(|b| b != 0),
         };
         feature_map.insert(key, std::rc::Rc::new(facts));
         Ok(())

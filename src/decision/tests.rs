@@ -33,6 +33,7 @@ pub(super) fn export() -> FeatureFacts {
         kind: Kind::Boolean,
         grants: vec![grant("pro", 2, None), grant("enterprise", 3, None)],
         default_plan: Some("free".into()),
+        has_holds: false,
     }
 }
 
@@ -46,6 +47,7 @@ pub(super) fn seats() -> FeatureFacts {
             grant("enterprise", 3, None),
         ],
         default_plan: Some("free".into()),
+        has_holds: false,
     }
 }
 

@@ -29,22 +29,39 @@ const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
 const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 
-const LIVE: &str = "SELECT COALESCE(pg_catalog.sum(remaining), 0)::pg_catalog.int8 \
+/// Live top-ups, and the credits open holds reserve (their ttl not past).
+const LIVE: &str = "SELECT (SELECT COALESCE(pg_catalog.sum(remaining), 0)::pg_catalog.int8 \
       FROM flux.credit_ledger \
      WHERE tenant OPERATOR(pg_catalog.=) $1 AND pool OPERATOR(pg_catalog.=) $2 \
        AND remaining OPERATOR(pg_catalog.>) 0 \
-       AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3)";
-/// In draw order, locked.
-const LOCK_LIVE: &str = "SELECT id, remaining FROM flux.credit_ledger \
+       AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3)), \
+     (SELECT COALESCE(pg_catalog.sum(amount), 0)::pg_catalog.int8 FROM flux.hold_charges \
+     WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+       AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
+       AND caller OPERATOR(pg_catalog.=) 'pool' AND open \
+       AND expires_at OPERATOR(pg_catalog.>) $3)";
+/// Live top-ups in draw order, locked (k = 0), then one row (k = 1) with
+/// the credits reserved by open holds other than hold $4: one statement,
+/// as a priced consume runs it on every call.
+const LOCK_LIVE: &str = "WITH lots AS (SELECT id, remaining, expires_at FROM flux.credit_ledger \
      WHERE tenant OPERATOR(pg_catalog.=) $1 AND pool OPERATOR(pg_catalog.=) $2 \
        AND remaining OPERATOR(pg_catalog.>) 0 \
-       AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3) \
-     ORDER BY expires_at ASC NULLS LAST, id FOR UPDATE";
+       AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3) FOR UPDATE) \
+     SELECT 0 AS k, id, remaining, expires_at FROM lots \
+     UNION ALL \
+     SELECT 1, NULL::pg_catalog.int8, COALESCE(pg_catalog.sum(amount), 0)::pg_catalog.int8, \
+            NULL::pg_catalog.timestamptz \
+       FROM flux.hold_charges \
+      WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+        AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
+        AND caller OPERATOR(pg_catalog.=) 'pool' AND open \
+        AND expires_at OPERATOR(pg_catalog.>) $3 AND hold_id OPERATOR(pg_catalog.<>) $4 \
+     ORDER BY k, expires_at ASC NULLS LAST, id";
 const TAKE: &str = "UPDATE flux.credit_ledger SET remaining = remaining OPERATOR(pg_catalog.-) $2 \
      WHERE id OPERATOR(pg_catalog.=) $1";
 const DRAWN: &str = "INSERT INTO flux.credit_ledger \
-        (tenant, pool, amount, balance_after, feature, at, idempotency_key) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        (tenant, pool, amount, balance_after, feature, at, idempotency_key, reason) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// The pool a feature draws from and the credits one unit costs; for the
 /// pool itself, (itself, 1).
@@ -136,9 +153,26 @@ fn checked_mul(amount: i64, credits: i64, feature: &str) -> FluxResult<i64> {
     })
 }
 
-/// What a pool holds for a tenant: (allowance left, None: unlimited; the
-/// allowance's used; live top-ups). Reads only.
-fn holdings(pool: &Decided) -> FluxResult<(Option<i64>, i64, i64)> {
+/// What a pool holds for a tenant.
+struct Holdings {
+    /// The allowance left this period (None: unlimited).
+    left: Option<i64>,
+    /// The allowance's used.
+    used: i64,
+    /// Live top-ups.
+    live: i64,
+    /// Credits open holds reserve.
+    reserved: i64,
+}
+
+impl Holdings {
+    fn balance(&self) -> Option<i64> {
+        balance(self.left, self.live, self.reserved)
+    }
+}
+
+/// What `pool` holds for its tenant now. Reads only.
+fn holdings(pool: &Decided) -> FluxResult<Holdings> {
     let (left, used) = match allowance(pool)? {
         Some(a) => {
             let used = sql::load_used(&counter(pool, &a))?;
@@ -146,11 +180,17 @@ fn holdings(pool: &Decided) -> FluxResult<(Option<i64>, i64, i64)> {
         }
         None => (Some(0), 0),
     };
-    let live = live_top_ups(&pool.d.tenant, &pool.d.feature, pool.ctx.now)?;
-    Ok((left, used, live))
+    let (live, reserved) = live_top_ups(&pool.d.tenant, &pool.d.feature, pool.ctx.now)?;
+    Ok(Holdings {
+        left,
+        used,
+        live,
+        reserved,
+    })
 }
 
-fn live_top_ups(tenant: &str, pool: &str, now: i64) -> FluxResult<i64> {
+/// (live top-ups, credits reserved by holds).
+fn live_top_ups(tenant: &str, pool: &str, now: i64) -> FluxResult<(i64, i64)> {
     let _owner = crate::privilege::AsOwner::enter()?;
     Spi::connect(|c| {
         let p = crate::prepared::kept(c, LIVE, &[TEXT, TEXT, TSTZ], false)?;
@@ -159,13 +199,16 @@ fn live_top_ups(tenant: &str, pool: &str, now: i64) -> FluxResult<i64> {
             Some(1),
             &[tenant.into(), pool.into(), ts_datum(Some(now)).into()],
         )?;
-        Ok(t.first().get_one::<i64>()?.unwrap_or(0))
+        let r = t.first();
+        Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0)))
     })
 }
 
-/// The balance: allowance left plus live top-ups (None: unlimited).
-fn balance(left: Option<i64>, live: i64) -> Option<i64> {
-    left.map(|l| l.saturating_add(live))
+/// The balance: allowance left plus live top-ups, less what holds reserve
+/// (None: unlimited). Never below 0: a top-up that expired under a hold
+/// leaves the hold's reservation larger than what is there.
+fn balance(left: Option<i64>, live: i64, reserved: i64) -> Option<i64> {
+    left.map(|l| l.saturating_add(live).saturating_sub(reserved).max(0))
 }
 
 /// flux_balance: what is left of `pool` for `tenant` now.
@@ -188,8 +231,7 @@ pub fn balance_of(tenant: &str, pool: &str) -> FluxResult<Option<i64>> {
     if matches!(x.d.reason, Reason::UnknownTenant) {
         return Ok(Some(0));
     }
-    let (left, _, live) = holdings(&x)?;
-    Ok(balance(left, live))
+    Ok(holdings(&x)?.balance())
 }
 
 /// The read path's figures (flux_decide, flux_check): for a pool, its
@@ -209,15 +251,15 @@ pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
     }
     let need = checked_mul(amount, credits, &x.d.feature)?;
     if is_pool {
-        let (left, used, live) = holdings(x)?;
+        let h = holdings(x)?;
         // Not in the plan and nothing bought: not_in_plan, as before.
-        if !x.d.allowed && live == 0 {
+        if !x.d.allowed && h.live == 0 {
             return Ok(true);
         }
-        let bal = balance(left, live);
+        let bal = h.balance();
         x.d.balance = bal;
         x.d.remaining = bal;
-        x.d.used = Some(used);
+        x.d.used = Some(h.used);
         if !x.d.allowed {
             x.d.limit = Some(0);
         }
@@ -235,15 +277,14 @@ pub fn observe(x: &mut Decided, amount: i64) -> FluxResult<bool> {
         } else {
             Reason::LimitReached
         };
-        x.d.message = pool_message(&x.d.feature, bal, left, live);
+        x.d.message = pool_message(&x.d.feature, bal, &h);
         if covered {
             x.d.upgrade_plans = None;
         }
         return Ok(true);
     }
     let px = entitle(&x.d.tenant, &pool, None)?;
-    let (left, _, live) = holdings(&px)?;
-    let bal = balance(left, live);
+    let bal = holdings(&px)?.balance();
     x.d.balance = bal;
     if bal.is_some_and(|b| b < need) {
         refuse(x, &pool, bal.unwrap_or(0), need);
@@ -261,12 +302,19 @@ pub fn with_balance(x: &mut Decided, pool: &str) {
     }
 }
 
-fn pool_message(pool: &str, bal: Option<i64>, left: Option<i64>, live: i64) -> String {
-    match (bal, left) {
+fn pool_message(pool: &str, bal: Option<i64>, h: &Holdings) -> String {
+    let held = if h.reserved > 0 {
+        format!(", {} held", h.reserved)
+    } else {
+        String::new()
+    };
+    match (bal, h.left) {
         (None, _) => format!("{pool}: unlimited"),
-        (Some(b), Some(l)) if live > 0 => {
-            format!("{pool}: {b} left ({l} of this period's allowance, {live} purchased)")
-        }
+        (Some(b), Some(l)) if h.live > 0 => format!(
+            "{pool}: {b} left ({l} of this period's allowance, {} purchased{held})",
+            h.live
+        ),
+        (Some(b), _) if h.reserved > 0 => format!("{pool}: {b} left ({} held)", h.reserved),
         (Some(b), _) => format!("{pool}: {b} left"),
     }
 }
@@ -293,6 +341,119 @@ pub struct Draw {
     counter: Option<Locked>,
     pub balance_after: Option<i64>,
     at: i64,
+    /// The ledger row's reason (a settled hold says which).
+    pub reason: Option<String>,
+}
+
+/// A tenant's pool, locked: its counter row, then its live top-ups in
+/// draw order; with what holds other than the one being settled reserve.
+pub struct PoolLock {
+    pub pool: String,
+    tenant: String,
+    now: i64,
+    left: Option<i64>,
+    counter: Option<Locked>,
+    lots: Vec<(i64, i64)>,
+    reserved: i64,
+}
+
+impl PoolLock {
+    /// Lock `p`'s pool (`p` is the pool's own decision); `except` is a
+    /// hold whose reservation is not counted (the one being settled).
+    pub fn take(p: &Decided, except: &str) -> FluxResult<PoolLock> {
+        let (tenant, now) = (p.d.tenant.clone(), p.ctx.now);
+        let pool = p.d.feature.clone();
+        let _owner = crate::privilege::AsOwner::enter()?;
+        let (left, counter) = lock_pool(p)?;
+        let (lots, reserved) = Spi::connect_mut(|c| {
+            let q = crate::prepared::kept(c, LOCK_LIVE, &[TEXT, TEXT, TSTZ, TEXT], true)?;
+            let t = c.update(
+                &*q,
+                None,
+                &[
+                    tenant.as_str().into(),
+                    pool.as_str().into(),
+                    ts_datum(Some(now)).into(),
+                    except.into(),
+                ],
+            )?;
+            let (mut lots, mut reserved) = (Vec::new(), 0);
+            for r in t {
+                match (r.get::<i32>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?) {
+                    (Some(0), Some(id), Some(rem)) => lots.push((id, rem)),
+                    (Some(1), _, Some(n)) => reserved = n,
+                    _ => {}
+                }
+            }
+            Ok::<_, FluxError>((lots, reserved))
+        })?;
+        Ok(PoolLock {
+            pool,
+            tenant,
+            now,
+            left,
+            counter,
+            lots,
+            reserved,
+        })
+    }
+
+    /// The balance as locked: allowance left plus live top-ups, less what
+    /// the other holds reserve (None: unlimited).
+    pub fn balance(&self) -> Option<i64> {
+        balance(
+            self.left,
+            self.lots.iter().map(|l| l.1).sum(),
+            self.reserved,
+        )
+    }
+
+    /// Whether `need` credits are there.
+    pub fn covers(&self, need: i64) -> bool {
+        self.balance().is_none_or(|b| b >= need)
+    }
+
+    /// Take `need` credits for `feature`: the allowance first, then top-ups
+    /// by earliest expiry. A settled hold takes what it held even when a
+    /// top-up expired under it (`covers` false): the allowance then goes
+    /// past its limit by the shortfall (or, with no allowance, the ledger
+    /// row records more than the top-ups gave).
+    pub fn draw(self, feature: &str, need: i64) -> Draw {
+        let bal = self.balance();
+        let from_allowance = self.left.map_or(need, |l| l.min(need));
+        let mut rest = need - from_allowance;
+        let mut from_top_ups = Vec::new();
+        for (id, rem) in self.lots {
+            if rest == 0 {
+                break;
+            }
+            let take = rem.min(rest);
+            from_top_ups.push((id, take));
+            rest -= take;
+        }
+        let from_allowance = from_allowance + if self.counter.is_some() { rest } else { 0 };
+        Draw {
+            pool: self.pool,
+            tenant: self.tenant,
+            feature: feature.to_string(),
+            need,
+            from_allowance,
+            from_top_ups,
+            counter: self.counter,
+            balance_after: bal.map(|b| (b - need).max(0)),
+            at: self.now,
+            reason: None,
+        }
+    }
+}
+
+/// The pool's own decision for `x` (a priced feature's or the pool's).
+pub fn pool_decision(x: &Decided, pool: &str) -> FluxResult<Option<Decided>> {
+    Ok(if pool == x.d.feature {
+        None
+    } else {
+        Some(entitle(&x.d.tenant, pool, None)?)
+    })
 }
 
 /// Lock `x`'s pool (its counter row, then its live top-ups) and decide
@@ -304,63 +465,25 @@ pub fn reserve(x: &mut Decided, amount: i64) -> FluxResult<Option<Draw>> {
         return Ok(None);
     };
     let need = checked_mul(amount, credits, &x.d.feature)?;
-    let px = if pool == x.d.feature {
-        None
-    } else {
-        Some(entitle(&x.d.tenant, &pool, None)?)
-    };
-    let p = px.as_ref().unwrap_or(x);
-    let (tenant, now) = (p.d.tenant.clone(), p.ctx.now);
-    let _owner = crate::privilege::AsOwner::enter()?;
-    let (left, counter) = lock_pool(p)?;
-    let lots: Vec<(i64, i64)> = Spi::connect_mut(|c| {
-        let q = crate::prepared::kept(c, LOCK_LIVE, &[TEXT, TEXT, TSTZ], true)?;
-        let t = c.update(
-            &*q,
-            None,
-            &[
-                tenant.as_str().into(),
-                pool.as_str().into(),
-                ts_datum(Some(now)).into(),
-            ],
-        )?;
-        let mut v = Vec::new();
-        for r in t {
-            if let (Some(id), Some(rem)) = (r.get::<i64>(1)?, r.get::<i64>(2)?) {
-                v.push((id, rem));
-            }
-        }
-        Ok::<_, FluxError>(v)
-    })?;
-    let live: i64 = lots.iter().map(|l| l.1).sum();
-    let bal = balance(left, live);
-    if bal.is_some_and(|b| b < need) {
-        x.d.balance = bal;
-        refuse(x, &pool, bal.unwrap_or(0), need);
+    let px = pool_decision(x, &pool)?;
+    let lock = PoolLock::take(px.as_ref().unwrap_or(x), "")?;
+    if !lock.covers(need) {
+        x.d.balance = lock.balance();
+        refuse(x, &pool, lock.balance().unwrap_or(0), need);
         return Ok(None);
     }
-    let from_allowance = left.map_or(need, |l| l.min(need));
-    let mut rest = need - from_allowance;
-    let mut from_top_ups = Vec::new();
-    for (id, rem) in lots {
-        if rest == 0 {
-            break;
-        }
-        let take = rem.min(rest);
-        from_top_ups.push((id, take));
-        rest -= take;
-    }
-    Ok(Some(Draw {
-        pool,
-        tenant,
-        feature: x.d.feature.clone(),
-        need,
-        from_allowance,
-        from_top_ups,
-        counter,
-        balance_after: bal.map(|b| b - need),
-        at: now,
-    }))
+    let feature = x.d.feature.clone();
+    Ok(Some(lock.draw(&feature, need)))
+}
+
+/// `amount x credits`, or an error naming the feature.
+pub fn cost(amount: i64, credits: i64, feature: &str) -> FluxResult<i64> {
+    checked_mul(amount, credits, feature)
+}
+
+/// Refuse `x`: the pool has `left` and `need` is asked.
+pub fn refuse_for(x: &mut Decided, pool: &str, left: i64, need: i64) {
+    refuse(x, pool, left, need)
 }
 
 /// Write a reserved draw: the allowance's counter, the top-ups taken, one
@@ -381,8 +504,12 @@ pub fn write(d: &Draw, key: Option<&str>) -> FluxResult<()> {
         for &(id, n) in &d.from_top_ups {
             c.update(&*take, None, &[id.into(), n.into()])?;
         }
-        let ins =
-            crate::prepared::kept(c, DRAWN, &[TEXT, TEXT, INT8, INT8, TEXT, TSTZ, TEXT], true)?;
+        let ins = crate::prepared::kept(
+            c,
+            DRAWN,
+            &[TEXT, TEXT, INT8, INT8, TEXT, TSTZ, TEXT, TEXT],
+            true,
+        )?;
         c.update(
             &*ins,
             None,
@@ -394,6 +521,7 @@ pub fn write(d: &Draw, key: Option<&str>) -> FluxResult<()> {
                 d.feature.as_str().into(),
                 ts_datum(Some(d.at)).into(),
                 key.into(),
+                d.reason.as_deref().into(),
             ],
         )?;
         Ok::<_, FluxError>(())
@@ -460,8 +588,9 @@ fn add_top_up(
     let _owner = crate::privilege::AsOwner::enter()?;
     // Under the pool's lock, as draws: balance_after follows the one before.
     let (left, _) = lock_pool(&x)?;
-    let before = balance(left, live_top_ups(tenant, pool, x.ctx.now)?);
-    let after = before.map(|b| b.saturating_add(amount));
+    let (live, reserved) = live_top_ups(tenant, pool, x.ctx.now)?;
+    let before = balance(left, live, reserved);
+    let after = balance(left, live.saturating_add(amount), reserved);
     let added = Spi::connect_mut(|c| {
         let p = crate::prepared::kept(
             c,

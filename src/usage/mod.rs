@@ -8,7 +8,8 @@
 //!   row does not exist yet, REPEATABLE READ, an altered table), the rate
 //!   limiter's state and the usage probes;
 //! - `keys`: idempotency keys;
-//! - `credits`: pools other features draw from, and their top-ups.
+//! - `credits`: pools other features draw from, and their top-ups;
+//! - `holds`: reservations for work that outlives a transaction.
 //!
 //! Exact under concurrency: a counter's row is locked before its limit is
 //! checked (the heap path re-checks on the latest version when a concurrent
@@ -22,6 +23,7 @@
 
 pub mod counters;
 pub mod credits;
+pub mod holds;
 pub mod keys;
 pub mod rules;
 pub mod sql;
@@ -217,7 +219,7 @@ fn observe_usage(x: &mut Decided, amount: i64) -> FluxResult<bool> {
     for a in &list {
         outcomes.push(match a.meter {
             Meter::Allowance | Meter::Quota { .. } => {
-                let used = sql::load_used(&a.counter(x))?;
+                let used = used_counting_holds(x, &a.counter(x))?;
                 Outcome::Counter {
                     used,
                     fits: fits(a.limit, used, amount),
@@ -245,9 +247,29 @@ fn observe_usage(x: &mut Decided, amount: i64) -> FluxResult<bool> {
     Ok(true)
 }
 
+/// What a counter holds now: its used, less the holds past their ttl that
+/// no writer has given back yet, for a feature with holds.
+fn used_counting_holds(x: &Decided, c: &Counter) -> FluxResult<i64> {
+    let used = sql::load_used(c)?;
+    if !holds::may_carry(x, c) {
+        return Ok(used);
+    }
+    Ok((used - holds::expired(c, x.ctx.now)?).max(0))
+}
+
 /// Record `amount` against a counter if it fits. Returns whether it did and
-/// the total after (when it did not fit, the total as it stands).
-fn record_counter(c: &Counter, amount: i64, limit: Option<i64>) -> FluxResult<(bool, i64)> {
+/// the total after (when it did not fit, the total as it stands). A
+/// feature's counter that may carry holds is written through holds.rs
+/// (locked first, expired holds given back, then decided).
+fn record_counter(
+    x: &Decided,
+    c: &Counter,
+    amount: i64,
+    limit: Option<i64>,
+) -> FluxResult<(bool, i64)> {
+    if holds::may_carry(x, c) {
+        return holds::add(c, amount, limit, x.ctx.now);
+    }
     if !fits(limit, 0, amount) {
         return Ok((false, sql::load_used(c)?));
     }
@@ -308,7 +330,7 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
     for a in &list {
         let o = match a.meter {
             Meter::Allowance | Meter::Quota { .. } => {
-                let (fits, used) = record_counter(&a.counter(x), amount, a.limit)?;
+                let (fits, used) = record_counter(x, &a.counter(x), amount, a.limit)?;
                 Outcome::Counter { used, fits }
             }
             Meter::Rate { window } => Outcome::Rate(record_rate(x, a, window, amount)?),
@@ -332,7 +354,7 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
                         }
                     }
                     _ => {
-                        record_counter(&b.counter(x), -amount, None)?;
+                        record_counter(x, &b.counter(x), -amount, None)?;
                     }
                 }
             }
@@ -591,8 +613,8 @@ fn used_now(
         caller,
     };
     Ok(match meter {
-        Some(Meter::Allowance) => Some(sql::load_used(&counter(None))?),
-        Some(Meter::Quota { start, .. }) => Some(sql::load_used(&counter(Some(start)))?),
+        Some(Meter::Allowance) => Some(used_counting_holds(x, &counter(None))?),
+        Some(Meter::Quota { start, .. }) => Some(used_counting_holds(x, &counter(Some(start)))?),
         Some(Meter::Rate { window }) => {
             let tat = sql::load_tat(&x.d.tenant, &x.d.feature, caller)?;
             let limit = limit.unwrap_or(1).max(1);
