@@ -37,3 +37,9 @@ DROP TABLE IF EXISTS bench_ledger;
 CREATE TABLE bench_ledger (id bigserial PRIMARY KEY, t int NOT NULL, amount bigint NOT NULL, at timestamptz NOT NULL DEFAULT now());
 CREATE INDEX ON bench_ledger (t, at);
 ANALYZE;
+-- Holds: a metered feature that has had a hold (flux.held_features), whose
+-- consumes then also ask whether a hold on the counter has expired.
+SELECT flux_define_feature('held_calls', 'metered');
+SELECT flux_grant('pro', 'held_calls', NULL, 'month');
+SELECT flux_release_hold((flux_hold('t1', 'held_calls', 1)).hold_id);
+ANALYZE;

@@ -167,7 +167,7 @@ GRANT SELECT ON flux.audit_log TO flux_admin;
 -- always adds up to the balances.
 GRANT SELECT ON flux.credit_ledger TO flux_admin;
 -- Holds are written by flux_hold, flux_settle and flux_release_hold only.
-GRANT SELECT ON flux.holds, flux.hold_charges TO flux_admin;
+GRANT SELECT ON flux.holds, flux.hold_charges, flux.held_features TO flux_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage/),
 -- so PUBLIC needs no write grant on any flux table.

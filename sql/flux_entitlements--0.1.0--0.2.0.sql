@@ -59,9 +59,7 @@ ALTER TABLE flux.features DROP CONSTRAINT features_kind_check,
     ADD CONSTRAINT features_kind_check CHECK (kind IN ('boolean', 'limit', 'metered', 'rate', 'credits')),
     ADD COLUMN cost_pool text REFERENCES flux.features (key) ON UPDATE CASCADE,
     ADD COLUMN cost_credits bigint CONSTRAINT features_cost_credits_check CHECK (cost_credits > 0),
-    ADD CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL)),
-    ADD COLUMN has_holds boolean NOT NULL DEFAULT false;
-COMMENT ON COLUMN flux.features.has_holds IS 'Set by the first flux_hold of the feature (not audited): from then on its counters subtract holds past their ttl';
+    ADD CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL));
 COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period), rate (calls per sliding window) or credits (a pool other features draw from)';
 COMMENT ON COLUMN flux.features.cost_pool IS 'The credits pool each unit of this feature draws from (flux_set_cost); NULL: not priced';
 COMMENT ON COLUMN flux.features.cost_credits IS 'Credits one unit of this feature draws from cost_pool';
@@ -737,6 +735,17 @@ COMMENT ON COLUMN flux.holds.credits IS 'Credits reserved in pool (amount x the 
 COMMENT ON COLUMN flux.holds.expires_at IS 'When the hold stops counting (created_at + ttl); settling it after then is an error';
 COMMENT ON COLUMN flux.holds.actual IS 'Units recorded by flux_settle';
 
+-- Features that have had a hold: their counters may carry holds past their
+-- ttl, which readers then subtract (src/usage/holds.rs). A feature's first
+-- hold inserts a row and invalidates every backend's catalogue; no key, so
+-- that concurrent first holds never wait on each other.
+CREATE TABLE flux.held_features (
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX held_features_feature ON flux.held_features (feature);
+COMMENT ON TABLE flux.held_features IS 'Features that have had a hold (written by flux_hold, one row or a few per feature): their counters then count holds past their ttl out';
+
 CREATE TABLE flux.hold_charges (
     hold_id      text NOT NULL REFERENCES flux.holds (id) ON DELETE CASCADE,
     caller       text NOT NULL CONSTRAINT hold_charges_caller_check
@@ -758,7 +767,8 @@ COMMENT ON COLUMN flux.hold_charges.open IS 'Still counted until expires_at; fal
 
 SELECT pg_catalog.pg_extension_config_dump('flux.holds', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.hold_charges', '');
-GRANT SELECT ON flux.holds, flux.hold_charges TO flux_admin;
+SELECT pg_catalog.pg_extension_config_dump('flux.held_features', '');
+GRANT SELECT ON flux.holds, flux.hold_charges, flux.held_features TO flux_admin;
 CREATE FUNCTION "flux_hold"(
 	"tenant" TEXT,
 	"feature" TEXT,

@@ -61,15 +61,13 @@ CREATE TABLE flux.features (
     -- upgraded from 0.1.0.
     cost_pool   text REFERENCES flux.features (key) ON UPDATE CASCADE,
     cost_credits bigint CONSTRAINT features_cost_credits_check CHECK (cost_credits > 0),
-    CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL)),
-    has_holds   boolean NOT NULL DEFAULT false
+    CONSTRAINT features_cost_check CHECK ((cost_pool IS NULL) = (cost_credits IS NULL))
 );
 COMMENT ON TABLE flux.features IS 'Capabilities the application gates, by key; application code checks these, never plan names';
 COMMENT ON COLUMN flux.features.key IS 'Stable key used by flux_check (e.g. export, seats, api_calls)';
 COMMENT ON COLUMN flux.features.kind IS 'boolean (on/off), limit (non-resetting allowance such as seats), metered (quota that resets each period), rate (calls per sliding window) or credits (a pool other features draw from)';
 COMMENT ON COLUMN flux.features.cost_pool IS 'The credits pool each unit of this feature draws from (flux_set_cost); NULL: not priced';
 COMMENT ON COLUMN flux.features.cost_credits IS 'Credits one unit of this feature draws from cost_pool';
-COMMENT ON COLUMN flux.features.has_holds IS 'Set by the first flux_hold of the feature (not audited): from then on its counters subtract holds past their ttl';
 
 CREATE TABLE flux.plans (
     key          text PRIMARY KEY,
@@ -366,6 +364,17 @@ COMMENT ON COLUMN flux.holds.pool IS 'A priced feature or a pool: the credits po
 COMMENT ON COLUMN flux.holds.credits IS 'Credits reserved in pool (amount x the price)';
 COMMENT ON COLUMN flux.holds.expires_at IS 'When the hold stops counting (created_at + ttl); settling it after then is an error';
 COMMENT ON COLUMN flux.holds.actual IS 'Units recorded by flux_settle';
+
+-- Features that have had a hold: their counters may carry holds past their
+-- ttl, which readers then subtract (src/usage/holds.rs). A feature's first
+-- hold inserts a row and invalidates every backend's catalogue; no key, so
+-- that concurrent first holds never wait on each other.
+CREATE TABLE flux.held_features (
+    feature text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX held_features_feature ON flux.held_features (feature);
+COMMENT ON TABLE flux.held_features IS 'Features that have had a hold (written by flux_hold, one row or a few per feature): their counters then count holds past their ttl out';
 
 CREATE TABLE flux.hold_charges (
     hold_id      text NOT NULL REFERENCES flux.holds (id) ON DELETE CASCADE,
@@ -695,6 +704,7 @@ SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.holds', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.hold_charges', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.held_features', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.billing_prices', '');

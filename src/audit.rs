@@ -39,8 +39,8 @@ fn current_role() -> String {
 }
 
 const AUDIT: &str = "WITH r AS (
-        SELECT pg_catalog.to_jsonb($5::pg_catalog.record) OPERATOR(pg_catalog.-) '{secret_hash,has_holds}'::pg_catalog.text[] AS old,
-               pg_catalog.to_jsonb($6::pg_catalog.record) OPERATOR(pg_catalog.-) '{secret_hash,has_holds}'::pg_catalog.text[] AS new
+        SELECT pg_catalog.to_jsonb($5::pg_catalog.record) OPERATOR(pg_catalog.-) 'secret_hash'::pg_catalog.text AS old,
+               pg_catalog.to_jsonb($6::pg_catalog.record) OPERATOR(pg_catalog.-) 'secret_hash'::pg_catalog.text AS new
     ), k AS (
         SELECT old, new, COALESCE(new, old) AS row FROM r
          WHERE old IS NULL OR new IS NULL OR NOT (old OPERATOR(pg_catalog.=) new)

@@ -330,6 +330,12 @@ pub fn current_key() -> FluxResult<Option<std::rc::Rc<KeyFacts>>> {
     Ok(facts)
 }
 
+/// The key `id`'s facts (a hold's key, when it is settled in a session
+/// with another key or none).
+pub fn key_facts(id: &str) -> FluxResult<Option<std::rc::Rc<KeyFacts>>> {
+    Ok(load_key(id)?.map(std::rc::Rc::new))
+}
+
 /// A key's name, tenant, scopes and allowances, as the tables' owner.
 fn load_key(id: &str) -> FluxResult<Option<KeyFacts>> {
     let _owner = crate::privilege::AsOwner::enter()?;

@@ -159,8 +159,8 @@ pub struct FeatureFacts {
     pub grants: Vec<PlanGrant>,
     /// The default plan's key, whether or not it grants this feature.
     pub default_plan: Option<String>,
-    /// flux.features.has_holds: a hold was ever taken on it, so its
-    /// counters may carry holds past their ttl (usage/holds.rs).
+    /// A hold was ever taken on it (flux.held_features), so its counters
+    /// may carry holds past their ttl (usage/holds.rs).
     pub has_holds: bool,
 }
 

@@ -16,11 +16,11 @@ use pgrx::prelude::*;
 /// older periods cannot be current. Holds past their ttl that no writer
 /// has given back yet (usage/holds.rs) are not counted.
 const ROWS: &str = "SELECT u.tenant, u.feature, u.period_start, \
-        GREATEST(u.used OPERATOR(pg_catalog.-) COALESCE((SELECT pg_catalog.sum(hc.amount) \
+        (u.used OPERATOR(pg_catalog.-) LEAST(COALESCE((SELECT pg_catalog.sum(hc.amount) \
             FROM flux.hold_charges hc \
            WHERE hc.tenant OPERATOR(pg_catalog.=) u.tenant AND hc.feature OPERATOR(pg_catalog.=) u.feature \
              AND hc.period_start OPERATOR(pg_catalog.=) u.period_start AND hc.caller OPERATOR(pg_catalog.=) '' \
-             AND hc.open AND hc.expires_at OPERATOR(pg_catalog.<=) flux._clock()), 0)::pg_catalog.int8, 0) AS used, \
+             AND hc.open AND hc.expires_at OPERATOR(pg_catalog.<=) flux._clock()), 0), u.used))::pg_catalog.int8 AS used, \
         t.plan, t.status, t.trial_ends_at, t.current_period_start, t.current_period_end, \
         t.cancel_at_period_end, t.past_due_since, t.grace_until, a.addons, a.quantities, \
         o.enabled, o.\"limit\", o.starts_at, o.expires_at \

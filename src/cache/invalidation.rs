@@ -145,6 +145,12 @@ pub fn send_tenant(id: &[u8]) {
     send(BUCKET_BASE + bucket(id) as u32);
 }
 
+/// Queue the invalidation of every backend's catalogue, sent with this
+/// transaction.
+pub fn send_catalogue() {
+    send(CATALOGUE_TARGET);
+}
+
 /// Queue a relcache invalidation of `oid`, which need not be a relation.
 fn send(oid: u32) {
     // SAFETY: the row is zeroed (a valid pg_class row for the two fields

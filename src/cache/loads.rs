@@ -137,8 +137,7 @@ const GRANTS_SQL: &str =
 /// (no such columns) answers with NULL.
 const FEATURES_SQL: &str = "SELECT f.key, f.kind, \
         pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_pool', \
-        (pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_credits')::pg_catalog.int8, \
-        COALESCE((pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'has_holds')::pg_catalog.bool, false) \
+        (pg_catalog.to_jsonb(f) OPERATOR(pg_catalog.->>) 'cost_credits')::pg_catalog.int8 \
    FROM flux.features f ORDER BY f.key";
 const ADDON_GRANTS_SQL: &str = "SELECT feature, addon, \"limit\", value::pg_catalog.text \
      FROM flux.addon_grants ORDER BY addon";
@@ -184,7 +183,42 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
     if let Some(keys) = rows.1 {
         let _ = cat.keys.set(keys);
     }
+    for feature in held_features(cat.namespace)? {
+        // Just built: each feature's facts have one owner.
+        if let Some(f) = cat
+            .features
+            .get_mut(&feature)
+            .and_then(std::rc::Rc::get_mut)
+        {
+            f.has_holds = true;
+        }
+    }
     Ok(cat)
+}
+
+const HELD_SQL: &str = "SELECT DISTINCT feature FROM flux.held_features";
+
+/// The features that have had a hold (flux.held_features; none under a
+/// 0.1.0 schema, which has no such table).
+fn held_features(namespace: pg_sys::Oid) -> FluxResult<Vec<String>> {
+    // SAFETY: a syscache lookup by name inside a transaction.
+    let exists = unsafe {
+        pg_sys::get_relname_relid(c"held_features".as_ptr(), namespace) != pg_sys::InvalidOid
+    };
+    if !exists {
+        return Ok(Vec::new());
+    }
+    with_latest_snapshot(|| {
+        Spi::connect(|c| {
+            let mut v = Vec::new();
+            for r in c.select(&*kept(c, HELD_SQL, &[], false)?, None, &[])? {
+                if let Some(f) = text(&r, 1)? {
+                    v.push(f);
+                }
+            }
+            Ok(v)
+        })
+    })
 }
 
 /// The catalogue's contents: (features, plan_grace, addon_grants, flags,
@@ -308,7 +342,7 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                     kind,
                     grants: grants.remove(&key).unwrap_or_default(),
                     default_plan: default_plan.clone(),
-                    has_holds: r.get::<bool>(5)?.unwrap_or(false),
+                    has_holds: false,
                 };
                 keys.push(key.clone());
                 cat.features.insert(key, std::rc::Rc::new(facts));
@@ -413,7 +447,6 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         ("cost_pool", pg_sys::TEXTOID),
         ("cost_credits", pg_sys::INT8OID),
     ];
-    const HAS_HOLDS: [(&str, pg_sys::Oid); 1] = [("has_holds", pg_sys::BOOLOID)];
     const ADDON_GRANTS: [(&str, pg_sys::Oid); 4] = [
         ("feature", pg_sys::TEXTOID),
         ("addon", pg_sys::TEXTOID),
@@ -454,7 +487,6 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     };
     let subject_limit_at = grants.columns(&SUBJECT_LIMIT).map(|c| c[0]);
     let costs_at = features.columns(&COSTS);
-    let has_holds_at = features.columns(&HAS_HOLDS).map(|c| c[0]);
     let snapshot = LoadSnapshot::take();
     let snap = snapshot.0;
 
@@ -531,9 +563,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
             kind,
             grants: g.into_iter().map(|(_, g)| g).collect(),
             default_plan: default_plan.clone(),
-            has_holds: has_holds_at
-                .and_then(|at| row.int(at))
-                .is_some_and(|b| b != 0),
+            has_holds: false,
         };
         feature_map.insert(key, std::rc::Rc::new(facts));
         Ok(())

@@ -35,7 +35,7 @@ const LIVE: &str = "SELECT (SELECT COALESCE(pg_catalog.sum(remaining), 0)::pg_ca
      WHERE tenant OPERATOR(pg_catalog.=) $1 AND pool OPERATOR(pg_catalog.=) $2 \
        AND remaining OPERATOR(pg_catalog.>) 0 \
        AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3)), \
-     (SELECT COALESCE(pg_catalog.sum(amount), 0)::pg_catalog.int8 FROM flux.hold_charges \
+     (SELECT LEAST(COALESCE(pg_catalog.sum(amount), 0), 9223372036854775807)::pg_catalog.int8 FROM flux.hold_charges \
      WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
        AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
        AND caller OPERATOR(pg_catalog.=) 'pool' AND open \
@@ -49,7 +49,7 @@ const LOCK_LIVE: &str = "WITH lots AS (SELECT id, remaining, expires_at FROM flu
        AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $3) FOR UPDATE) \
      SELECT 0 AS k, id, remaining, expires_at FROM lots \
      UNION ALL \
-     SELECT 1, NULL::pg_catalog.int8, COALESCE(pg_catalog.sum(amount), 0)::pg_catalog.int8, \
+     SELECT 1, NULL::pg_catalog.int8, LEAST(COALESCE(pg_catalog.sum(amount), 0), 9223372036854775807)::pg_catalog.int8, \
             NULL::pg_catalog.timestamptz \
        FROM flux.hold_charges \
       WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
@@ -414,12 +414,11 @@ impl PoolLock {
     }
 
     /// Take `need` credits for `feature`: the allowance first, then top-ups
-    /// by earliest expiry. A settled hold takes what it held even when a
-    /// top-up expired under it (`covers` false): the allowance then goes
-    /// past its limit by the shortfall (or, with no allowance, the ledger
-    /// row records more than the top-ups gave).
+    /// by earliest expiry. Never more than is there: a settled hold whose
+    /// top-up expired under it (`covers` false) takes what is left.
     pub fn draw(self, feature: &str, need: i64) -> Draw {
         let bal = self.balance();
+        let need = bal.map_or(need, |b| need.min(b));
         let from_allowance = self.left.map_or(need, |l| l.min(need));
         let mut rest = need - from_allowance;
         let mut from_top_ups = Vec::new();
@@ -431,7 +430,6 @@ impl PoolLock {
             from_top_ups.push((id, take));
             rest -= take;
         }
-        let from_allowance = from_allowance + if self.counter.is_some() { rest } else { 0 };
         Draw {
             pool: self.pool,
             tenant: self.tenant,
@@ -440,7 +438,7 @@ impl PoolLock {
             from_allowance,
             from_top_ups,
             counter: self.counter,
-            balance_after: bal.map(|b| (b - need).max(0)),
+            balance_after: bal.map(|b| b - need),
             at: self.now,
             reason: None,
         }

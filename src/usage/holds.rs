@@ -7,10 +7,10 @@
 //!   consume sees it, and none can pass the limit. Each counter it counts on
 //!   gets a flux.hold_charges row, open until the hold is settled or
 //!   released. Past its ttl a charge stops counting: the readers of a
-//!   feature that has had holds (flux.features.has_holds) subtract the
+//!   feature that has had holds (flux.held_features) subtract the
 //!   expired charges, and the next writer of the counter gives them back
 //!   (under the counter's lock, so no job is needed and nothing is counted
-//!   twice). A session whose catalogue has not yet seen has_holds counts
+//!   twice). A session whose catalogue has not yet seen that row counts
 //!   an expired hold a little longer: never less than is used.
 //! - On a credits pool (the pool held, or a priced feature's pool) a hold is
 //!   a reservation: the balance subtracts open charges whose ttl has not
@@ -43,8 +43,9 @@ pub fn may_carry(x: &Decided, c: &Counter) -> bool {
     x.holds && !c.caller.is_some_and(|k| k.starts_with("subject:"))
 }
 
+// Sums are numeric: clamped before the cast, they cannot overflow.
 const EXPIRED: &str =
-    "SELECT COALESCE(pg_catalog.sum(amount), 0)::pg_catalog.int8 FROM flux.hold_charges \
+    "SELECT LEAST(COALESCE(pg_catalog.sum(amount), 0), 9223372036854775807)::pg_catalog.int8 FROM flux.hold_charges \
      WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
        AND period_start OPERATOR(pg_catalog.=) $3 AND caller OPERATOR(pg_catalog.=) $4 \
        AND open AND expires_at OPERATOR(pg_catalog.<=) $5";
@@ -66,6 +67,28 @@ fn counter_args(c: &Counter, now: i64) -> Vec<pgrx::datum::DatumWithOid<'static>
 }
 
 const COUNTER_TYPES: [PgOid; 5] = [TEXT, TEXT, TSTZ, TEXT, TSTZ];
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+
+/// Run a statement kept for the backend (prepared.rs: a hold and its
+/// settle run a dozen statements; planning each anew cost more than
+/// running them), as the owner; `f` reads the rows.
+fn kept<R>(
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[pgrx::datum::DatumWithOid],
+    f: impl FnOnce(pgrx::spi::SpiTupleTable) -> FluxResult<R>,
+) -> FluxResult<R> {
+    let _owner = crate::privilege::AsOwner::enter()?;
+    Spi::connect_mut(|c| {
+        let p = crate::prepared::kept(c, sql, types, true)?;
+        let t = c.update(&*p, None, args)?;
+        f(t)
+    })
+}
+
+fn nothing(_: pgrx::spi::SpiTupleTable) -> FluxResult<()> {
+    Ok(())
+}
 
 /// Units of holds past their ttl still recorded on `c`. Reads only.
 pub fn expired(c: &Counter, now: i64) -> FluxResult<i64> {
@@ -77,21 +100,85 @@ pub fn expired(c: &Counter, now: i64) -> FluxResult<i64> {
     })
 }
 
-/// Record `amount` on a counter that may carry holds, if it fits: lock its
-/// row, give back the holds past their ttl, decide, write. Returns whether
-/// it was recorded and the total (as it stands, when it was not).
-pub fn add(c: &Counter, amount: i64, limit: Option<i64>, now: i64) -> FluxResult<(bool, i64)> {
+/// Record `amount` on a counter that may carry holds, if it fits. Tried on
+/// the heap path first (counters.rs), counting every charge as used: once
+/// it has written the row, and so holds its lock, one query asks whether
+/// any charge is past its ttl (seeing every writer that committed before
+/// the lock). None (the common case): done, exactly. Some: they are given
+/// back. When the heap path refuses, or stands aside, the SQL path below
+/// decides with the expired charges given back first.
+pub fn record_counter(
+    c: &Counter,
+    amount: i64,
+    limit: Option<i64>,
+    now: i64,
+) -> FluxResult<(bool, i64)> {
+    if fits(limit, 0, amount) {
+        let cat = crate::cache::catalogue()?;
+        if let super::counters::Added::Total(n) =
+            super::counters::add(cat.namespace, c, amount, limit)?
+        {
+            if expired(c, now)? == 0 {
+                return Ok((true, n));
+            }
+            let back = give_back(c, now)?;
+            let _owner = crate::privilege::AsOwner::enter()?;
+            let total = n.saturating_sub(back).max(0);
+            sql::set_counter(c, total)?;
+            return Ok((true, total));
+        }
+    }
+    add(c, amount, limit, now)
+}
+
+/// Close the charges on `c` past their ttl; the units they held. Under the
+/// counter's row lock.
+fn give_back(c: &Counter, now: i64) -> FluxResult<i64> {
     let _owner = crate::privilege::AsOwner::enter()?;
-    let locked = sql::lock_counter(c)?;
-    let back: i64 = Spi::connect_mut(|client| {
+    Spi::connect_mut(|client| {
         let p = crate::prepared::kept(client, GIVE_BACK, &COUNTER_TYPES, true)?;
         let mut n = 0i64;
         for r in client.update(&*p, None, &counter_args(c, now))? {
             n = n.saturating_add(r.get::<i64>(1)?.unwrap_or(0));
         }
         Ok::<_, FluxError>(n)
+    })
+}
+
+const LIVE_HELD: &str = "SELECT LEAST(COALESCE(pg_catalog.sum(amount), 0), 9223372036854775807)::pg_catalog.int8 FROM flux.hold_charges \
+     WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+       AND period_start OPERATOR(pg_catalog.=) $3 AND caller OPERATOR(pg_catalog.=) $4 \
+       AND open AND expires_at OPERATOR(pg_catalog.>) $5";
+
+/// flux_release on a counter that may carry holds: give back the expired
+/// ones, then `amount` units, but never those live holds count (a release
+/// frees consumed units, not held ones). The new used.
+pub fn release_units(c: &Counter, amount: i64, now: i64) -> FluxResult<i64> {
+    let _owner = crate::privilege::AsOwner::enter()?;
+    let locked = sql::lock_counter(c)?;
+    let back = give_back(c, now)?;
+    let held = kept(LIVE_HELD, &COUNTER_TYPES, &counter_args(c, now), |t| {
+        Ok(t.first().get_one::<i64>()?.unwrap_or(0))
     })?;
-    let used = (locked - back).max(0);
+    let used = locked
+        .saturating_sub(back)
+        .saturating_sub(amount)
+        .max(held)
+        .max(0);
+    if used != locked {
+        sql::set_counter(c, used)?;
+    }
+    Ok(used)
+}
+
+/// Record `amount` on a counter that may carry holds, through SQL: lock its
+/// row, give back the holds past their ttl, decide, write. Returns whether
+/// it was recorded and the total (as it stands, when it was not).
+pub fn add(c: &Counter, amount: i64, limit: Option<i64>, now: i64) -> FluxResult<(bool, i64)> {
+    let _owner = crate::privilege::AsOwner::enter()?;
+    let locked = sql::lock_counter(c)?;
+    let back = give_back(c, now)?;
+    let used = locked.saturating_sub(back).max(0);
     if !fits(limit, used, amount) {
         if used != locked {
             sql::set_counter(c, used)?;
@@ -117,8 +204,6 @@ struct Hold {
     released: bool,
 }
 
-const HOLD_COLUMNS: &str = "id, tenant, feature, amount, pool, credits, expires_at, settled_at, actual, released_at IS NOT NULL";
-
 fn hold_of(r: &pgrx::spi::SpiHeapTupleData) -> FluxResult<Hold> {
     let ts = |i: usize| -> FluxResult<Option<i64>> {
         Ok(r.get::<pgrx::datum::TimestampWithTimeZone>(i)?
@@ -142,20 +227,21 @@ fn hold_of(r: &pgrx::spi::SpiHeapTupleData) -> FluxResult<Hold> {
 /// may not act for, is an error. With `lock`, its row is locked (FOR
 /// UPDATE) after the caller is known to be allowed.
 fn find(function: &str, id: &str, lock: bool) -> FluxResult<Hold> {
-    let read = |suffix: &str| -> FluxResult<Option<Hold>> {
-        let _owner = crate::privilege::AsOwner::enter()?;
-        let sql = format!(
-            "SELECT {HOLD_COLUMNS} FROM flux.holds WHERE id OPERATOR(pg_catalog.=) $1{suffix}"
-        );
-        Spi::connect_mut(|c| {
-            let t = c.update(&sql, Some(1), &[id.into()])?;
-            match t.into_iter().next() {
-                Some(r) => Ok(Some(hold_of(&r)?)),
-                None => Ok(None),
-            }
+    const READ: &str = concat!(
+        "SELECT id, tenant, feature, amount, pool, credits, expires_at, settled_at, actual, released_at IS NOT NULL ",
+        "FROM flux.holds WHERE id OPERATOR(pg_catalog.=) $1"
+    );
+    const LOCK: &str = concat!(
+        "SELECT id, tenant, feature, amount, pool, credits, expires_at, settled_at, actual, released_at IS NOT NULL ",
+        "FROM flux.holds WHERE id OPERATOR(pg_catalog.=) $1 FOR UPDATE"
+    );
+    let read = |sql: &'static str| -> FluxResult<Option<Hold>> {
+        kept(sql, &[TEXT], &[id.into()], |t| match t.into_iter().next() {
+            Some(r) => Ok(Some(hold_of(&r)?)),
+            None => Ok(None),
         })
     };
-    let Some(h) = read("")? else {
+    let Some(h) = read(READ)? else {
         return Err(FluxError::UnknownReference(format!(
             "{function}: no hold with id {} (flux_hold returns it in hold_id)",
             shown(id)
@@ -170,12 +256,24 @@ fn find(function: &str, id: &str, lock: bool) -> FluxResult<Hold> {
     if !lock {
         return Ok(h);
     }
-    read(" FOR UPDATE")?.ok_or_else(|| {
+    read(LOCK)?.ok_or_else(|| {
         FluxError::UnknownReference(format!(
             "{function}: hold {} was deleted meanwhile (its tenant or feature was)",
             shown(id)
         ))
     })
+}
+
+/// The clock a settle decides expiry by: flux.now when set, else the later
+/// of the transaction's time and the wall clock. A transaction left open
+/// must not settle a hold that everyone else already stopped counting
+/// (whose credits they may have drawn since).
+fn settle_clock(now: i64) -> i64 {
+    if crate::gucs::clock_is_set() {
+        return now;
+    }
+    // SAFETY: reads the system clock.
+    now.max(unsafe { pg_sys::GetCurrentTimestamp() })
 }
 
 /// A hold that is no longer open: an error for `function`, else None.
@@ -207,14 +305,9 @@ fn closed(function: &str, h: &Hold, now: i64) -> Option<FluxError> {
 
 /// A hold's charges: (caller, period key, amount, open).
 fn charges(id: &str) -> FluxResult<Vec<(String, i64, i64, bool)>> {
-    let _owner = crate::privilege::AsOwner::enter()?;
-    Spi::connect(|c| {
-        let t = c.select(
-            "SELECT caller, period_start, amount, open FROM flux.hold_charges \
-             WHERE hold_id OPERATOR(pg_catalog.=) $1 ORDER BY caller",
-            None,
-            &[id.into()],
-        )?;
+    const CHARGES: &str = "SELECT caller, period_start, amount, open FROM flux.hold_charges \
+             WHERE hold_id OPERATOR(pg_catalog.=) $1 ORDER BY caller";
+    kept(CHARGES, &[TEXT], &[id.into()], |t| {
         let mut v = Vec::new();
         for r in t {
             v.push((
@@ -232,22 +325,17 @@ fn charges(id: &str) -> FluxResult<Vec<(String, i64, i64, bool)>> {
 /// Close the hold's open charges on `caller` (all but the pool's when
 /// None); the callers closed.
 fn close_charges(id: &str, caller: Option<&str>) -> FluxResult<Vec<String>> {
-    let _owner = crate::privilege::AsOwner::enter()?;
-    Spi::connect_mut(|c| {
-        let t = c.update(
-            "UPDATE flux.hold_charges SET open = false \
+    const CLOSE: &str = "UPDATE flux.hold_charges SET open = false \
              WHERE hold_id OPERATOR(pg_catalog.=) $1 AND open \
                AND CASE WHEN $2 IS NULL THEN caller OPERATOR(pg_catalog.<>) 'pool' \
                         ELSE caller OPERATOR(pg_catalog.=) $2 END \
-             RETURNING caller",
-            None,
-            &[id.into(), caller.into()],
-        )?;
+             RETURNING caller";
+    kept(CLOSE, &[TEXT, TEXT], &[id.into(), caller.into()], |t| {
         let mut v = Vec::new();
         for r in t {
             v.push(r.get::<String>(1)?.unwrap_or_default());
         }
-        Ok::<_, FluxError>(v)
+        Ok(v)
     })
 }
 
@@ -300,6 +388,11 @@ pub fn hold(
             "ttl must be a positive interval (e.g. '15 minutes')".into(),
         ));
     }
+    if expires_at == i64::MAX {
+        return Err(FluxError::InvalidValue(
+            "ttl must be finite: a hold that never expires is a consume (flux_consume)".into(),
+        ));
+    }
     let kind = x.feature().map_or(Kind::Boolean, |f| f.kind);
     let price = credits::price_of(&x)?;
     match kind {
@@ -326,13 +419,16 @@ pub fn hold(
         return repeated(x, key.unwrap_or_default(), amount);
     };
     if !x.holds {
-        // Once per feature: every backend's catalogue then knows that its
-        // counters may carry holds.
-        store::exec(
-            "UPDATE flux.features SET has_holds = true \
-             WHERE key OPERATOR(pg_catalog.=) $1 AND NOT has_holds",
+        // Once per feature (or a few times, when first holds race: no key,
+        // so none waits on another): every backend's catalogue then knows
+        // that its counters may carry holds.
+        kept(
+            "INSERT INTO flux.held_features (feature) VALUES ($1)",
+            &[TEXT],
             &[feature.into()],
+            nothing,
         )?;
+        crate::cache::invalidation::send_catalogue();
         x.holds = true;
     }
     let mut reservation = None;
@@ -382,9 +478,11 @@ pub fn hold(
             need,
             expires_at,
         )?;
-        store::exec(
+        kept(
             "UPDATE flux.holds SET pool = $2, credits = $3 WHERE id OPERATOR(pg_catalog.=) $1",
+            &[TEXT, TEXT, INT8],
             &[id.as_str().into(), pool.as_str().into(), need.into()],
+            nothing,
         )?;
         x.d.balance = after;
         if is_pool {
@@ -415,12 +513,12 @@ fn insert_hold(
     expires_at: i64,
     key: Option<&str>,
 ) -> FluxResult<Option<String>> {
-    let _owner = crate::privilege::AsOwner::enter()?;
-    store::one_mut::<String>(
+    kept(
         "INSERT INTO flux.holds (tenant, feature, amount, created_at, expires_at, idempotency_key) \
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (tenant, feature, idempotency_key) WHERE idempotency_key IS NOT NULL \
          DO NOTHING RETURNING id",
+        &[TEXT, TEXT, INT8, TSTZ, TSTZ, TEXT],
         &[
             tenant.into(),
             feature.into(),
@@ -429,6 +527,10 @@ fn insert_hold(
             ts_datum(Some(expires_at)).into(),
             key.into(),
         ],
+        |t| match t.into_iter().next() {
+            Some(r) => Ok(r.get::<String>(1)?),
+            None => Ok(None),
+        },
     )
 }
 
@@ -450,12 +552,12 @@ fn insert_charge(
     amount: i64,
     expires_at: i64,
 ) -> FluxResult<()> {
-    let _owner = crate::privilege::AsOwner::enter()?;
     let start = pgrx::datum::TimestampWithTimeZone::try_from(start)
         .unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::negative_infinity());
-    store::exec(
+    kept(
         "INSERT INTO flux.hold_charges (hold_id, caller, tenant, feature, period_start, amount, expires_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[TEXT, TEXT, TEXT, TEXT, TSTZ, INT8, TSTZ],
         &[
             id.into(),
             caller.into(),
@@ -465,6 +567,7 @@ fn insert_charge(
             amount.into(),
             ts_datum(Some(expires_at)).into(),
         ],
+        nothing,
     )
 }
 
@@ -473,13 +576,17 @@ fn repeated(mut x: Decided, key: &str, amount: i64) -> FluxResult<Decision> {
     let first = {
         let _owner = crate::privilege::AsOwner::enter()?;
         store::one::<pgrx::JsonB>(
-            "SELECT pg_catalog.jsonb_build_object('id', id, 'amount', amount) FROM flux.holds \
+            "SELECT pg_catalog.jsonb_build_object('id', id, 'amount', amount, 'state', \
+                    CASE WHEN settled_at IS NOT NULL THEN 'settled' WHEN released_at IS NOT NULL THEN 'released' \
+                         WHEN expires_at OPERATOR(pg_catalog.<=) $4 THEN 'expired' ELSE 'open' END) \
+               FROM flux.holds \
              WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
                AND idempotency_key OPERATOR(pg_catalog.=) $3",
             &[
                 x.d.tenant.as_str().into(),
                 x.d.feature.as_str().into(),
                 key.into(),
+                ts_datum(Some(x.ctx.now)).into(),
             ],
         )?
     };
@@ -502,8 +609,9 @@ fn repeated(mut x: Decided, key: &str, amount: i64) -> FluxResult<Decision> {
     x.d.allowed = true;
     x.d.reason = Reason::Ok;
     x.d.upgrade_plans = None;
+    let state = first["state"].as_str().unwrap_or("open");
     x.d.message = format!(
-        "hold {} was made with this idempotency key; {}",
+        "hold {} was made with this idempotency key ({state}); {}",
         shown(&id),
         x.d.message
     );
@@ -524,17 +632,27 @@ pub fn settle(id: &str, actual: i64) -> FluxResult<Decision> {
     let mut x = entitle(&h.tenant, &h.feature, None)?;
     x.holds = true;
     let now = x.ctx.now;
-    if let Some(e) = closed("flux_settle", &h, now) {
+    if let Some(e) = closed("flux_settle", &h, settle_clock(now)) {
         return Err(e);
     }
     let charged = charges(id)?;
+    let gone = || {
+        FluxError::NotReady(format!(
+            "flux_settle: hold {} expired at {} and its units no longer count: record what was used with flux_consume",
+            shown(id),
+            format_minute(h.expires_at)
+        ))
+    };
     if charged.iter().any(|c| !c.3) {
         // A writer whose clock was later gave it back.
-        return Err(FluxError::NotReady(format!(
-            "flux_settle: hold {} expired and its units no longer count: record what was used with flux_consume",
-            shown(id)
-        )));
+        return Err(gone());
     }
+    // Units past the hold go to the hold's API key (and its allowance), not
+    // to whichever key the settling session has.
+    x.key = match charged.iter().find_map(|c| c.0.strip_prefix("key:")) {
+        Some(key_id) => crate::identity::key_facts(key_id)?,
+        None => None,
+    };
     let refused = |mut x: Decided, why: String| -> Decision {
         x.d.message = format!("{why}: {}", x.d.message);
         x.d.hold_id = Some(h.id.clone());
@@ -548,6 +666,11 @@ pub fn settle(id: &str, actual: i64) -> FluxResult<Decision> {
         let need = credits::cost(actual, unit, &h.feature)?;
         let px = credits::pool_decision(&x, pool)?;
         let lock = PoolLock::take(px.as_ref().unwrap_or(&x), id)?;
+        // Waiting for the pool may have taken it past its ttl, and draws
+        // since then no longer counted its reservation.
+        if h.expires_at <= settle_clock(now) {
+            return Err(gone());
+        }
         if need > credits && !lock.covers(need) {
             let with_hold = lock.balance().unwrap_or(0);
             credits::refuse_for(&mut x, pool, with_hold, need);
@@ -587,25 +710,27 @@ pub fn settle(id: &str, actual: i64) -> FluxResult<Decision> {
         locked.push((c, sql::lock_counter(&c)?));
     }
     let closed_now = close_charges(id, None)?;
-    for (c, used) in locked {
-        let caller = c.caller.unwrap_or("");
-        let next = if closed_now.iter().any(|k| k == caller) {
-            used - (h.amount - actual).max(0)
-        } else {
-            used + actual.min(h.amount)
-        };
-        if next != used {
-            let _o = crate::privilege::AsOwner::enter()?;
-            sql::set_counter(&c, next.max(0))?;
+    if closed_now.len() != locked.len() || h.expires_at <= settle_clock(now) {
+        // Given back by a writer whose clock passed the ttl while this
+        // settle waited for the counter (the error undoes this call).
+        return Err(gone());
+    }
+    let unused = (h.amount - actual).max(0);
+    if unused > 0 {
+        let _o = crate::privilege::AsOwner::enter()?;
+        for (c, used) in locked {
+            sql::set_counter(&c, used.saturating_sub(unused).max(0))?;
         }
     }
     if let Some(d) = &draw {
         credits::write(d, None)?;
     }
     close_charges(id, Some("pool"))?;
-    store::exec(
+    kept(
         "UPDATE flux.holds SET settled_at = $2, actual = $3 WHERE id OPERATOR(pg_catalog.=) $1",
+        &[TEXT, TSTZ, INT8],
         &[id.into(), ts_datum(Some(now)).into(), actual.into()],
+        nothing,
     )?;
     // The decision as it stands after: read under a snapshot that sees
     // this call's writes (the statement's does not).
@@ -657,9 +782,11 @@ pub fn release(id: &str) -> FluxResult<()> {
         }
     }
     close_charges(id, Some("pool"))?;
-    store::exec(
+    kept(
         "UPDATE flux.holds SET released_at = pg_catalog.now() WHERE id OPERATOR(pg_catalog.=) $1",
+        &[TEXT],
         &[id.into()],
+        nothing,
     )
 }
 

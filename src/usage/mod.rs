@@ -260,7 +260,7 @@ fn used_counting_holds(x: &Decided, c: &Counter) -> FluxResult<i64> {
 /// Record `amount` against a counter if it fits. Returns whether it did and
 /// the total after (when it did not fit, the total as it stands). A
 /// feature's counter that may carry holds is written through holds.rs
-/// (locked first, expired holds given back, then decided).
+/// (which gives back the holds past their ttl).
 fn record_counter(
     x: &Decided,
     c: &Counter,
@@ -268,7 +268,7 @@ fn record_counter(
     limit: Option<i64>,
 ) -> FluxResult<(bool, i64)> {
     if holds::may_carry(x, c) {
-        return holds::add(c, amount, limit, x.ctx.now);
+        return holds::record_counter(c, amount, limit, x.ctx.now);
     }
     if !fits(limit, 0, amount) {
         return Ok((false, sql::load_used(c)?));
@@ -514,11 +514,31 @@ fn flux_release_v2(
         }
         crate::validate::require_tenant(tenant)?;
         let key = crate::identity::current_key()?.filter(|k| k.tenant == tenant);
-        let callers = key
-            .map(|k| format!("key:{}", k.id))
+        let key_caller = key.map(|k| format!("key:{}", k.id));
+        // A feature that has had holds: expired ones are given back first,
+        // and units live holds count are not released (holds.rs).
+        let has_holds = crate::cache::catalogue()?
+            .features
+            .get(feature)
+            .is_some_and(|f| f.has_holds);
+        let now = gucs::clock()?;
+        let release_held = |caller: Option<&str>| -> FluxResult<i64> {
+            let c = Counter {
+                tenant,
+                feature,
+                start: sql::period_key(None),
+                caller,
+            };
+            holds::release_units(&c, amount, now)
+        };
+        let callers = key_caller
             .into_iter()
             .chain(subject.map(|s| format!("subject:{s}")));
         for caller in callers {
+            if has_holds && caller.starts_with("key:") {
+                release_held(Some(&caller))?;
+                continue;
+            }
             store::exec(
                 "UPDATE flux.caller_usage \
                     SET used = GREATEST(used OPERATOR(pg_catalog.-) $3, 0), updated_at = pg_catalog.now() \
@@ -527,6 +547,9 @@ fn flux_release_v2(
                     AND caller OPERATOR(pg_catalog.=) $4",
                 &[tenant.into(), feature.into(), amount.into(), caller.as_str().into()],
             )?;
+        }
+        if has_holds {
+            return release_held(None);
         }
         Ok(store::one_mut::<i64>(
             "UPDATE flux.usage \
