@@ -122,5 +122,19 @@ SELECT allowed, balance FROM flux_consume('acme', 'chat');
 RESET ROLE;
 REVOKE flux_service FROM credits_app;
 
+-- 14. A pool's allowance is a limit like any other: an addon adds to it
+-- (500 per unit), an override replaces it, and the draw follows.
+SELECT flux_define_addon('credit_pack');
+SELECT flux_grant_addon('credit_pack', 'ai_credits', 500);
+SELECT flux_subscribe('hooli', 'pro');
+SELECT flux_attach_addon('hooli', 'credit_pack', 2);
+SELECT "limit", remaining, balance FROM flux_decide('hooli', 'ai_credits');
+SELECT allowed, balance FROM flux_consume('hooli', 'image', 100);
+SELECT allowed, reason, message FROM flux_consume('hooli', 'image');
+SELECT flux_override('hooli', 'ai_credits', "limit" => 2020);
+SELECT "limit", used, remaining FROM flux_decide('hooli', 'ai_credits');
+SELECT allowed, balance FROM flux_consume('hooli', 'image');
+SELECT allowed, reason FROM flux_consume('hooli', 'image');
+
 DROP EXTENSION flux_entitlements CASCADE;
 DROP ROLE credits_app;
