@@ -355,9 +355,28 @@ pub struct PoolLock {
     counter: Option<Locked>,
     lots: Vec<(i64, i64)>,
     reserved: i64,
+    /// The row locked: its period key and used.
+    row: Locked,
 }
 
 impl PoolLock {
+    /// Write the locked row again, unchanged but for updated_at: a hold's
+    /// reservation writes no other row a draw locks, and a REPEATABLE READ
+    /// or SERIALIZABLE draw whose snapshot cannot see it must then fail to
+    /// serialize rather than spend it.
+    pub fn touch(&self) -> FluxResult<()> {
+        let _owner = crate::privilege::AsOwner::enter()?;
+        sql::set_counter(
+            &Counter {
+                tenant: &self.tenant,
+                feature: &self.pool,
+                start: self.row.0,
+                caller: None,
+            },
+            self.row.1,
+        )
+    }
+
     /// Lock `p`'s pool (`p` is the pool's own decision); `except` is a
     /// hold whose reservation is not counted (the one being settled).
     pub fn take(p: &Decided, except: &str) -> FluxResult<PoolLock> {
@@ -365,6 +384,7 @@ impl PoolLock {
         let pool = p.d.feature.clone();
         let _owner = crate::privilege::AsOwner::enter()?;
         let (left, counter) = lock_pool(p)?;
+        let row = counter.unwrap_or((sql::period_key(None), 0));
         let (lots, reserved) = Spi::connect_mut(|c| {
             let q = crate::prepared::kept(c, LOCK_LIVE, &[TEXT, TEXT, TSTZ, TEXT], true)?;
             let t = c.update(
@@ -395,6 +415,7 @@ impl PoolLock {
             counter,
             lots,
             reserved,
+            row,
         })
     }
 
@@ -487,6 +508,10 @@ pub fn refuse_for(x: &mut Decided, pool: &str, left: i64, need: i64) {
 /// Write a reserved draw: the allowance's counter, the top-ups taken, one
 /// ledger row.
 pub fn write(d: &Draw, key: Option<&str>) -> FluxResult<()> {
+    // Nothing to take (a settled hold whose top-up expired under it).
+    if d.need == 0 {
+        return Ok(());
+    }
     let _owner = crate::privilege::AsOwner::enter()?;
     if let (Some((start, used)), true) = (d.counter, d.from_allowance > 0) {
         let c = Counter {
@@ -524,6 +549,114 @@ pub fn write(d: &Draw, key: Option<&str>) -> FluxResult<()> {
         )?;
         Ok::<_, FluxError>(())
     })
+}
+
+/// A draw the allowance covered, written on the fast path.
+pub struct Fast {
+    pub pool: String,
+    need: i64,
+    used: i64,
+    pub balance_after: Option<i64>,
+}
+
+/// The ledger row of a draw the allowance covered, written only if the
+/// balance after it (the allowance left, plus live top-ups, less what holds
+/// reserve, all read now, under the pool counter's lock) is not negative.
+const DRAWN_IF_COVERED: &str = "WITH b AS (SELECT $4::pg_catalog.int8 \
+        OPERATOR(pg_catalog.+) (SELECT COALESCE(pg_catalog.sum(remaining), 0)::pg_catalog.int8 \
+             FROM flux.credit_ledger \
+            WHERE tenant OPERATOR(pg_catalog.=) $1 AND pool OPERATOR(pg_catalog.=) $2 \
+              AND remaining OPERATOR(pg_catalog.>) 0 \
+              AND (expires_at IS NULL OR expires_at OPERATOR(pg_catalog.>) $6)) \
+        OPERATOR(pg_catalog.-) (SELECT LEAST(COALESCE(pg_catalog.sum(amount), 0), 9223372036854775807)::pg_catalog.int8 \
+             FROM flux.hold_charges \
+            WHERE tenant OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 \
+              AND period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
+              AND caller OPERATOR(pg_catalog.=) 'pool' AND open \
+              AND expires_at OPERATOR(pg_catalog.>) $6) AS after) \
+     INSERT INTO flux.credit_ledger (tenant, pool, amount, balance_after, feature, at, idempotency_key) \
+     SELECT $1, $2, $3 OPERATOR(pg_catalog.*) -1, b.after, $5, $6, $7 FROM b \
+      WHERE $4 IS NULL OR b.after OPERATOR(pg_catalog.>=) 0 \
+     RETURNING balance_after";
+
+/// The common draw, without SPI but for its ledger row: the period's
+/// allowance covers it. The pool's counter row is updated in place
+/// (counters.rs: it waits for, and follows, a concurrent draw, as the SQL
+/// lock does), then the ledger row is written if the balance after it,
+/// read under that lock, is not negative (holds may reserve part of the
+/// allowance). None when the allowance does not cover it, the counter row
+/// does not exist yet or the balance would go negative: nothing is left
+/// written, and `reserve` decides through SQL.
+pub fn draw_fast(x: &Decided, amount: i64, key: Option<&str>) -> FluxResult<Option<Fast>> {
+    let Some((pool, credits)) = price_of(x)? else {
+        return Ok(None);
+    };
+    let need = checked_mul(amount, credits, &x.d.feature)?;
+    let px = pool_decision(x, &pool)?;
+    let p = px.as_ref().unwrap_or(x);
+    let Some(a) = allowance(p)? else {
+        return Ok(None);
+    };
+    let _owner = crate::privilege::AsOwner::enter()?;
+    let c = counter(p, &a);
+    let cat = crate::cache::catalogue()?;
+    let used = match super::counters::add(cat.namespace, &c, need, a.limit)? {
+        super::counters::Added::Total(n) => n,
+        _ => return Ok(None),
+    };
+    let left = a.limit.map(|l| l - used);
+    let written = Spi::connect_mut(|sc| {
+        let q = crate::prepared::kept(
+            sc,
+            DRAWN_IF_COVERED,
+            &[TEXT, TEXT, INT8, INT8, TEXT, TSTZ, TEXT],
+            true,
+        )?;
+        let t = sc.update(
+            &*q,
+            Some(1),
+            &[
+                p.d.tenant.as_str().into(),
+                pool.as_str().into(),
+                need.into(),
+                left.into(),
+                x.d.feature.as_str().into(),
+                ts_datum(Some(p.ctx.now)).into(),
+                key.into(),
+            ],
+        )?;
+        Ok::<_, FluxError>(match t.into_iter().next() {
+            Some(r) => Some(r.get::<i64>(1)?),
+            None => None,
+        })
+    })?;
+    let Some(balance_after) = written else {
+        // Holds reserve what the allowance would give: undo our own
+        // update, under the lock we hold, and let SQL decide (which
+        // refuses; the row keeps its used, with a new updated_at).
+        super::counters::add(cat.namespace, &c, -need, None)?;
+        return Ok(None);
+    };
+    Ok(Some(Fast {
+        pool,
+        need,
+        used,
+        balance_after,
+    }))
+}
+
+/// The decision after a fast draw of a pool consumed directly.
+pub fn drawn_fast(x: &mut Decided, f: &Fast) {
+    x.d.allowed = true;
+    x.d.reason = Reason::Ok;
+    x.d.upgrade_plans = None;
+    x.d.balance = f.balance_after;
+    x.d.remaining = f.balance_after;
+    x.d.used = Some(f.used);
+    x.d.message = match f.balance_after {
+        Some(b) => format!("{}: {} drawn, {b} left", f.pool, f.need),
+        None => format!("{}: {} drawn (unlimited)", f.pool, f.need),
+    };
 }
 
 /// The decision after a draw of a pool consumed directly.

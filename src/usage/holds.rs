@@ -34,6 +34,12 @@ use pgrx::prelude::*;
 use pgrx::{PgBuiltInOids, PgOid};
 
 const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+/// The longest ttl a hold may have.
+const MAX_TTL: Span = Span {
+    months: 0,
+    days: 7,
+    micros: 0,
+};
 const TSTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
 
 /// Whether counter `c` of `x`'s feature may carry holds: the feature has
@@ -303,10 +309,12 @@ fn closed(function: &str, h: &Hold, now: i64) -> Option<FluxError> {
     None
 }
 
-/// A hold's charges: (caller, period key, amount, open).
+/// A hold's charges: (caller, period key, amount, open), in the order
+/// consumes lock counters (the key's before the tenant's).
 fn charges(id: &str) -> FluxResult<Vec<(String, i64, i64, bool)>> {
     const CHARGES: &str = "SELECT caller, period_start, amount, open FROM flux.hold_charges \
-             WHERE hold_id OPERATOR(pg_catalog.=) $1 ORDER BY caller";
+             WHERE hold_id OPERATOR(pg_catalog.=) $1 \
+             ORDER BY caller OPERATOR(pg_catalog.=) '', caller";
     kept(CHARGES, &[TEXT], &[id.into()], |t| {
         let mut v = Vec::new();
         for r in t {
@@ -388,9 +396,9 @@ pub fn hold(
             "ttl must be a positive interval (e.g. '15 minutes')".into(),
         ));
     }
-    if expires_at == i64::MAX {
+    if expires_at > add_span(now, MAX_TTL) {
         return Err(FluxError::InvalidValue(
-            "ttl must be finite: a hold that never expires is a consume (flux_consume)".into(),
+            "ttl must be at most 7 days: a hold is for work that outlives a transaction (a stream, an export), and its units count in the period it was made".into(),
         ));
     }
     let kind = x.feature().map_or(Kind::Boolean, |f| f.kind);
@@ -442,6 +450,7 @@ pub fn hold(
             delete_hold(&id)?;
             return Ok(x.d);
         }
+        lock.touch()?;
         reservation = Some((pool.clone(), need, lock.balance().map(|b| b - need)));
     }
     // The counters it counts on, before record() reports on them.
@@ -605,11 +614,19 @@ fn repeated(mut x: Decided, key: &str, amount: i64) -> FluxResult<Decision> {
     }
     x.holds = true;
     super::observe(&mut x, 0)?;
-    let id = first["id"].as_str().unwrap_or_default().to_string();
     x.d.allowed = true;
     x.d.reason = Reason::Ok;
     x.d.upgrade_plans = None;
     let state = first["state"].as_str().unwrap_or("open");
+    let id = first["id"].as_str().unwrap_or_default().to_string();
+    if state != "open" {
+        // Work must not start on a hold that no longer reserves anything.
+        return Err(FluxError::NotReady(format!(
+            "flux_hold: the hold {} made with idempotency_key {} is {state}: a new request needs a new key",
+            shown(&id),
+            shown(key)
+        )));
+    }
     x.d.message = format!(
         "hold {} was made with this idempotency key ({state}); {}",
         shown(&id),

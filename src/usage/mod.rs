@@ -391,6 +391,22 @@ fn draw_and_record(x: &mut Decided, amount: i64, key: Option<&str>) -> FluxResul
     if !open {
         return Ok(());
     }
+    // The common case: the period's allowance covers it, and the feature's
+    // own counters (if any) have no limit that could refuse after the draw
+    // is written (a refusal must leave every row as it was).
+    let unlimited = is_pool || allowances(x)?.iter().all(|a| a.limit.is_none());
+    if unlimited {
+        if let Some(f) = credits::draw_fast(x, amount, key)? {
+            if is_pool {
+                credits::drawn_fast(x, &f);
+            } else {
+                record(x, amount)?;
+                x.d.balance = f.balance_after;
+                credits::with_balance(x, &f.pool);
+            }
+            return Ok(());
+        }
+    }
     let Some(draw) = credits::reserve(x, amount)? else {
         return Ok(());
     };

@@ -1003,3 +1003,57 @@ def test_a_stale_transaction_cannot_settle_a_hold_expired_by_the_wall_clock(fres
         stale.close()
         assert balance(su) == 0 and usage(su) == 50
         assert one(su, "SELECT sum(amount) FROM flux.credit_ledger WHERE amount < 0") == -1500
+
+
+# Second red-team pass.
+
+def test_a_repeatable_read_draw_cannot_spend_credits_a_later_hold_reserved(fresh_db):
+    with connect(fresh_db, autocommit=True) as su:
+        priced(su)
+        su.execute("SELECT flux_consume('acme', 'ai_credits', 1)")  # the pool's row exists
+        rr = connect(fresh_db, autocommit=False)
+        rr.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        rr.execute("SELECT 1")  # the snapshot
+        ok, _, _, bal, _ = hold(su, 1499, feature="ai_credits")
+        assert ok and bal == 0
+        sqlstate, _ = error(rr, "SELECT flux_consume('acme', 'ai_credits', 1499)")
+        assert sqlstate == "40001"
+        rr.rollback()
+        rr.close()
+        assert balance(su) == 0
+
+
+def test_a_settle_whose_top_up_expired_under_it_draws_what_is_left(fresh_db):
+    with clocked(fresh_db) as su:
+        su.execute("""
+            SELECT flux_define_feature('ai_credits', 'credits');
+            SELECT flux_define_plan('basic');
+            SELECT flux_subscribe('acme', 'basic');
+            SELECT flux_add_credits('acme', 'ai_credits', 500, '2026-11-22 12:05+00', 'buy-1');
+        """)
+        ok, _, _, bal, hid = hold(su, 250, feature="ai_credits", ttl="1 day")
+        assert ok and bal == 250
+    with clocked(fresh_db, options="-c flux.now=2026-11-22T12:10:00Z") as later:
+        assert balance(later) == 0
+        r = settle(later, hid, 250)
+        assert r[0] is True and balance(later) == 0
+        assert one(later, "SELECT count(*) FROM flux.credit_ledger WHERE amount < 0") == 0
+        assert hold_row(later, hid)[1] == 250
+
+
+def test_a_repeated_key_of_a_closed_hold_is_an_error(fresh_db):
+    with clocked(fresh_db) as su:
+        metered(su)
+        hid = hold(su, 10, key="req-1")[4]
+        settle(su, hid, 4)
+        sqlstate, message = error(su, "SELECT flux_hold('acme', 'tokens', 10, '15 minutes', 'req-1')")
+        assert sqlstate == "55000" and "settled" in message, message
+        assert usage(su) == 4
+
+
+def test_a_ttl_longer_than_seven_days_is_refused(fresh_db):
+    with clocked(fresh_db) as su:
+        metered(su)
+        assert error(su, "SELECT flux_hold('acme', 'tokens', 1, '8 days')")[0] == "22023"
+        assert error(su, "SELECT flux_hold('acme', 'tokens', 1, '292200 years')")[0] == "22023"
+        assert hold(su, 1, ttl="7 days")[0] is True
