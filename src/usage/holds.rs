@@ -860,3 +860,47 @@ fn flux_settle(
 fn flux_release_hold(hold_id: Option<&str>) {
     (|| release(crate::validate::need(hold_id, "hold_id")?))().or_raise()
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one(sql: &str) -> Option<i64> {
+        Spi::get_one::<i64>(sql).unwrap()
+    }
+
+    /// A hold counts as used; past its ttl it stops counting for readers
+    /// at once and the next writer gives it back, closing its charge.
+    #[pg_test]
+    fn an_expired_hold_is_counted_out_then_given_back() {
+        Spi::run(
+            "SET flux.now = '2026-11-18 10:00+00';
+             SELECT flux_define_feature('api', 'metered');
+             SELECT flux_define_plan('pro');
+             SELECT flux_grant('pro', 'api', 10, 'day');
+             SELECT flux_subscribe('acme', 'pro');
+             SELECT flux_consume('acme', 'api', 2);
+             SELECT flux_hold('acme', 'api', 7, '5 minutes');",
+        )
+        .unwrap();
+        assert_eq!(one("SELECT flux_usage('acme', 'api')"), Some(9));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT allowed FROM flux_consume('acme', 'api', 2)").unwrap(),
+            Some(false)
+        );
+        Spi::run("SET flux.now = '2026-11-18 10:06+00'").unwrap();
+        assert_eq!(one("SELECT flux_usage('acme', 'api')"), Some(2));
+        assert_eq!(one("SELECT used FROM flux.usage"), Some(9));
+        assert_eq!(
+            one("SELECT used FROM flux_consume('acme', 'api', 8)"),
+            Some(10)
+        );
+        assert_eq!(one("SELECT used FROM flux.usage"), Some(10));
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT bool_or(open) FROM flux.hold_charges").unwrap(),
+            Some(false)
+        );
+        Spi::run("RESET flux.now").unwrap();
+    }
+}
