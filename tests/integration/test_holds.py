@@ -840,6 +840,10 @@ def holds_snapshot(db):
         c.execute("SET timezone = 'UTC'")
         rows = {t: c.execute(f"SELECT x::text FROM flux.{t} x ORDER BY 1").fetchall()
                 for t in ("holds", "hold_charges", "usage", "credit_ledger", "features")}
+        # The features that had holds come back too (their readers count
+        # expired holds out).
+        rows["held_features"] = c.execute("SELECT DISTINCT feature FROM flux.held_features ORDER BY 1").fetchall()
+        assert rows["held_features"], "the snapshot has features with holds"
         rows["figures"] = c.execute(
             "SELECT flux_usage('acme', 'tokens'), flux_usage('acme', 'chat'), flux_balance('acme', 'ai_credits')").fetchone()
         return rows
