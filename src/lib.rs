@@ -10,7 +10,7 @@
 //!   decision as a `flux.decision` row;
 //! - `usage/`: recording and reading usage (flux_consume, flux_release,
 //!   flux_usage): periods, the limit rule and GCRA, the counters, the SQL
-//!   fallbacks, idempotency keys;
+//!   fallbacks, idempotency keys, credits pools and holds;
 //! - `reads`: flux_check / flux_decide / flux_entitlements / flux_value;
 //! - `admin`: the define / grant / subscribe / override / addon upserts;
 //! - `validate`: the rules every row must meet (admin functions and psql DML);
