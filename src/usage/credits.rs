@@ -467,11 +467,12 @@ impl PoolLock {
 }
 
 /// The pool's own decision for `x` (a priced feature's or the pool's).
+/// Its message is not built: only its figures are used.
 pub fn pool_decision(x: &Decided, pool: &str) -> FluxResult<Option<Decided>> {
     Ok(if pool == x.d.feature {
         None
     } else {
-        Some(entitle(&x.d.tenant, pool, None)?)
+        Some(crate::entitle::entitle_with(&x.d.tenant, pool, None, false)?)
     })
 }
 
