@@ -178,7 +178,8 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
-    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits
+    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits,
+    flux_set_overage
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
@@ -186,7 +187,8 @@ GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flu
     flux_prune_usage_keys, flux._enforce_limit_setup, flux_create_api_key, flux_revoke_api_key,
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
-    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits
+    flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits,
+    flux_set_overage
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -243,6 +245,8 @@ COMMENT ON FUNCTION flux_key_usage(text, text) IS 'Units an API key used of a fe
 COMMENT ON FUNCTION flux._check_scopes(text[]) IS 'Validator used by the api_keys trigger: scopes name defined features';
 COMMENT ON FUNCTION flux._check_key_limit(text, text, bigint, text) IS 'Validator used by the key_limits trigger; returns the period to store';
 COMMENT ON FUNCTION flux._check_subject_limit(text, bigint) IS 'Validator used by the grants trigger: subject_limit only on limited kinds';
+COMMENT ON FUNCTION flux._check_overage(text, boolean, bigint) IS 'Validator used by the grants trigger: overage only on limit and metered features, a cap >= 0 only with overage on';
+COMMENT ON FUNCTION flux_set_overage(text, text, boolean, bigint) IS 'Admin: make a plan''s grant of a limit or metered feature soft: consumes past the limit are allowed up to limit + cap (NULL: no cap) and reported as overage; enabled => false makes it hard again';
 COMMENT ON FUNCTION flux._check_cost(text, text, text, bigint) IS 'Validator used by the features trigger: a price draws from another feature of kind credits, and a pool stays one while features draw from it';
 COMMENT ON FUNCTION flux_set_cost(text, text, bigint) IS 'Admin: each unit of feature consumed draws credits from pool (a feature of kind credits); credits => NULL removes the price';
 COMMENT ON FUNCTION flux_add_credits(text, text, bigint, timestamptz, text, text) IS 'Admin: a purchased top-up of a credits pool (one flux.credit_ledger row, audited); a repeated idempotency_key adds nothing; returns the balance';
@@ -275,7 +279,8 @@ GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, 
     flux._check_grant, flux._check_tenant, flux._check_addon, flux._check_addon_unused,
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
     flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats(),
-    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit, flux._check_cost
+    flux._check_scopes, flux._check_key_limit, flux._check_subject_limit, flux._check_cost,
+    flux._check_overage
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

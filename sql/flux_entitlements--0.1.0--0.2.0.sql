@@ -796,6 +796,49 @@ COMMENT ON FUNCTION flux_hold(text, text, bigint, interval, text) IS 'Reserve am
 COMMENT ON FUNCTION flux_settle(text, bigint) IS 'Turn a hold into actual units of usage (more than held only if it fits, else a limit_reached decision and the hold stays open) and free the rest; an unknown, foreign, settled, released or expired hold is an error';
 COMMENT ON FUNCTION flux_release_hold(text) IS 'Give a hold back whole; releasing it again, or once it has expired, does nothing more';
 
+-- Soft limits (CONTRACT.md, "Soft limits, overage and usage alerts"): a
+-- plan's grant may go past its limit, up to a cap.
+ALTER TABLE flux.grants
+    ADD COLUMN overage boolean NOT NULL DEFAULT false,
+    ADD COLUMN overage_cap bigint CONSTRAINT grants_overage_cap_check CHECK (overage_cap >= 0),
+    ADD CONSTRAINT grants_overage_check CHECK (overage OR overage_cap IS NULL);
+COMMENT ON COLUMN flux.grants.overage IS 'limit / metered features: a soft limit (flux_set_overage): consumes past the limit are allowed up to limit + overage_cap and reported as overage';
+COMMENT ON COLUMN flux.grants.overage_cap IS 'With overage: how far past the limit a period may go; NULL = no cap';
+CREATE FUNCTION flux."_check_overage"(
+	"feature" TEXT,
+	"overage" bool,
+	"cap" bigint
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_check_overage_wrapper';
+CREATE OR REPLACE FUNCTION flux._grants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.grants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._grants_validate()', 'flux.grants', TG_RELID::pg_catalog.regclass);
+    END IF;
+    NEW.period := flux._check_grant(NEW.plan, NEW.feature, NEW."limit", NEW.period);
+    PERFORM flux._check_subject_limit(NEW.feature, NEW.subject_limit);
+    PERFORM flux._check_overage(NEW.feature, NEW.overage, NEW.overage_cap);
+    RETURN NEW;
+END $$;
+CREATE FUNCTION "flux_set_overage"(
+	"plan" TEXT,
+	"feature" TEXT,
+	"enabled" bool DEFAULT true,
+	"cap" bigint DEFAULT NULL
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_set_overage_wrapper';
+REVOKE EXECUTE ON FUNCTION flux_set_overage FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_set_overage TO flux_admin;
+GRANT EXECUTE ON FUNCTION flux._check_overage TO flux_admin;
+COMMENT ON FUNCTION flux._check_overage(text, boolean, bigint) IS 'Validator used by the grants trigger: overage only on limit and metered features, a cap >= 0 only with overage on';
+COMMENT ON FUNCTION flux_set_overage(text, text, boolean, bigint) IS 'Admin: make a plan''s grant of a limit or metered feature soft: consumes past the limit are allowed up to limit + cap (NULL: no cap) and reported as overage; enabled => false makes it hard again';
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';

@@ -94,12 +94,17 @@ CREATE TABLE flux.grants (
     period  text,
     value   jsonb,
     subject_limit bigint CONSTRAINT grants_subject_limit_check CHECK (subject_limit >= 0),
+    overage boolean NOT NULL DEFAULT false,
+    overage_cap bigint CONSTRAINT grants_overage_cap_check CHECK (overage_cap >= 0),
+    CONSTRAINT grants_overage_check CHECK (overage OR overage_cap IS NULL),
     PRIMARY KEY (plan, feature)
 );
 CREATE INDEX grants_feature ON flux.grants (feature);
 COMMENT ON TABLE flux.grants IS 'What a plan grants: plan x feature, with a limit, a period and a value. Deleting the plan or the feature deletes its grants';
 COMMENT ON COLUMN flux.grants.enabled IS 'false keeps the row but grants nothing';
 COMMENT ON COLUMN flux.grants."limit" IS 'limit / metered / rate features: the allowance; NULL = unlimited';
+COMMENT ON COLUMN flux.grants.overage IS 'limit / metered features: a soft limit (flux_set_overage): consumes past the limit are allowed up to limit + overage_cap and reported as overage';
+COMMENT ON COLUMN flux.grants.overage_cap IS 'With overage: how far past the limit a period may go; NULL = no cap';
 COMMENT ON COLUMN flux.grants.period IS 'metered: minute, hour, day, week, month or billing_period (default month); rate: the window as an interval such as 1 hour';
 COMMENT ON COLUMN flux.grants.value IS 'Configuration the application reads with flux_value (e.g. ["csv","pdf"])';
 COMMENT ON COLUMN flux.grants.subject_limit IS 'limit / metered / rate features: each subject''s (user''s) own allowance inside the tenant''s, in the same period; NULL = none';
@@ -512,6 +517,7 @@ BEGIN
     END IF;
     NEW.period := flux._check_grant(NEW.plan, NEW.feature, NEW."limit", NEW.period);
     PERFORM flux._check_subject_limit(NEW.feature, NEW.subject_limit);
+    PERFORM flux._check_overage(NEW.feature, NEW.overage, NEW.overage_cap);
     RETURN NEW;
 END $$;
 CREATE TRIGGER grants_validate BEFORE INSERT OR UPDATE ON flux.grants

@@ -412,3 +412,37 @@ fn flux_set_cost(feature: Option<&str>, pool: Option<&str>, credits: Option<i64>
     })()
     .or_raise()
 }
+
+/// Make `plan`'s grant of a limit or metered feature soft: consumes past
+/// the limit are allowed up to limit + `cap` (NULL: no cap) and reported
+/// as overage; `enabled => false` makes it hard again. Admin only; audited
+/// as a change of the grant (its trigger checks the kind and the cap).
+#[pg_extern(volatile, parallel_unsafe)]
+fn flux_set_overage(
+    plan: Option<&str>,
+    feature: Option<&str>,
+    enabled: default!(Option<bool>, "true"),
+    cap: default!(Option<i64>, "NULL"),
+) {
+    (|| {
+        let plan = need(plan, "plan")?;
+        let feature = need(feature, "feature")?;
+        let enabled = need(enabled, "enabled")?;
+        crate::validate::require_plan(plan)?;
+        crate::validate::feature_kind(feature)?;
+        let found = store::one_mut::<String>(
+            "UPDATE flux.grants SET overage = $3, overage_cap = CASE WHEN $3 THEN $4 END \
+              WHERE plan OPERATOR(pg_catalog.=) $1 AND feature OPERATOR(pg_catalog.=) $2 RETURNING plan",
+            &[plan.into(), feature.into(), enabled.into(), cap.into()],
+        )?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(crate::error::FluxError::UnknownReference(format!(
+                "plan {} does not grant {}: grant it first with flux_grant",
+                crate::error::shown(plan),
+                crate::error::shown(feature)
+            ))),
+        }
+    })()
+    .or_raise()
+}

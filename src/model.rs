@@ -148,6 +148,9 @@ pub struct PlanGrant {
     pub value: Option<JsonText>,
     /// Each subject's own allowance inside the tenant's (None: none).
     pub subject_limit: Option<i64>,
+    /// A soft limit (flux_set_overage): None, hard; Some(cap), consumes
+    /// may go past the limit by cap (None: no cap).
+    pub overage: Option<Option<i64>>,
 }
 
 /// What the catalogue says about one feature.

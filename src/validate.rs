@@ -400,6 +400,41 @@ mod flux {
         .or_raise()
     }
 
+    /// A grant's overage (soft limit): only for limit and metered features,
+    /// with a cap >= 0 only when it is on.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _check_overage(feature: Option<&str>, overage: Option<bool>, cap: Option<i64>) {
+        (|| -> FluxResult<()> {
+            let Some(feature) = feature else {
+                return Ok(());
+            };
+            let on = overage.unwrap_or(false);
+            if let Some(c) = cap {
+                if c < 0 {
+                    return Err(FluxError::InvalidValue(format!(
+                        "overage cap {c} of feature \"{feature}\" must be >= 0 (NULL: no cap)"
+                    )));
+                }
+                if !on {
+                    return Err(FluxError::InvalidValue(format!(
+                        "overage cap {c} of feature \"{feature}\" needs overage on"
+                    )));
+                }
+            }
+            if on {
+                let kind = feature_kind(feature)?;
+                if !matches!(kind, Kind::Limit | Kind::Metered) {
+                    return Err(FluxError::InvalidValue(format!(
+                        "overage applies to limit and metered features; \"{feature}\" is {}",
+                        kind.as_str()
+                    )));
+                }
+            }
+            Ok(())
+        })()
+        .or_raise()
+    }
+
     /// A grant's subject_limit: only for limited kinds.
     #[pg_extern(volatile, parallel_unsafe)]
     fn _check_subject_limit(feature: Option<&str>, subject_limit: Option<i64>) {

@@ -130,7 +130,9 @@ const PLANS_SQL: &str = "SELECT key, is_default, grace_period FROM flux.plans";
 /// column) answers with NULL.
 const GRANTS_SQL: &str =
     "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value::pg_catalog.text, \
-            (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'subject_limit')::pg_catalog.int8 \
+            (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'subject_limit')::pg_catalog.int8, \
+            COALESCE((pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'overage')::pg_catalog.bool, false), \
+            (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'overage_cap')::pg_catalog.int8 \
      FROM flux.grants g JOIN flux.plans p ON p.key OPERATOR(pg_catalog.=) g.plan \
      WHERE g.enabled ORDER BY g.feature, p.rank, p.key";
 /// cost_pool and cost_credits read through to_jsonb, which a 0.1.0 schema
@@ -329,6 +331,11 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                         period: text(&r, 5)?,
                         value: json(&r, 6)?,
                         subject_limit: r.get::<i64>(7)?,
+                        overage: r
+                            .get::<bool>(8)?
+                            .unwrap_or(false)
+                            .then(|| r.get::<i64>(9))
+                            .transpose()?,
                     });
             }
             for r in c.select(&*kept(c, FEATURES_SQL, &[], false)?, None, &[])? {
@@ -441,6 +448,11 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     // 0.2's column: absent under a 0.1.0 schema (this library serves one
     // until ALTER EXTENSION UPDATE).
     const SUBJECT_LIMIT: [(&str, pg_sys::Oid); 1] = [("subject_limit", pg_sys::INT8OID)];
+    // 0.2's columns too.
+    const OVERAGE: [(&str, pg_sys::Oid); 2] = [
+        ("overage", pg_sys::BOOLOID),
+        ("overage_cap", pg_sys::INT8OID),
+    ];
     const FEATURES: [(&str, pg_sys::Oid); 2] =
         [("key", pg_sys::TEXTOID), ("kind", pg_sys::TEXTOID)];
     const COSTS: [(&str, pg_sys::Oid); 2] = [
@@ -486,6 +498,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         return Ok(None);
     };
     let subject_limit_at = grants.columns(&SUBJECT_LIMIT).map(|c| c[0]);
+    let overage_at = grants.columns(&OVERAGE);
     let costs_at = features.columns(&COSTS);
     let snapshot = LoadSnapshot::take();
     let snap = snapshot.0;
@@ -532,6 +545,9 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
                 period: row.text(gc[4]),
                 value: row.jsonb(gc[5]),
                 subject_limit: subject_limit_at.and_then(|at| row.int(at)),
+                overage: overage_at.and_then(|[on, cap]| {
+                    row.int(on).is_some_and(|b| b != 0).then(|| row.int(cap))
+                }),
             },
         );
         // Looked up by the borrowed text: one allocation per feature, not

@@ -24,6 +24,7 @@ fn grant(plan: &str, rank: i32, limit: Option<i64>) -> PlanGrant {
         period: None,
         value: None,
         subject_limit: None,
+        overage: None,
     }
 }
 

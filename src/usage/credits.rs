@@ -472,7 +472,12 @@ pub fn pool_decision(x: &Decided, pool: &str) -> FluxResult<Option<Decided>> {
     Ok(if pool == x.d.feature {
         None
     } else {
-        Some(crate::entitle::entitle_with(&x.d.tenant, pool, None, false)?)
+        Some(crate::entitle::entitle_with(
+            &x.d.tenant,
+            pool,
+            None,
+            false,
+        )?)
     })
 }
 

@@ -72,9 +72,22 @@ struct Allowance {
     meter: Meter,
     /// metered: the period; rate: the window, as granted.
     period: Option<String>,
+    /// The tenant's, under a soft grant (flux_set_overage): how far past
+    /// the limit it may go (None: no cap).
+    overage: Option<Option<i64>>,
 }
 
 impl Allowance {
+    /// What a consume must stay within: the limit, or under a soft grant
+    /// the limit plus its cap (None: unlimited).
+    fn ceiling(&self) -> Option<i64> {
+        match (self.limit, self.overage) {
+            (None, _) | (Some(_), Some(None)) => None,
+            (Some(l), None) => Some(l),
+            (Some(l), Some(Some(cap))) => Some(l.saturating_add(cap)),
+        }
+    }
+
     fn counter<'a>(&'a self, x: &'a Decided) -> Counter<'a> {
         let start = match self.meter {
             Meter::Quota { start, .. } => Some(start),
@@ -115,6 +128,7 @@ fn allowances(x: &Decided) -> FluxResult<Vec<Allowance>> {
                 limit: own.map(|l| l.limit),
                 meter,
                 period,
+                overage: None,
             });
         }
     }
@@ -130,15 +144,24 @@ fn allowances(x: &Decided) -> FluxResult<Vec<Allowance>> {
                 limit: Some(l),
                 meter: tenant_meter,
                 period: x.d.period.clone(),
+                overage: None,
             });
         }
     }
+    // A soft limit is the plan's grant's (of a limit or metered feature),
+    // whatever made the limit (the plan, addons, an override).
+    let overage = x
+        .feature()
+        .filter(|f| matches!(f.kind, Kind::Limit | Kind::Metered))
+        .and_then(|f| x.d.plan.as_deref().and_then(|p| f.grant_of(p)))
+        .and_then(|g| g.overage);
     list.push(Allowance {
         caller: None,
         who: None,
         limit: x.d.limit,
         meter: tenant_meter,
         period: x.d.period.clone(),
+        overage,
     });
     Ok(list)
 }
@@ -167,7 +190,7 @@ fn report(x: &mut Decided, list: &[Allowance], outcomes: &[Outcome]) {
             Outcome::Counter { used, .. } => *used,
             Outcome::Rate(r) => r.used,
         };
-        a.limit.map_or(i64::MAX, |l| l.saturating_sub(used))
+        a.ceiling().map_or(i64::MAX, |l| l.saturating_sub(used))
     };
     let pick = outcomes.iter().position(|o| !o.fits()).unwrap_or_else(|| {
         let mut best = outcomes.len() - 1;
@@ -184,7 +207,10 @@ fn report(x: &mut Decided, list: &[Allowance], outcomes: &[Outcome]) {
     let now = x.ctx.now;
     match &outcomes[pick] {
         Outcome::Counter { used, fits } => {
-            apply_counter(&mut x.d, a.meter, *used, *fits, a.who.as_deref())
+            apply_counter(&mut x.d, a.meter, *used, *fits, a.who.as_deref());
+            if a.overage.is_some() {
+                rules::apply_overage(&mut x.d, *used, a.ceiling(), *fits);
+            }
         }
         Outcome::Rate(o) => {
             let text = a.period.clone().unwrap_or_default();
@@ -222,7 +248,7 @@ fn observe_usage(x: &mut Decided, amount: i64) -> FluxResult<bool> {
                 let used = used_counting_holds(x, &a.counter(x))?;
                 Outcome::Counter {
                     used,
-                    fits: fits(a.limit, used, amount),
+                    fits: fits(a.ceiling(), used, amount),
                 }
             }
             Meter::Rate { window } => {
@@ -330,7 +356,7 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
     for a in &list {
         let o = match a.meter {
             Meter::Allowance | Meter::Quota { .. } => {
-                let (fits, used) = record_counter(x, &a.counter(x), amount, a.limit)?;
+                let (fits, used) = record_counter(x, &a.counter(x), amount, a.ceiling())?;
                 Outcome::Counter { used, fits }
             }
             Meter::Rate { window } => Outcome::Rate(record_rate(x, a, window, amount)?),
@@ -394,7 +420,7 @@ fn draw_and_record(x: &mut Decided, amount: i64, key: Option<&str>) -> FluxResul
     // The common case: the period's allowance covers it, and the feature's
     // own counters (if any) have no limit that could refuse after the draw
     // is written (a refusal must leave every row as it was).
-    let unlimited = is_pool || allowances(x)?.iter().all(|a| a.limit.is_none());
+    let unlimited = is_pool || allowances(x)?.iter().all(|a| a.ceiling().is_none());
     if unlimited {
         if let Some(f) = credits::draw_fast(x, amount, key)? {
             if is_pool {

@@ -237,6 +237,31 @@ pub fn apply_counter(d: &mut Decision, meter: Meter, used: i64, fits: bool, by: 
     d.message = m;
 }
 
+/// A soft limit's figures, after apply_counter: `overage` is the units past
+/// the limit this period, `remaining` the room under the ceiling (limit +
+/// cap; None: no cap), and the message says both.
+pub fn apply_overage(d: &mut Decision, used: i64, ceiling: Option<i64>, fits: bool) {
+    let Some(limit) = d.limit else {
+        return;
+    };
+    let over = used.saturating_sub(limit).max(0);
+    d.overage = Some(over);
+    d.remaining = ceiling.map(|c| c.saturating_sub(used).max(0));
+    let cap = ceiling.map(|c| c.saturating_sub(limit));
+    match (fits, cap) {
+        (true, _) if over > 0 => {
+            let _ = write!(d.message, ", {over} over");
+        }
+        (false, Some(cap)) => {
+            let _ = write!(
+                d.message,
+                "; {over} over, and at most {cap} over the limit is allowed"
+            );
+        }
+        _ => {}
+    }
+}
+
 /// Fill in the rate limiter's figures; `by` as for apply_counter.
 pub fn apply_rate(d: &mut Decision, window_text: &str, o: RateOutcome, now: i64, by: Option<&str>) {
     d.used = Some(o.used);
