@@ -82,7 +82,8 @@ BEGIN
         ['tenants', 'id', ''], ['addons', 'key', ''], ['addon_grants', 'addon', 'feature'],
         ['tenant_addons', 'tenant', 'addon'], ['overrides', 'tenant', 'feature'],
         ['flags', 'feature', ''], ['flag_lists', 'feature', 'id'], ['api_keys', 'id', ''],
-        ['billing_prices', 'price', ''], ['key_limits', 'key_id', 'feature']
+        ['billing_prices', 'price', ''], ['key_limits', 'key_id', 'feature'],
+        ['alerts', 'feature', 'threshold']
     ] LOOP
         EXECUTE pg_catalog.format('CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
                                   'FOR EACH ROW EXECUTE FUNCTION flux._audit(%s)', spec[1],
@@ -122,7 +123,7 @@ DO $$
 DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'addons', 'addon_grants',
-                             'flags', 'flag_lists'] LOOP
+                             'flags', 'flag_lists', 'alerts'] LOOP
         EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE ON flux.%I '
                        'FOR EACH ROW EXECUTE FUNCTION flux._cache_invalidate()', t);
     END LOOP;
@@ -132,7 +133,7 @@ BEGIN
                        pg_catalog.split_part(t, ':', 1), pg_catalog.split_part(t, ':', 2));
     END LOOP;
     FOREACH t IN ARRAY ARRAY['features', 'plans', 'grants', 'tenants', 'addons', 'addon_grants',
-                             'tenant_addons', 'overrides', 'flags', 'flag_lists'] LOOP
+                             'tenant_addons', 'overrides', 'flags', 'flag_lists', 'alerts'] LOOP
         EXECUTE pg_catalog.format('CREATE TRIGGER cache_invalidate_truncate AFTER TRUNCATE ON flux.%I '
                        'FOR EACH STATEMENT EXECUTE FUNCTION flux._cache_invalidate()', t);
         EXECUTE pg_catalog.format('ALTER TABLE flux.%I ENABLE ALWAYS TRIGGER cache_invalidate, '
@@ -151,6 +152,20 @@ CREATE FUNCTION flux_protect(tbl regclass, feature text, tenant_column name DEFA
 RETURNS void LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$ SELECT flux._protect_setup(tbl::pg_catalog.oid, feature, tenant_column::pg_catalog.text, force) $$;
 
+-- What an invoice needs (src/reports.rs): one row per tenant, limit or
+-- metered feature and recorded period, judged by the decision's rules.
+CREATE VIEW flux.billable_usage AS
+    SELECT tenant, feature, period_start, period_end, included, used, overage, plan
+      FROM flux._billable_usage();
+COMMENT ON VIEW flux.billable_usage IS 'Admin: one row per tenant, limit or metered feature and recorded period: included (the limit), used and overage (used past included); terms as the tenant''s rows stand, at the clock for the current period and at the last instant of a closed one (see the README, "Overage and alerts")';
+COMMENT ON COLUMN flux.billable_usage.period_start IS 'The period''s start (a limit feature, whose count is standing: the current billing period''s, NULL without one)';
+COMMENT ON COLUMN flux.billable_usage.period_end IS 'The period''s end (exclusive)';
+COMMENT ON COLUMN flux.billable_usage.included IS 'The limit the tenant has for the period (plan, addons, override; 0 when not entitled; NULL: unlimited)';
+COMMENT ON COLUMN flux.billable_usage.used IS 'Units used in the period (holds past their ttl not counted)';
+COMMENT ON COLUMN flux.billable_usage.overage IS 'Units past included (0 when none, or unlimited)';
+COMMENT ON COLUMN flux.billable_usage.plan IS 'The plan whose terms apply (the default plan when the subscription is not live)';
+GRANT SELECT ON flux.billable_usage TO flux_admin;
+
 -- PUBLIC may use the schema (for the type flux.decision) and call the
 -- reads, consume, release, flux_current_tenant and flux_authenticate; it
 -- gets no privilege on the tables: the functions read and write them as
@@ -168,6 +183,10 @@ GRANT SELECT ON flux.audit_log TO flux_admin;
 GRANT SELECT ON flux.credit_ledger TO flux_admin;
 -- Holds are written by flux_hold, flux_settle and flux_release_hold only.
 GRANT SELECT ON flux.holds, flux.hold_charges, flux.held_features TO flux_admin;
+-- Alerts are written by the consumes that cross them; the application
+-- marks what it handled (README, "Overage and alerts").
+GRANT SELECT, INSERT, UPDATE, DELETE ON flux.alerts TO flux_admin;
+GRANT SELECT, DELETE, UPDATE (processed_at) ON flux.usage_alerts TO flux_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON flux.billing_prices, flux.billing_events, flux.billing_subscriptions TO flux_admin;
 -- flux_consume and flux_release write usage as the tables' owner (src/usage/),
 -- so PUBLIC needs no write grant on any flux table.
@@ -179,7 +198,7 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
     flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits,
-    flux_set_overage
+    flux_set_overage, flux_alert, flux_alert_clear
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
@@ -188,7 +207,7 @@ GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flu
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
     flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits,
-    flux_set_overage
+    flux_set_overage, flux_alert, flux_alert_clear
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';
@@ -247,6 +266,10 @@ COMMENT ON FUNCTION flux._check_key_limit(text, text, bigint, text) IS 'Validato
 COMMENT ON FUNCTION flux._check_subject_limit(text, bigint) IS 'Validator used by the grants trigger: subject_limit only on limited kinds';
 COMMENT ON FUNCTION flux._check_overage(text, boolean, bigint) IS 'Validator used by the grants trigger: overage only on limit and metered features, a cap >= 0 only with overage on';
 COMMENT ON FUNCTION flux_set_overage(text, text, boolean, bigint) IS 'Admin: make a plan''s grant of a limit or metered feature soft: consumes past the limit are allowed up to limit + cap (NULL: no cap) and reported as overage; enabled => false makes it hard again';
+COMMENT ON FUNCTION flux_alert(text, numeric) IS 'Admin: alert when a tenant''s use of a limit or metered feature in a period reaches threshold x its limit (0.8 = 80%, 1 = the limit; at most 10, four decimals): the first consume to get there writes one flux.usage_alerts row and sends NOTIFY flux_usage at commit';
+COMMENT ON FUNCTION flux_alert_clear(text, numeric) IS 'Admin: stop alerting at this threshold of the feature (alerts written stay)';
+COMMENT ON FUNCTION flux._check_alert(text, numeric) IS 'Validator used by the alerts trigger: a limit or metered feature, a threshold in (0, 10] with at most four decimals';
+COMMENT ON FUNCTION flux._billable_usage() IS 'The body of the view flux.billable_usage';
 COMMENT ON FUNCTION flux._check_cost(text, text, text, bigint) IS 'Validator used by the features trigger: a price draws from another feature of kind credits, and a pool stays one while features draw from it';
 COMMENT ON FUNCTION flux_set_cost(text, text, bigint) IS 'Admin: each unit of feature consumed draws credits from pool (a feature of kind credits); credits => NULL removes the price';
 COMMENT ON FUNCTION flux_add_credits(text, text, bigint, timestamptz, text, text) IS 'Admin: a purchased top-up of a credits pool (one flux.credit_ledger row, audited); a repeated idempotency_key adds nothing; returns the balance';
@@ -280,7 +303,7 @@ GRANT EXECUTE ON FUNCTION flux._clock(), flux._check_feature, flux._check_plan, 
     flux._check_addon_grant, flux._check_tenant_addon, flux._check_override, flux._check_flag,
     flux._check_flag_list, flux._enforce_limit(), flux._cached_tenants(), flux._cache_stats(),
     flux._check_scopes, flux._check_key_limit, flux._check_subject_limit, flux._check_cost,
-    flux._check_overage
+    flux._check_overage, flux._check_alert, flux._billable_usage()
     TO flux_admin;
 
 -- Everything of the extension belongs to flux_owner, never to the superuser

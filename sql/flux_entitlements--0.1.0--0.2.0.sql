@@ -839,6 +839,123 @@ GRANT EXECUTE ON FUNCTION flux._check_overage TO flux_admin;
 COMMENT ON FUNCTION flux._check_overage(text, boolean, bigint) IS 'Validator used by the grants trigger: overage only on limit and metered features, a cap >= 0 only with overage on';
 COMMENT ON FUNCTION flux_set_overage(text, text, boolean, bigint) IS 'Admin: make a plan''s grant of a limit or metered feature soft: consumes past the limit are allowed up to limit + cap (NULL: no cap) and reported as overage; enabled => false makes it hard again';
 
+-- Usage alerts (CONTRACT.md, "Soft limits, overage and usage alerts"): a
+-- feature's thresholds, as fractions of the limit, cached with the
+-- catalogue; the first consume taking a tenant to or past one in a period
+-- writes a row of flux.usage_alerts and NOTIFY flux_usage, in its own
+-- transaction (src/usage/alerts.rs).
+CREATE TABLE flux.alerts (
+    feature    text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    threshold  numeric NOT NULL CONSTRAINT alerts_threshold_check
+               CHECK (threshold > 0 AND threshold <= 10 AND threshold = pg_catalog.round(threshold, 4)),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (feature, threshold)
+);
+COMMENT ON TABLE flux.alerts IS 'Usage alert thresholds (flux_alert): when a tenant''s use of a limit or metered feature in a period reaches threshold x its limit, one row of flux.usage_alerts and NOTIFY flux_usage';
+COMMENT ON COLUMN flux.alerts.threshold IS 'A fraction of the limit: 0.8 = 80%, 1 = the limit, above 1 past it (soft limits); in (0, 10], at most four decimals';
+
+CREATE TABLE flux.usage_alerts (
+    tenant       text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature      text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    period_start timestamptz NOT NULL,
+    threshold    numeric NOT NULL,
+    used         bigint NOT NULL,
+    "limit"      bigint NOT NULL,
+    at           timestamptz NOT NULL,
+    processed_at timestamptz,
+    PRIMARY KEY (tenant, feature, period_start, threshold)
+);
+CREATE INDEX usage_alerts_unprocessed ON flux.usage_alerts (at) WHERE processed_at IS NULL;
+CREATE INDEX usage_alerts_feature ON flux.usage_alerts (feature);
+COMMENT ON TABLE flux.usage_alerts IS 'One row per tenant, feature, period and threshold crossed, written by the consume that crossed it (in its transaction) and announced with NOTIFY flux_usage at commit; an application marks what it handled in processed_at';
+COMMENT ON COLUMN flux.usage_alerts.period_start IS 'The counter''s period (as flux.usage.period_start; -infinity for a limit feature, whose count never resets)';
+COMMENT ON COLUMN flux.usage_alerts.used IS 'Units used after the consume that crossed the threshold';
+COMMENT ON COLUMN flux.usage_alerts."limit" IS 'The limit the threshold is a fraction of, at that consume';
+COMMENT ON COLUMN flux.usage_alerts.at IS 'The consume''s clock (flux.now when set)';
+COMMENT ON COLUMN flux.usage_alerts.processed_at IS 'NULL until the application has handled the alert (see the README: UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING)';
+SELECT pg_catalog.pg_extension_config_dump('flux.alerts', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.usage_alerts', '');
+CREATE FUNCTION "flux_alert"(
+	"feature" TEXT,
+	"threshold" NUMERIC
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_alert_wrapper';
+CREATE FUNCTION "flux_alert_clear"(
+	"feature" TEXT,
+	"threshold" NUMERIC
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_alert_clear_wrapper';
+CREATE FUNCTION flux."_check_alert"(
+	"feature" TEXT,
+	"threshold" NUMERIC
+) RETURNS void
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_check_alert_wrapper';
+CREATE FUNCTION flux."_billable_usage"() RETURNS TABLE (
+	"tenant" TEXT,
+	"feature" TEXT,
+	"period_start" timestamp with time zone,
+	"period_end" timestamp with time zone,
+	"included" bigint,
+	"used" bigint,
+	"overage" bigint,
+	"plan" TEXT
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_billable_usage_wrapper';
+
+CREATE FUNCTION flux._alerts_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.alerts'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._alerts_validate()', 'flux.alerts', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_alert(NEW.feature, NEW.threshold);
+    -- 0.80 and 0.8 are one threshold.
+    NEW.threshold := pg_catalog.trim_scale(NEW.threshold);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER alerts_validate BEFORE INSERT OR UPDATE ON flux.alerts
+    FOR EACH ROW EXECUTE FUNCTION flux._alerts_validate();
+COMMENT ON FUNCTION flux._alerts_validate() IS 'Trigger: validates an alert threshold (flux._check_alert) and stores it without trailing zeros';
+CREATE TRIGGER cache_invalidate AFTER INSERT OR UPDATE OR DELETE ON flux.alerts
+    FOR EACH ROW EXECUTE FUNCTION flux._cache_invalidate();
+CREATE TRIGGER cache_invalidate_truncate AFTER TRUNCATE ON flux.alerts
+    FOR EACH STATEMENT EXECUTE FUNCTION flux._cache_invalidate();
+ALTER TABLE flux.alerts ENABLE ALWAYS TRIGGER cache_invalidate, ENABLE ALWAYS TRIGGER cache_invalidate_truncate;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON flux.alerts
+    FOR EACH ROW EXECUTE FUNCTION flux._audit('feature', 'threshold');
+GRANT SELECT, INSERT, UPDATE, DELETE ON flux.alerts TO flux_admin;
+GRANT SELECT, DELETE, UPDATE (processed_at) ON flux.usage_alerts TO flux_admin;
+REVOKE EXECUTE ON FUNCTION flux_alert, flux_alert_clear FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_alert, flux_alert_clear TO flux_admin;
+GRANT EXECUTE ON FUNCTION flux._check_alert, flux._billable_usage() TO flux_admin;
+COMMENT ON FUNCTION flux_alert(text, numeric) IS 'Admin: alert when a tenant''s use of a limit or metered feature in a period reaches threshold x its limit (0.8 = 80%, 1 = the limit; at most 10, four decimals): the first consume to get there writes one flux.usage_alerts row and sends NOTIFY flux_usage at commit';
+COMMENT ON FUNCTION flux_alert_clear(text, numeric) IS 'Admin: stop alerting at this threshold of the feature (alerts written stay)';
+COMMENT ON FUNCTION flux._check_alert(text, numeric) IS 'Validator used by the alerts trigger: a limit or metered feature, a threshold in (0, 10] with at most four decimals';
+COMMENT ON FUNCTION flux._billable_usage() IS 'The body of the view flux.billable_usage';
+
+-- What an invoice needs (src/reports.rs): one row per tenant, limit or
+-- metered feature and recorded period, judged by the decision's rules.
+CREATE VIEW flux.billable_usage AS
+    SELECT tenant, feature, period_start, period_end, included, used, overage, plan
+      FROM flux._billable_usage();
+COMMENT ON VIEW flux.billable_usage IS 'Admin: one row per tenant, limit or metered feature and recorded period: included (the limit), used and overage (used past included); terms as the tenant''s rows stand, at the clock for the current period and at the last instant of a closed one (see the README, "Overage and alerts")';
+COMMENT ON COLUMN flux.billable_usage.period_start IS 'The period''s start (a limit feature, whose count is standing: the current billing period''s, NULL without one)';
+COMMENT ON COLUMN flux.billable_usage.period_end IS 'The period''s end (exclusive)';
+COMMENT ON COLUMN flux.billable_usage.included IS 'The limit the tenant has for the period (plan, addons, override; 0 when not entitled; NULL: unlimited)';
+COMMENT ON COLUMN flux.billable_usage.used IS 'Units used in the period (holds past their ttl not counted)';
+COMMENT ON COLUMN flux.billable_usage.overage IS 'Units past included (0 when none, or unlimited)';
+COMMENT ON COLUMN flux.billable_usage.plan IS 'The plan whose terms apply (the default plan when the subscription is not live)';
+GRANT SELECT ON flux.billable_usage TO flux_admin;
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';

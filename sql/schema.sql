@@ -400,6 +400,41 @@ COMMENT ON COLUMN flux.hold_charges.period_start IS 'The counter''s period (as f
 COMMENT ON COLUMN flux.hold_charges.amount IS 'Units counted (a pool: credits reserved)';
 COMMENT ON COLUMN flux.hold_charges.open IS 'Still counted until expires_at; false once settled, released or given back';
 
+-- Usage alerts (CONTRACT.md, "Soft limits, overage and usage alerts"): a
+-- feature's thresholds, as fractions of the limit, cached with the
+-- catalogue; the first consume taking a tenant to or past one in a period
+-- writes a row of flux.usage_alerts and NOTIFY flux_usage, in its own
+-- transaction (src/usage/alerts.rs).
+CREATE TABLE flux.alerts (
+    feature    text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    threshold  numeric NOT NULL CONSTRAINT alerts_threshold_check
+               CHECK (threshold > 0 AND threshold <= 10 AND threshold = pg_catalog.round(threshold, 4)),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (feature, threshold)
+);
+COMMENT ON TABLE flux.alerts IS 'Usage alert thresholds (flux_alert): when a tenant''s use of a limit or metered feature in a period reaches threshold x its limit, one row of flux.usage_alerts and NOTIFY flux_usage';
+COMMENT ON COLUMN flux.alerts.threshold IS 'A fraction of the limit: 0.8 = 80%, 1 = the limit, above 1 past it (soft limits); in (0, 10], at most four decimals';
+
+CREATE TABLE flux.usage_alerts (
+    tenant       text NOT NULL REFERENCES flux.tenants (id) ON UPDATE CASCADE ON DELETE CASCADE,
+    feature      text NOT NULL REFERENCES flux.features (key) ON UPDATE CASCADE ON DELETE CASCADE,
+    period_start timestamptz NOT NULL,
+    threshold    numeric NOT NULL,
+    used         bigint NOT NULL,
+    "limit"      bigint NOT NULL,
+    at           timestamptz NOT NULL,
+    processed_at timestamptz,
+    PRIMARY KEY (tenant, feature, period_start, threshold)
+);
+CREATE INDEX usage_alerts_unprocessed ON flux.usage_alerts (at) WHERE processed_at IS NULL;
+CREATE INDEX usage_alerts_feature ON flux.usage_alerts (feature);
+COMMENT ON TABLE flux.usage_alerts IS 'One row per tenant, feature, period and threshold crossed, written by the consume that crossed it (in its transaction) and announced with NOTIFY flux_usage at commit; an application marks what it handled in processed_at';
+COMMENT ON COLUMN flux.usage_alerts.period_start IS 'The counter''s period (as flux.usage.period_start; -infinity for a limit feature, whose count never resets)';
+COMMENT ON COLUMN flux.usage_alerts.used IS 'Units used after the consume that crossed the threshold';
+COMMENT ON COLUMN flux.usage_alerts."limit" IS 'The limit the threshold is a fraction of, at that consume';
+COMMENT ON COLUMN flux.usage_alerts.at IS 'The consume''s clock (flux.now when set)';
+COMMENT ON COLUMN flux.usage_alerts.processed_at IS 'NULL until the application has handled the alert (see the README: UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING)';
+
 -- The audit log: every change to the catalogue, tenants, flags and API keys,
 -- written in the same transaction by triggers (a rolled-back change leaves
 -- nothing). Usage is not audited: it is billing data with its own table.
@@ -673,6 +708,22 @@ END $$;
 CREATE TRIGGER key_limits_validate BEFORE INSERT OR UPDATE ON flux.key_limits
     FOR EACH ROW EXECUTE FUNCTION flux._key_limits_validate();
 
+CREATE FUNCTION flux._alerts_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.alerts'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._alerts_validate()', 'flux.alerts', TG_RELID::pg_catalog.regclass);
+    END IF;
+    PERFORM flux._check_alert(NEW.feature, NEW.threshold);
+    -- 0.80 and 0.8 are one threshold.
+    NEW.threshold := pg_catalog.trim_scale(NEW.threshold);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER alerts_validate BEFORE INSERT OR UPDATE ON flux.alerts
+    FOR EACH ROW EXECUTE FUNCTION flux._alerts_validate();
+COMMENT ON FUNCTION flux._alerts_validate() IS 'Trigger: validates an alert threshold (flux._check_alert) and stores it without trailing zeros';
+
 COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature row (flux._check_feature)';
 COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';
 COMMENT ON FUNCTION flux._plans_guard_delete() IS 'Trigger: refuses to delete a plan that tenants are on';
@@ -711,6 +762,8 @@ SELECT pg_catalog.pg_extension_config_dump('flux.credit_ledger_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.holds', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.hold_charges', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.held_features', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.alerts', '');
+SELECT pg_catalog.pg_extension_config_dump('flux.usage_alerts', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('flux.billing_prices', '');

@@ -165,6 +165,9 @@ pub struct FeatureFacts {
     /// A hold was ever taken on it (flux.held_features), so its counters
     /// may carry holds past their ttl (usage/holds.rs).
     pub has_holds: bool,
+    /// Its usage alert thresholds (flux.alerts), in ten-thousandths of the
+    /// limit, ascending (usage/alerts.rs).
+    pub alerts: Vec<i64>,
 }
 
 impl FeatureFacts {

@@ -7,15 +7,14 @@
 
 use crate::decision::decide;
 use crate::error::{FluxError, FluxResult, OrRaise};
-use crate::model::{AddonGrant, Kind, Override, Status, TenantFacts};
-use crate::usage::rules::{meter_for, Meter};
+use crate::model::{AddonGrant, FeatureFacts, Kind, Override, Period, Status, TenantFacts};
+use crate::usage::rules::{meter_for, period_bounds, Meter};
 use pgrx::datum::{AnyNumeric, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
-/// Counter rows of the last 400 days, or of limit features (-infinity):
-/// older periods cannot be current. Holds past their ttl that no writer
-/// has given back yet (usage/holds.rs) are not counted.
-const ROWS: &str = "SELECT u.tenant, u.feature, u.period_start, \
+/// Every counter row of a tenant with its tenant's rows. Holds past their
+/// ttl that no writer has given back yet (usage/holds.rs) are not counted.
+const COUNTERS: &str = "SELECT u.tenant, u.feature, u.period_start, \
         (u.used OPERATOR(pg_catalog.-) LEAST(COALESCE((SELECT pg_catalog.sum(hc.amount) \
             FROM flux.hold_charges hc \
            WHERE hc.tenant OPERATOR(pg_catalog.=) u.tenant AND hc.feature OPERATOR(pg_catalog.=) u.feature \
@@ -31,33 +30,33 @@ const ROWS: &str = "SELECT u.tenant, u.feature, u.period_start, \
    LEFT JOIN LATERAL (SELECT pg_catalog.array_agg(ta.addon) AS addons, \
                              pg_catalog.array_agg(ta.quantity) AS quantities \
                         FROM flux.tenant_addons ta \
-                       WHERE ta.tenant OPERATOR(pg_catalog.=) u.tenant) a ON true \
-  WHERE u.used OPERATOR(pg_catalog.>) 0 \
+                       WHERE ta.tenant OPERATOR(pg_catalog.=) u.tenant) a ON true";
+
+/// Counter rows of the last 400 days, or of limit features (-infinity):
+/// older periods cannot be current.
+const CURRENT: &str = " WHERE u.used OPERATOR(pg_catalog.>) 0 \
     AND (u.period_start OPERATOR(pg_catalog.=) '-infinity'::pg_catalog.timestamptz \
          OR u.period_start OPERATOR(pg_catalog.>=) \
             (flux._clock() OPERATOR(pg_catalog.-) '400 days'::pg_catalog.interval))";
 
-type Row = (
-    String,
-    String,
-    Option<String>,
-    i64,
-    i64,
-    AnyNumeric,
-    Option<TimestampWithTimeZone>,
-);
-
-fn ts(t: Option<TimestampWithTimeZone>) -> Option<i64> {
-    t.map(|t| t.into_inner())
+/// One counter row of COUNTERS: whose, of what, and the tenant's facts as
+/// the decision takes them.
+struct CounterRow {
+    tenant: String,
+    feature: std::rc::Rc<FeatureFacts>,
+    start: i64,
+    used: i64,
+    facts: TenantFacts,
 }
 
-fn report(threshold: AnyNumeric) -> FluxResult<Vec<(AnyNumeric, Row)>> {
+/// Read every row of `sql` (COUNTERS, filtered) of a limit or metered
+/// feature, as the table's owner.
+fn counter_rows(sql: &str) -> FluxResult<Vec<CounterRow>> {
     let cat = crate::cache::catalogue()?;
-    let ctx = crate::entitle::context(false)?;
     let _owner = crate::privilege::AsOwner::enter()?;
     let mut out = Vec::new();
     Spi::connect(|c| {
-        for r in c.select(ROWS, None, &[])? {
+        for r in c.select(sql, None, &[])? {
             let (Some(tenant), Some(feature), Some(start), Some(used)) = (
                 r.get::<String>(1)?,
                 r.get::<String>(2)?,
@@ -126,48 +125,94 @@ fn report(threshold: AnyNumeric) -> FluxResult<Vec<(AnyNumeric, Row)>> {
                 addons,
                 override_,
             };
-            // Flags and API keys are the caller's, not the plan's: left out.
-            let d = decide(&tenant, &feature, None, Some(f), Some(&t), None, None, &ctx);
-            let Some(limit) = d.limit.filter(|_| d.allowed) else {
-                continue;
-            };
-            let meter = meter_for(
-                f.kind,
-                d.period.as_deref(),
-                ctx.now,
-                t.current_period_start,
-                t.current_period_end,
-                |_| None,
-            )?;
-            let resets_at = match meter {
-                Some(Meter::Quota { start: s, end, .. }) if s == start.into_inner() => Some(end),
-                Some(Meter::Allowance) if start.into_inner() == i64::MIN => None,
-                _ => continue,
-            };
-            if limit == 0 {
-                continue;
-            }
-            // Exactly: used >= threshold x limit.
-            let mut floor = threshold.clone();
-            floor *= limit;
-            if AnyNumeric::from(used) < floor {
-                continue;
-            }
-            let mut ratio = AnyNumeric::from(used);
-            ratio /= limit;
-            // Four decimals (0.8125); a ratio never needs more than 15 digits before them.
-            let ratio: AnyNumeric = ratio
-                .rescale::<19, 4>()
-                .map_err(|e| FluxError::Internal(e.to_string()))?
-                .into();
-            let resets_at = resets_at.and_then(|e| TimestampWithTimeZone::try_from(e).ok());
-            out.push((
-                ratio.clone(),
-                (tenant, feature, d.plan, limit, used, ratio, resets_at),
-            ));
+            out.push(CounterRow {
+                tenant,
+                feature: f.clone(),
+                start: start.into_inner(),
+                used,
+                facts: t,
+            });
         }
         Ok::<_, FluxError>(())
     })?;
+    Ok(out)
+}
+
+type Row = (
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    AnyNumeric,
+    Option<TimestampWithTimeZone>,
+);
+
+fn ts(t: Option<TimestampWithTimeZone>) -> Option<i64> {
+    t.map(|t| t.into_inner())
+}
+
+fn report(threshold: AnyNumeric) -> FluxResult<Vec<(AnyNumeric, Row)>> {
+    let ctx = crate::entitle::context(false)?;
+    let mut out = Vec::new();
+    for CounterRow {
+        tenant,
+        feature: f,
+        start,
+        used,
+        facts: t,
+    } in counter_rows(&format!("{COUNTERS}{CURRENT}"))?
+    {
+        let feature = f.key.clone();
+        // Flags and API keys are the caller's, not the plan's: left out.
+        let d = decide(
+            &tenant,
+            &feature,
+            None,
+            Some(&f),
+            Some(&t),
+            None,
+            None,
+            &ctx,
+        );
+        let Some(limit) = d.limit.filter(|_| d.allowed) else {
+            continue;
+        };
+        let meter = meter_for(
+            f.kind,
+            d.period.as_deref(),
+            ctx.now,
+            t.current_period_start,
+            t.current_period_end,
+            |_| None,
+        )?;
+        let resets_at = match meter {
+            Some(Meter::Quota { start: s, end, .. }) if s == start => Some(end),
+            Some(Meter::Allowance) if start == i64::MIN => None,
+            _ => continue,
+        };
+        if limit == 0 {
+            continue;
+        }
+        // Exactly: used >= threshold x limit.
+        let mut floor = threshold.clone();
+        floor *= limit;
+        if AnyNumeric::from(used) < floor {
+            continue;
+        }
+        let mut ratio = AnyNumeric::from(used);
+        ratio /= limit;
+        // Four decimals (0.8125); a ratio never needs more than 15 digits before them.
+        let ratio: AnyNumeric = ratio
+            .rescale::<19, 4>()
+            .map_err(|e| FluxError::Internal(e.to_string()))?
+            .into();
+        let resets_at = resets_at.and_then(|e| TimestampWithTimeZone::try_from(e).ok());
+        out.push((
+            ratio.clone(),
+            (tenant, feature, d.plan, limit, used, ratio, resets_at),
+        ));
+    }
     out.sort_by(|a, b| {
         b.0.partial_cmp(&a.0)
             .unwrap_or(std::cmp::Ordering::Equal)
@@ -201,6 +246,104 @@ fn flux_limit_report(
     let threshold = threshold.unwrap_or_else(|| AnyNumeric::from(8) / 10);
     let rows = report(threshold).or_raise();
     TableIterator::new(rows.into_iter().map(|(_, row)| row))
+}
+
+/// Where a metered period that began at `start` ends: the calendar's
+/// bounds, or a billing period's (the tenant's current one, else monthly
+/// from its anchor); a billing period anchored elsewhere since (the
+/// subscription's dates moved) ran until the next recorded one began.
+fn period_end(p: Period, start: i64, next: Option<i64>, t: &TenantFacts) -> Option<i64> {
+    let (s, e) = period_bounds(p, start, t.current_period_start, t.current_period_end);
+    if s == start {
+        return Some(e);
+    }
+    next.or(t.current_period_start.filter(|&a| a > start))
+}
+
+/// One row of flux.billable_usage.
+type Billable = (
+    String,
+    String,
+    Option<TimestampWithTimeZone>,
+    Option<TimestampWithTimeZone>,
+    Option<i64>,
+    i64,
+    i64,
+    Option<String>,
+);
+
+fn tstz(t: Option<i64>) -> Option<TimestampWithTimeZone> {
+    t.and_then(|t| TimestampWithTimeZone::try_from(t).ok())
+}
+
+/// Every recorded period of every tenant's limit and metered features with
+/// what its invoice line needs. The terms (plan, addons, override, the
+/// subscription's state) are the tenant's rows as they stand, judged by the
+/// decision's rules at the clock for the current period, and at the
+/// period's last instant for a closed one; a limit feature's count is
+/// standing, shown in the current billing period.
+fn billable() -> FluxResult<Vec<Billable>> {
+    let ctx = crate::entitle::context(false)?;
+    let mut rows = counter_rows(COUNTERS)?;
+    rows.sort_by(|a, b| {
+        (&a.tenant, &a.feature.key, a.start).cmp(&(&b.tenant, &b.feature.key, b.start))
+    });
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let (t, f) = (&r.facts, &r.feature);
+        let next = rows
+            .get(i + 1)
+            .filter(|n| n.tenant == r.tenant && n.feature.key == f.key)
+            .map(|n| n.start);
+        let judge = |at: &crate::decision::Context| {
+            decide(&r.tenant, &f.key, None, Some(f), Some(t), None, None, at)
+        };
+        let now = judge(&ctx);
+        let (start, end, d) = if f.kind == Kind::Limit {
+            (t.current_period_start, t.current_period_end, now)
+        } else {
+            let p = Period::parse(now.period.as_deref().unwrap_or("month"))?;
+            let end = period_end(p, r.start, next, t);
+            let d = match end {
+                Some(e) if e <= ctx.now => judge(&crate::decision::Context { now: e - 1, ..ctx }),
+                _ => now,
+            };
+            (Some(r.start), end, d)
+        };
+        // Not entitled at that moment: nothing is included.
+        let included = if d.allowed { d.limit } else { Some(0) };
+        let overage = included.map_or(0, |l| r.used.saturating_sub(l).max(0));
+        out.push((
+            r.tenant.clone(),
+            f.key.clone(),
+            tstz(start),
+            tstz(end),
+            included,
+            r.used,
+            overage,
+            d.plan,
+        ));
+    }
+    Ok(out)
+}
+
+/// The body of the view flux.billable_usage. Admin only.
+#[pg_extern(schema = "flux", stable, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn _billable_usage() -> TableIterator<
+    'static,
+    (
+        name!(tenant, String),
+        name!(feature, String),
+        name!(period_start, Option<TimestampWithTimeZone>),
+        name!(period_end, Option<TimestampWithTimeZone>),
+        name!(included, Option<i64>),
+        name!(used, i64),
+        name!(overage, i64),
+        name!(plan, Option<String>),
+    ),
+> {
+    TableIterator::new(billable().or_raise())
 }
 
 #[cfg(any(test, feature = "pg_test"))]

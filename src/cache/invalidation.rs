@@ -201,6 +201,9 @@ mod flux {
             // SAFETY: queues an invalidation message for a relation that
             // exists (the trigger fires on it) inside a transaction.
             unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+            // A catalogue table the cache does not watch by its OID
+            // (flux.alerts) is reloaded too.
+            send(CATALOGUE_TARGET);
         }
         Ok(None)
     }

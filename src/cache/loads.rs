@@ -195,7 +195,46 @@ pub fn load_catalogue() -> FluxResult<Catalogue> {
             f.has_holds = true;
         }
     }
+    for (feature, thresholds) in alert_thresholds(cat.namespace)? {
+        if let Some(f) = cat
+            .features
+            .get_mut(&feature)
+            .and_then(std::rc::Rc::get_mut)
+        {
+            f.alerts = thresholds;
+        }
+    }
     Ok(cat)
+}
+
+const ALERTS_SQL: &str = "SELECT feature, \
+        (threshold OPERATOR(pg_catalog.*) 10000)::pg_catalog.int8 \
+   FROM flux.alerts ORDER BY 1, 2";
+
+/// Each feature's usage alert thresholds in ten-thousandths, ascending
+/// (flux.alerts; none under a schema without that table).
+fn alert_thresholds(namespace: pg_sys::Oid) -> FluxResult<Vec<(String, Vec<i64>)>> {
+    // SAFETY: a syscache lookup by name inside a transaction.
+    let exists =
+        unsafe { pg_sys::get_relname_relid(c"alerts".as_ptr(), namespace) != pg_sys::InvalidOid };
+    if !exists {
+        return Ok(Vec::new());
+    }
+    with_latest_snapshot(|| {
+        Spi::connect(|c| {
+            let mut v: Vec<(String, Vec<i64>)> = Vec::new();
+            for r in c.select(&*kept(c, ALERTS_SQL, &[], false)?, None, &[])? {
+                let (Some(f), Some(t)) = (text(&r, 1)?, r.get::<i64>(2)?) else {
+                    continue;
+                };
+                match v.last_mut() {
+                    Some((last, ts)) if *last == f => ts.push(t),
+                    _ => v.push((f, vec![t])),
+                }
+            }
+            Ok(v)
+        })
+    })
 }
 
 const HELD_SQL: &str = "SELECT DISTINCT feature FROM flux.held_features";
@@ -350,6 +389,7 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                     grants: grants.remove(&key).unwrap_or_default(),
                     default_plan: default_plan.clone(),
                     has_holds: false,
+                    alerts: Vec::new(),
                 };
                 keys.push(key.clone());
                 cat.features.insert(key, std::rc::Rc::new(facts));
@@ -580,6 +620,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
             grants: g.into_iter().map(|(_, g)| g).collect(),
             default_plan: default_plan.clone(),
             has_holds: false,
+            alerts: Vec::new(),
         };
         feature_map.insert(key, std::rc::Rc::new(facts));
         Ok(())

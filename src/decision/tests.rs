@@ -35,6 +35,7 @@ pub(super) fn export() -> FeatureFacts {
         grants: vec![grant("pro", 2, None), grant("enterprise", 3, None)],
         default_plan: Some("free".into()),
         has_holds: false,
+        alerts: Vec::new(),
     }
 }
 
@@ -49,6 +50,7 @@ pub(super) fn seats() -> FeatureFacts {
         ],
         default_plan: Some("free".into()),
         has_holds: false,
+        alerts: Vec::new(),
     }
 }
 

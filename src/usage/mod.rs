@@ -9,7 +9,9 @@
 //!   limiter's state and the usage probes;
 //! - `keys`: idempotency keys;
 //! - `credits`: pools other features draw from, and their top-ups;
-//! - `holds`: reservations for work that outlives a transaction.
+//! - `holds`: reservations for work that outlives a transaction;
+//! - `alerts`: thresholds of a limit, and the alert the consume crossing
+//!   one writes.
 //!
 //! Exact under concurrency: a counter's row is locked before its limit is
 //! checked (the heap path re-checks on the latest version when a concurrent
@@ -21,6 +23,7 @@
 //! An idempotency key is claimed only once the tenant and feature are known,
 //! and binds the amount: a replay with another amount is refused.
 
+pub mod alerts;
 pub mod counters;
 pub mod credits;
 pub mod holds;
@@ -393,6 +396,11 @@ fn record(x: &mut Decided, amount: i64) -> FluxResult<()> {
             report(x, &list[..=charged], &outcomes);
             return Ok(());
         }
+    }
+    // The tenant's counter (last in the list) against its thresholds,
+    // still under its row lock.
+    if let (Some(a), Some(Outcome::Counter { used, .. })) = (list.last(), outcomes.last()) {
+        alerts::on_recorded(x, &a.counter(x), a.limit, *used, amount)?;
     }
     if list
         .iter()
