@@ -426,4 +426,71 @@ mod tests {
         assert_eq!(plan.as_deref(), Some("free"));
         Spi::run("RESET flux.now").unwrap();
     }
+
+    /// The billable view's current periods against each tenant's own
+    /// decision: the same limit (0 when not entitled), used and plan, and
+    /// overage = used past the limit; a closed period is judged at its
+    /// last instant (a cancellation at period end still bills the plan).
+    #[pg_test]
+    fn billable_usage_agrees_with_each_decision() {
+        Spi::run(
+            "SET flux.now = '2026-11-20 12:00+00';
+             SELECT flux_define_feature('seats', 'limit');
+             SELECT flux_define_feature('exports', 'metered');
+             SELECT flux_define_plan('free', rank => 0, is_default => true);
+             SELECT flux_define_plan('pro', rank => 1);
+             SELECT flux_grant('free', 'seats', 2);
+             SELECT flux_grant('pro', 'seats', 10);
+             SELECT flux_grant('pro', 'exports', 100, 'month');
+             SELECT flux_set_overage('pro', 'exports');
+             SELECT flux_define_addon('seat_pack');
+             SELECT flux_grant_addon('seat_pack', 'seats', 5);
+             SELECT flux_subscribe('t' || i, CASE WHEN i % 4 = 0 THEN 'free' ELSE 'pro' END)
+               FROM generate_series(1, 40) i;
+             SELECT flux_attach_addon('t' || i, 'seat_pack', 1) FROM generate_series(3, 40, 5) i;
+             SELECT flux_override('t' || i, 'exports', \"limit\" => 7) FROM generate_series(2, 40, 9) i;
+             SELECT flux_consume('t' || i, 'seats', 1 + i % 9) FROM generate_series(1, 40) i;
+             SELECT flux_consume('t' || i, 'exports', 1 + (i * 13) % 150) FROM generate_series(1, 40) i;
+             UPDATE flux.tenants SET status = 'canceled' WHERE id IN ('t5', 't10');",
+        )
+        .unwrap();
+        let mismatches = Spi::get_one::<i64>(
+            "WITH d AS (
+               SELECT t.id AS tenant, f.key AS feature, x.plan,
+                      CASE WHEN x.allowed OR x.reason = 'limit_reached' THEN x.\"limit\" ELSE 0 END AS included,
+                      COALESCE(x.used, flux_usage(t.id, f.key)) AS used
+                 FROM flux.tenants t CROSS JOIN flux.features f,
+                      LATERAL flux_decide(t.id, f.key) x
+                WHERE EXISTS (SELECT FROM flux.usage u WHERE u.tenant = t.id AND u.feature = f.key)
+             ), b AS (
+               SELECT tenant, feature, plan, included, used FROM flux.billable_usage
+                WHERE period_end IS NULL OR period_end > '2026-11-20 12:00+00'
+             )
+             SELECT count(*) FROM ((TABLE d EXCEPT TABLE b) UNION ALL (TABLE b EXCEPT TABLE d)) m",
+        )
+        .unwrap();
+        assert_eq!(mismatches, Some(0));
+        let wrong = Spi::get_one::<i64>(
+            "SELECT count(*) FROM flux.billable_usage
+              WHERE overage <> GREATEST(used - COALESCE(included, used), 0)",
+        )
+        .unwrap();
+        assert_eq!(wrong, Some(0));
+        let over = Spi::get_one::<i64>("SELECT sum(overage)::bigint FROM flux.billable_usage").unwrap();
+        assert!(over.unwrap_or(0) > 0, "some tenants went past their limit");
+        // Closed: November as it ended (t1 on pro with cancel at period end).
+        Spi::run(
+            "UPDATE flux.tenants SET cancel_at_period_end = true, current_period_end = '2026-12-01'
+              WHERE id = 't1';
+             SET flux.now = '2026-12-03 00:00+00';",
+        )
+        .unwrap();
+        let (included, plan) = Spi::get_two::<i64, String>(
+            "SELECT included, plan FROM flux.billable_usage
+              WHERE tenant = 't1' AND feature = 'exports' AND period_start = '2026-11-01'",
+        )
+        .unwrap();
+        assert_eq!((included, plan.as_deref()), (Some(100), Some("pro")));
+        Spi::run("RESET flux.now").unwrap();
+    }
 }

@@ -79,7 +79,9 @@ const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT8_ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
 
 /// One statement: the rows, and a notification for each row inserted
-/// (queued now, sent at commit, dropped on rollback).
+/// (queued now, sent at commit, dropped on rollback). The period's start
+/// is written in UTC, whatever the consuming session's TimeZone (a limit
+/// feature's: "-infinity").
 const FIRE: &str = "WITH ins AS ( \
      INSERT INTO flux.usage_alerts AS a (tenant, feature, period_start, threshold, used, \"limit\", at) \
      SELECT $1, $2, $3, pg_catalog.trim_scale(t::pg_catalog.numeric OPERATOR(pg_catalog./) 10000), $5, $6, $7 \
@@ -87,7 +89,10 @@ const FIRE: &str = "WITH ins AS ( \
      ON CONFLICT DO NOTHING \
      RETURNING a.tenant, a.feature, a.period_start, a.threshold, a.used, a.\"limit\") \
    SELECT pg_catalog.pg_notify('flux_usage', pg_catalog.json_build_object( \
-            'tenant', tenant, 'feature', feature, 'period_start', period_start, \
+            'tenant', tenant, 'feature', feature, \
+            'period_start', COALESCE(pg_catalog.to_char(pg_catalog.timezone('UTC', period_start), \
+                                                         'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+                                     period_start::pg_catalog.text), \
             'threshold', threshold, 'used', used, 'limit', \"limit\")::pg_catalog.text) \
      FROM ins";
 
