@@ -43,3 +43,19 @@ SELECT flux_define_feature('held_calls', 'metered');
 SELECT flux_grant('pro', 'held_calls', NULL, 'month');
 SELECT flux_release_hold((flux_hold('t1', 'held_calls', 1)).hold_id);
 ANALYZE;
+-- Alerts: a quota with thresholds far above any use (a consume crosses
+-- none) against the same quota without them; and a one-seat limit alerting
+-- at the limit (the bench script frees the seat and deletes the alert, so
+-- each consume crosses it again) against the same limit without one.
+SELECT flux_define_feature('quota_alerted', 'metered');
+SELECT flux_define_feature('quota_plain', 'metered');
+SELECT flux_grant('pro', 'quota_alerted', 1000000000000000, 'month');
+SELECT flux_grant('pro', 'quota_plain', 1000000000000000, 'month');
+SELECT flux_alert('quota_alerted', 0.8);
+SELECT flux_alert('quota_alerted', 1);
+SELECT flux_define_feature('seat_alerted', 'limit');
+SELECT flux_define_feature('seat_plain', 'limit');
+SELECT flux_grant('pro', 'seat_alerted', 1);
+SELECT flux_grant('pro', 'seat_plain', 1);
+SELECT flux_alert('seat_alerted', 1);
+ANALYZE;

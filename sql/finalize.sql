@@ -56,6 +56,8 @@ COMMENT ON ROLE flux_owner IS 'flux_entitlements: owns schema flux and runs flux
 -- caller's to move: the settings are superuser-only (PGC_SUSET), and
 -- flux_admin may set them.
 GRANT SET ON PARAMETER flux.now, flux.actor, flux.default_grace_period TO flux_admin;
+-- Nor is silencing one's own alerts (flux.alert_notify).
+GRANT SET ON PARAMETER flux.alert_notify TO flux_admin;
 
 -- The row locks flux_enforce_limit's trigger queues on, one per (table,
 -- feature, tenant): a table only flux_owner can touch, so no other role can

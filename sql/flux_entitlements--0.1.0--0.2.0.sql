@@ -937,6 +937,7 @@ GRANT SELECT, DELETE, UPDATE (processed_at) ON flux.usage_alerts TO flux_admin;
 REVOKE EXECUTE ON FUNCTION flux_alert, flux_alert_clear FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_alert, flux_alert_clear TO flux_admin;
 GRANT EXECUTE ON FUNCTION flux._check_alert, flux._billable_usage() TO flux_admin;
+GRANT SET ON PARAMETER flux.alert_notify TO flux_admin;
 COMMENT ON FUNCTION flux_alert(text, numeric) IS 'Admin: alert when a tenant''s use of a limit or metered feature in a period reaches threshold x its limit (0.8 = 80%, 1 = the limit; at most 10, four decimals): the first consume to get there writes one flux.usage_alerts row and sends NOTIFY flux_usage at commit';
 COMMENT ON FUNCTION flux_alert_clear(text, numeric) IS 'Admin: stop alerting at this threshold of the feature (alerts written stay)';
 COMMENT ON FUNCTION flux._check_alert(text, numeric) IS 'Validator used by the alerts trigger: a limit or metered feature, a threshold in (0, 10] with at most four decimals';

@@ -252,6 +252,8 @@ pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::n
 
 pub static CACHE_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+pub static ALERT_NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 pub fn cache_tenants() -> usize {
     CACHE_TENANTS.get().max(1) as usize
 }
@@ -264,6 +266,15 @@ pub fn init_metering() {
         &ACTOR,
         // The audit log's signature: not the caller's to forge (superusers
         // and flux_admin only, like flux.now).
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"flux.alert_notify",
+        c"Whether a consume that crosses a usage alert threshold also sends NOTIFY flux_usage.",
+        c"On by default. The flux.usage_alerts row is written either way. Off for a server whose NOTIFY queue other roles can fill (a full queue makes the crossing consume fail at commit), or where no one listens; applications then poll flux.usage_alerts. Only superusers and members of flux_admin may set it.",
+        &ALERT_NOTIFY,
+        // A tenant must not silence its own alerts.
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -276,12 +276,30 @@ fn tstz(t: Option<i64>) -> Option<TimestampWithTimeZone> {
     t.and_then(|t| TimestampWithTimeZone::try_from(t).ok())
 }
 
+/// The terms a subscription includes, whatever its state: the tenant's
+/// plan (the default plan without one) as if live. Whether the tenant may
+/// use the feature now (a trial over, a cancellation, past_due beyond
+/// grace) is a question of access; what it had bought for a period is
+/// not, and an invoice run after the period ended must not bill it on the
+/// default plan.
+fn subscribed(t: &TenantFacts) -> TenantFacts {
+    TenantFacts {
+        status: Status::Active,
+        trial_ends_at: None,
+        cancel_at_period_end: false,
+        past_due_since: None,
+        grace_until: None,
+        ..t.clone()
+    }
+}
+
 /// Every recorded period of every tenant's limit and metered features with
-/// what its invoice line needs. The terms (plan, addons, override, the
-/// subscription's state) are the tenant's rows as they stand, judged by the
-/// decision's rules at the clock for the current period, and at the
-/// period's last instant for a closed one; a limit feature's count is
-/// standing, shown in the current billing period.
+/// what its invoice line needs. The terms (plan, addons, override) are the
+/// tenant's rows as they stand, as subscribed (`subscribed`), judged by the
+/// decision's rules at the clock for the current period and at the
+/// period's last instant for a closed one. Overage is billable only under a
+/// soft grant (flux_set_overage), as the decision reports it; a limit
+/// feature's count is standing, shown in the current billing period.
 fn billable() -> FluxResult<Vec<Billable>> {
     let ctx = crate::entitle::context(false)?;
     let mut rows = counter_rows(COUNTERS)?;
@@ -290,7 +308,7 @@ fn billable() -> FluxResult<Vec<Billable>> {
     });
     let mut out = Vec::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
-        let (t, f) = (&r.facts, &r.feature);
+        let (t, f) = (&subscribed(&r.facts), &r.feature);
         let next = rows
             .get(i + 1)
             .filter(|n| n.tenant == r.tenant && n.feature.key == f.key)
@@ -310,9 +328,17 @@ fn billable() -> FluxResult<Vec<Billable>> {
             };
             (Some(r.start), end, d)
         };
-        // Not entitled at that moment: nothing is included.
+        // Not in the plan at that moment: nothing is included.
         let included = if d.allowed { d.limit } else { Some(0) };
-        let overage = included.map_or(0, |l| r.used.saturating_sub(l).max(0));
+        let soft = d
+            .plan
+            .as_deref()
+            .and_then(|p| f.grant_of(p))
+            .is_some_and(|g| g.overage.is_some());
+        let overage = match included {
+            Some(l) if soft && d.allowed => r.used.saturating_sub(l).max(0),
+            _ => 0,
+        };
         out.push((
             r.tenant.clone(),
             f.key.clone(),
@@ -427,10 +453,11 @@ mod tests {
         Spi::run("RESET flux.now").unwrap();
     }
 
-    /// The billable view's current periods against each tenant's own
-    /// decision: the same limit (0 when not entitled), used and plan, and
-    /// overage = used past the limit; a closed period is judged at its
-    /// last instant (a cancellation at period end still bills the plan).
+    /// The billable view's current periods against each live tenant's own
+    /// decision: the same limit (0 when not in the plan), used and plan,
+    /// and overage = used past the limit under the soft grant only. A
+    /// canceled subscription is billed on its plan's terms, and a closed
+    /// period at its last instant.
     #[pg_test]
     fn billable_usage_agrees_with_each_decision() {
         Spi::run(
@@ -462,9 +489,11 @@ mod tests {
                  FROM flux.tenants t CROSS JOIN flux.features f,
                       LATERAL flux_decide(t.id, f.key) x
                 WHERE EXISTS (SELECT FROM flux.usage u WHERE u.tenant = t.id AND u.feature = f.key)
+                  AND t.status = 'active'
              ), b AS (
                SELECT tenant, feature, plan, included, used FROM flux.billable_usage
-                WHERE period_end IS NULL OR period_end > '2026-11-20 12:00+00'
+                WHERE (period_end IS NULL OR period_end > '2026-11-20 12:00+00')
+                  AND tenant NOT IN ('t5', 't10')
              )
              SELECT count(*) FROM ((TABLE d EXCEPT TABLE b) UNION ALL (TABLE b EXCEPT TABLE d)) m",
         )
@@ -472,12 +501,27 @@ mod tests {
         assert_eq!(mismatches, Some(0));
         let wrong = Spi::get_one::<i64>(
             "SELECT count(*) FROM flux.billable_usage
-              WHERE overage <> GREATEST(used - COALESCE(included, used), 0)",
+              WHERE overage <> CASE WHEN feature = 'exports' THEN GREATEST(used - COALESCE(included, used), 0) ELSE 0 END",
         )
         .unwrap();
         assert_eq!(wrong, Some(0));
-        let over = Spi::get_one::<i64>("SELECT sum(overage)::bigint FROM flux.billable_usage").unwrap();
+        let over =
+            Spi::get_one::<i64>("SELECT sum(overage)::bigint FROM flux.billable_usage").unwrap();
         assert!(over.unwrap_or(0) > 0, "some tenants went past their limit");
+        // t5 (pro, canceled): pro's 100 exports, not the default plan's none.
+        let (included, plan) = Spi::get_two::<i64, String>(
+            "SELECT included, plan FROM flux.billable_usage WHERE tenant = 't5' AND feature = 'exports'",
+        )
+        .unwrap();
+        assert_eq!((included, plan.as_deref()), (Some(100), Some("pro")));
+        // A hard grant over a lowered limit (t1: 2 seats, an override of 1)
+        // bills nothing over.
+        Spi::run("SELECT flux_override('t1', 'seats', \"limit\" => 1)").unwrap();
+        let (included, used, overage) = Spi::get_three::<i64, i64, i64>(
+            "SELECT included, used, overage FROM flux.billable_usage WHERE tenant = 't1' AND feature = 'seats'",
+        )
+        .unwrap();
+        assert_eq!((included, used, overage), (Some(1), Some(2), Some(0)));
         // Closed: November as it ended (t1 on pro with cancel at period end).
         Spi::run(
             "UPDATE flux.tenants SET cancel_at_period_end = true, current_period_end = '2026-12-01'

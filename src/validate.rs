@@ -201,10 +201,33 @@ mod flux {
                         )));
                     }
                 }
+                // Alert thresholds are of limits: a kind without one would
+                // leave rows its own trigger refuses (on restore too).
+                if !matches!(kind, Kind::Limit | Kind::Metered) && has_alerts(old)? {
+                    return Err(FluxError::InvalidValue(format!(
+                        "feature \"{key}\" cannot become kind {}: it has usage alert thresholds \
+                         (remove them first with flux_alert_clear)",
+                        kind.as_str()
+                    )));
+                }
             }
             Ok(())
         })()
         .or_raise()
+    }
+
+    /// Whether `feature` has rows in flux.alerts (none under a 0.1.0
+    /// schema, which has no such table).
+    fn has_alerts(feature: &str) -> FluxResult<bool> {
+        let _path = crate::privilege::Pinned::enter();
+        Ok(store::one::<bool>(
+            "SELECT pg_catalog.to_regclass('flux.alerts') IS NOT NULL",
+            &[],
+        )? == Some(true)
+            && store::one::<bool>(
+                "SELECT EXISTS (SELECT FROM flux.alerts WHERE feature OPERATOR(pg_catalog.=) $1)",
+                &[feature.into()],
+            )? == Some(true))
     }
 
     #[pg_extern(volatile, parallel_unsafe)]

@@ -78,23 +78,36 @@ const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT8_ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
 
+/// Writes the alert rows; nothing when they exist (the same crossing
+/// again in the period).
+macro_rules! insert_alerts {
+    () => {
+        "INSERT INTO flux.usage_alerts AS a (tenant, feature, period_start, threshold, used, \"limit\", at) \
+     SELECT $1, $2, $3, pg_catalog.trim_scale(t::pg_catalog.numeric OPERATOR(pg_catalog./) 10000), $5, $6, $7 \
+       FROM pg_catalog.unnest($4::pg_catalog.int8[]) t \
+     ON CONFLICT DO NOTHING"
+    };
+}
+
+/// The rows alone (flux.alert_notify off).
+const WRITE: &str = insert_alerts!();
+
 /// One statement: the rows, and a notification for each row inserted
 /// (queued now, sent at commit, dropped on rollback). The period's start
 /// is written in UTC, whatever the consuming session's TimeZone (a limit
 /// feature's: "-infinity").
-const FIRE: &str = "WITH ins AS ( \
-     INSERT INTO flux.usage_alerts AS a (tenant, feature, period_start, threshold, used, \"limit\", at) \
-     SELECT $1, $2, $3, pg_catalog.trim_scale(t::pg_catalog.numeric OPERATOR(pg_catalog./) 10000), $5, $6, $7 \
-       FROM pg_catalog.unnest($4::pg_catalog.int8[]) t \
-     ON CONFLICT DO NOTHING \
-     RETURNING a.tenant, a.feature, a.period_start, a.threshold, a.used, a.\"limit\") \
+const FIRE: &str = concat!(
+    "WITH ins AS (",
+    insert_alerts!(),
+    " RETURNING a.tenant, a.feature, a.period_start, a.threshold, a.used, a.\"limit\") \
    SELECT pg_catalog.pg_notify('flux_usage', pg_catalog.json_build_object( \
             'tenant', tenant, 'feature', feature, \
             'period_start', COALESCE(pg_catalog.to_char(pg_catalog.timezone('UTC', period_start), \
                                                          'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
                                      period_start::pg_catalog.text), \
             'threshold', threshold, 'used', used, 'limit', \"limit\")::pg_catalog.text) \
-     FROM ins";
+     FROM ins"
+);
 
 /// After `amount` was recorded on the tenant's counter `c`, now at `used`
 /// of `limit`: write the alerts of the thresholds it crossed.
@@ -124,9 +137,14 @@ pub fn on_recorded(
     // Under flux_consume's unpinned owner switch (privilege.rs).
     let _path = crate::privilege::Pinned::enter();
     Spi::connect_mut(|client| {
+        let sql = if crate::gucs::ALERT_NOTIFY.get() {
+            FIRE
+        } else {
+            WRITE
+        };
         let p = crate::prepared::kept(
             client,
-            FIRE,
+            sql,
             &[TEXT, TEXT, TSTZ, INT8_ARRAY, INT8, INT8, TSTZ],
             true,
         )?;

@@ -828,3 +828,20 @@ def test_a_hold_crosses_like_a_consume(fresh_db):
             ("acme", Decimal("0.5"), 850), ("acme", Decimal("0.8"), 850), ("acme", Decimal("1"), 1000),
             ("globex", Decimal("0.5"), 900), ("globex", Decimal("0.8"), 900)]
         lc.close()
+
+
+def test_the_payload_names_one_instant_whatever_the_consumer_time_zone(fresh_db):
+    """Two consumers in other TimeZones: the payloads' period_start is the
+    same instant as the row's (the month in UTC), so listeners can compare it."""
+    with clocked(fresh_db) as su:
+        catalogue(su, 1000, (0.5,), tenants=("acme", "globex"))
+    lc = listener(fresh_db)
+    with clocked(fresh_db, options=CLOCK + " -c TimeZone=America/New_York") as ny, \
+            clocked(fresh_db, options=CLOCK + " -c TimeZone=Asia/Tokyo") as tokyo:
+        assert consume(ny, 500) == (True, 500)
+        assert consume(tokyo, 500, tenant="globex") == (True, 500)
+    notes = drain(lc)
+    lc.close()
+    assert sorted((p["tenant"], stamp(p)) for _, p in notes) == [("acme", PERIOD), ("globex", PERIOD)], notes
+    with clocked(fresh_db) as su:
+        assert set(r[2] for r in alerts(su).values()) == {PERIOD}

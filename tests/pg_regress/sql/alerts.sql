@@ -149,6 +149,14 @@ SELECT try($$INSERT INTO flux.alerts (feature, threshold) VALUES ('api_calls', 1
 SELECT try($$INSERT INTO flux.alerts (feature, threshold) VALUES ('export', 0.5)$$);
 SELECT try($$INSERT INTO flux.alerts (feature, threshold) VALUES ('api_calls', 0.80)$$);
 SELECT feature, threshold FROM flux.alerts ORDER BY feature, threshold;
+-- A feature with thresholds keeps a kind that has a limit.
+SELECT flux_define_feature('exports', 'metered');
+SELECT flux_alert('exports', 0.5);
+SELECT try($$SELECT flux_define_feature('exports', 'rate')$$);
+SELECT try($$UPDATE flux.features SET kind = 'boolean' WHERE key = 'exports'$$);
+SELECT flux_define_feature('exports', 'limit');
+SELECT flux_alert_clear('exports', 0.5);
+SELECT flux_define_feature('exports', 'boolean');
 -- 10 (ten times the limit) is the largest threshold.
 SELECT flux_alert('builds', 10);
 SELECT flux_alert_clear('builds', 10);
@@ -164,6 +172,8 @@ SELECT try($$UPDATE flux.usage_alerts SET processed_at = now()$$);
 SELECT try($$SELECT count(*) FROM flux.billable_usage$$);
 SELECT try($$SELECT count(*) FROM flux._billable_usage()$$);
 SELECT try($$INSERT INTO flux.alerts VALUES ('api_calls', 0.1)$$);
+-- Nor silence its own notifications.
+SELECT try($$SET flux.alert_notify = off$$);
 RESET flux.tenant;
 RESET ROLE;
 SELECT threshold, used FROM flux.usage_alerts WHERE tenant = 'hooli' ORDER BY threshold;
