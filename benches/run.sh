@@ -58,7 +58,7 @@ cases=(
     "flux_authenticate + consume (key's and tenant's counters) / key lookup + UPDATE, one transaction (-c 2)@key_consume.sql@key_baseline.sql@2@0.60@ge"
     "consume of a feature that has had holds (one more query: an expired hold?), 1,000 tenants / UPDATE by primary key (-c 2)@held_consume.sql@consume_baseline.sql@2@0.60@ge"
     "consume of a quota with alert thresholds it does not cross / the same quota without thresholds (-c 2)@alert_none.sql@alert_none_baseline.sql@2@0.95@ge"
-    "free a seat + consume crossing an alert threshold (its row and NOTIFY; the script deletes the row) / the same without a threshold (-c 2)@alert_cross.sql@alert_cross_baseline.sql@2@0.60@ge"
+    "free a seat + consume crossing an alert threshold (its row and NOTIFY; the script deletes the row) / the same without a threshold (-c 2)@alert_cross.sql@alert_cross_baseline.sql@2@0.55@ge"
     "flux_hold + flux_settle in one statement, 1,000 tenants / UPDATE + INSERT (-c 2)@hold_settle.sql@credits_baseline.sql@2@0.10@ge"
     "consume of a priced feature (its counter, a pool draw, a ledger row), 1,000 tenants, 8 clients / UPDATE + INSERT@credits_consume.sql@credits_baseline.sql@8@0.70@ge"
     "the same, one hot tenant's pool, 8 clients / UPDATE of one row + INSERT@credits_hot.sql@credits_hot_baseline.sql@8@0.60@ge"
