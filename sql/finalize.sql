@@ -168,6 +168,40 @@ COMMENT ON COLUMN flux.billable_usage.overage IS 'Units past included (0 when no
 COMMENT ON COLUMN flux.billable_usage.plan IS 'The plan whose terms apply (the default plan when the subscription is not live)';
 GRANT SELECT ON flux.billable_usage TO flux_admin;
 
+-- Pricing changes (src/pricing.rs). The pricing table is for anyone (a
+-- pricing page shows it; unlisted plans are left out): its body reads the
+-- catalogue as flux_owner, under a pinned search_path.
+CREATE FUNCTION flux_pricing_table() RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT flux._pricing_table()::pg_catalog.jsonb $$;
+COMMENT ON FUNCTION flux_pricing_table() IS 'The listed plans by rank, each with its features (kind, limit, period, value, overage), and the addons with what one unit grants, as jsonb for a pricing page';
+COMMENT ON FUNCTION flux._pricing_table() IS 'The body of flux_pricing_table (its JSON as text)';
+-- Plan x feature, for people in psql:
+--   SELECT feature, plan, included FROM flux.plan_matrix \crosstabview
+CREATE VIEW flux.plan_matrix AS
+    SELECT f.key AS feature, f.kind, p.key AS plan, p.rank,
+           CASE WHEN g.plan IS NULL OR NOT g.enabled THEN '-'
+                WHEN f.kind OPERATOR(pg_catalog.=) 'boolean' THEN 'yes'
+                ELSE COALESCE(g."limit"::pg_catalog.text, 'unlimited')
+                     OPERATOR(pg_catalog.||) COALESCE(' / ' OPERATOR(pg_catalog.||) g.period, '')
+                     OPERATOR(pg_catalog.||) CASE WHEN NOT g.overage THEN ''
+                          WHEN g.overage_cap IS NULL THEN ' + overage'
+                          ELSE ' + ' OPERATOR(pg_catalog.||) g.overage_cap::pg_catalog.text OPERATOR(pg_catalog.||) ' overage' END
+           END AS included,
+           g."limit", g.period, g.value, p.listed
+      FROM flux.features f CROSS JOIN flux.plans p
+      LEFT JOIN flux.grants g ON g.plan OPERATOR(pg_catalog.=) p.key AND g.feature OPERATOR(pg_catalog.=) f.key
+     ORDER BY f.key, p.rank, p.key;
+COMMENT ON VIEW flux.plan_matrix IS 'Admin: every plan x feature with what the plan includes (yes, 1000 / month, unlimited, + 500 overage, - for nothing); SELECT feature, plan, included FROM flux.plan_matrix \crosstabview shows the matrix';
+COMMENT ON COLUMN flux.plan_matrix.included IS 'What the plan grants, for people: yes (boolean), the limit and its period, unlimited, the overage past it; - when the plan does not grant it';
+GRANT SELECT ON flux.plan_matrix TO flux_admin;
+COMMENT ON FUNCTION flux_schedule_change(text, text, timestamptz) IS 'Admin: move the tenant to plan when the clock reaches at (default: its current_period_end), with no job; returns the instant; replaces a change already scheduled';
+COMMENT ON FUNCTION flux_cancel_scheduled_change(text) IS 'Admin: drop the tenant''s scheduled plan change; false when there was none (a change whose instant has passed is in force)';
+COMMENT ON FUNCTION flux_preview(text, text) IS 'Per feature: allowed and limit now and on plan (addons, overrides and the subscription''s state as they are), what the tenant uses, and over_by the new limit';
+COMMENT ON FUNCTION flux_plan_impact(text, text, bigint) IS 'Admin: the plan''s tenants that limit, as its grant of feature, would put over it this period (used, over_by), most over first';
+COMMENT ON FUNCTION flux_copy_plan(text, text, text, integer) IS 'Admin: a new, unlisted plan with source''s grants and overage settings (grandfathering: copy, move the old customers, then change the original)';
+COMMENT ON FUNCTION flux_move_tenants(text, text, timestamptz) IS 'Admin: move every tenant on from_plan to to_plan now, or schedule the move at at; returns how many; one audited change per tenant';
+
 -- PUBLIC may use the schema (for the type flux.decision) and call the
 -- reads, consume, release, flux_current_tenant and flux_authenticate; it
 -- gets no privilege on the tables: the functions read and write them as
@@ -200,7 +234,8 @@ REVOKE EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, fl
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
     flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits,
-    flux_set_overage, flux_alert, flux_alert_clear
+    flux_set_overage, flux_alert, flux_alert_clear, flux_schedule_change, flux_cancel_scheduled_change,
+    flux_plan_impact, flux_copy_plan, flux_move_tenants
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flux_revoke,
     flux_subscribe, flux_override, flux_define_addon, flux_grant_addon, flux_attach_addon,
@@ -209,7 +244,8 @@ GRANT EXECUTE ON FUNCTION flux_define_feature, flux_define_plan, flux_grant, flu
     flux_protect, flux._protect_setup, flux_history, flux._grant, flux._override, flux._grant_addon,
     flux_apply_stripe_event, flux._apply_stripe_event, flux_map_price, flux_key_limit, flux_limit_report,
     flux_decision_stats, flux_denials, flux_stats_reset, flux_stats_info, flux_set_cost, flux_add_credits,
-    flux_set_overage, flux_alert, flux_alert_clear
+    flux_set_overage, flux_alert, flux_alert_clear, flux_schedule_change, flux_cancel_scheduled_change,
+    flux_plan_impact, flux_copy_plan, flux_move_tenants
     TO flux_admin;
 
 COMMENT ON FUNCTION flux_check(text, text) IS 'May the tenant use the feature right now? false for unknown tenants or features, NULL for NULL input';

@@ -957,6 +957,165 @@ COMMENT ON COLUMN flux.billable_usage.overage IS 'Units past included (0 when no
 COMMENT ON COLUMN flux.billable_usage.plan IS 'The plan whose terms apply (the default plan when the subscription is not live)';
 GRANT SELECT ON flux.billable_usage TO flux_admin;
 
+-- Pricing changes (CONTRACT.md, "Pricing changes"): a plan change
+-- scheduled for a later instant, and plans not sold any more.
+ALTER TABLE flux.tenants
+    ADD COLUMN scheduled_plan text REFERENCES flux.plans (key) ON UPDATE CASCADE ON DELETE RESTRICT,
+    ADD COLUMN scheduled_at timestamptz,
+    ADD CONSTRAINT tenants_scheduled_check CHECK ((scheduled_plan IS NULL) = (scheduled_at IS NULL));
+CREATE INDEX tenants_scheduled_plan ON flux.tenants (scheduled_plan) WHERE scheduled_plan IS NOT NULL;
+ALTER TABLE flux.plans ADD COLUMN listed boolean NOT NULL DEFAULT true;
+COMMENT ON COLUMN flux.plans.listed IS 'Shown by flux_pricing_table; false for plans not sold any more (flux_copy_plan''s grandfathered copies)';
+COMMENT ON COLUMN flux.tenants.scheduled_plan IS 'A plan change to come (flux_schedule_change): the plan from scheduled_at on, by the clock, with no job; a write that sets plan replaces it';
+COMMENT ON COLUMN flux.tenants.scheduled_at IS 'When scheduled_plan takes effect (set together with it); the row''s next write after it makes it the plan';
+CREATE OR REPLACE FUNCTION flux._tenants_validate() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'flux.tenants'::pg_catalog.regclass THEN
+        RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format(
+            '%s is the trigger of %s, not of %s', 'flux._tenants_validate()', 'flux.tenants', TG_RELID::pg_catalog.regclass);
+    END IF;
+    -- past_due_since follows the status: set from the clock when it becomes
+    -- past_due (unless this statement sets it), cleared when it leaves.
+    IF NEW.status OPERATOR(pg_catalog.=) 'past_due' THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+            NEW.past_due_since := coalesce(NEW.past_due_since, flux._clock());
+        -- The status becomes past_due and past_due_since is not being set
+        -- (IS [NOT] DISTINCT FROM spelled out with the qualified =).
+        ELSIF (OLD.status OPERATOR(pg_catalog.=) 'past_due') IS NOT TRUE
+              AND coalesce(NEW.past_due_since OPERATOR(pg_catalog.=) OLD.past_due_since,
+                           NEW.past_due_since IS NULL AND OLD.past_due_since IS NULL) THEN
+            NEW.past_due_since := flux._clock();
+        ELSIF NEW.past_due_since IS NULL THEN
+            NEW.past_due_since := flux._clock();
+        END IF;
+    ELSE
+        NEW.past_due_since := NULL;
+        NEW.grace_until := NULL;
+    END IF;
+    -- A scheduled plan change (flux_schedule_change) is in force from its
+    -- instant by the clock with no job (decisions read it). The row's next
+    -- write after that instant makes it the plan, unless the write sets the
+    -- plan itself: a plan changed by hand, or by a billing event, replaces
+    -- the change still pending.
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
+       AND coalesce(NEW.plan OPERATOR(pg_catalog.<>) OLD.plan, (NEW.plan IS NULL) OPERATOR(pg_catalog.<>) (OLD.plan IS NULL))
+       AND coalesce(NEW.scheduled_at OPERATOR(pg_catalog.=) OLD.scheduled_at, NEW.scheduled_at IS NULL AND OLD.scheduled_at IS NULL)
+       AND coalesce(NEW.scheduled_plan OPERATOR(pg_catalog.=) OLD.scheduled_plan, NEW.scheduled_plan IS NULL AND OLD.scheduled_plan IS NULL) THEN
+        NEW.scheduled_plan := NULL;
+        NEW.scheduled_at := NULL;
+    ELSIF NEW.scheduled_at OPERATOR(pg_catalog.<=) flux._clock() THEN
+        NEW.plan := NEW.scheduled_plan;
+        NEW.scheduled_plan := NULL;
+        NEW.scheduled_at := NULL;
+    END IF;
+    PERFORM flux._check_tenant(NEW.id, NEW.plan, NEW.status, NEW.trial_ends_at,
+                               NEW.current_period_start, NEW.current_period_end,
+                               CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.id END);
+    RETURN NEW;
+END $$;
+CREATE FUNCTION "flux_schedule_change"(
+	"tenant" TEXT,
+	"plan" TEXT,
+	"at" timestamp with time zone DEFAULT NULL
+) RETURNS timestamp with time zone
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_schedule_change_wrapper';
+CREATE FUNCTION "flux_cancel_scheduled_change"(
+	"tenant" TEXT
+) RETURNS bool
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_cancel_scheduled_change_wrapper';
+CREATE FUNCTION "flux_preview"(
+	"tenant" TEXT,
+	"plan" TEXT
+) RETURNS TABLE (
+	"feature" TEXT,
+	"allowed_now" bool,
+	"allowed_after" bool,
+	"limit_now" bigint,
+	"limit_after" bigint,
+	"used" bigint,
+	"over_by" bigint
+)
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_preview_wrapper';
+CREATE FUNCTION "flux_plan_impact"(
+	"plan" TEXT,
+	"feature" TEXT,
+	"limit" bigint
+) RETURNS TABLE (
+	"tenant" TEXT,
+	"used" bigint,
+	"over_by" bigint
+)
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_plan_impact_wrapper';
+CREATE FUNCTION "flux_copy_plan"(
+	"source" TEXT,
+	"target" TEXT,
+	"name" TEXT DEFAULT NULL,
+	"rank" INT DEFAULT NULL
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_copy_plan_wrapper';
+CREATE FUNCTION "flux_move_tenants"(
+	"from_plan" TEXT,
+	"to_plan" TEXT,
+	"at" timestamp with time zone DEFAULT NULL
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'flux_move_tenants_wrapper';
+CREATE FUNCTION flux."_pricing_table"() RETURNS TEXT
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_pricing_table_wrapper';
+
+-- Pricing changes (src/pricing.rs). The pricing table is for anyone (a
+-- pricing page shows it; unlisted plans are left out): its body reads the
+-- catalogue as flux_owner, under a pinned search_path.
+CREATE FUNCTION flux_pricing_table() RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT flux._pricing_table()::pg_catalog.jsonb $$;
+COMMENT ON FUNCTION flux_pricing_table() IS 'The listed plans by rank, each with its features (kind, limit, period, value, overage), and the addons with what one unit grants, as jsonb for a pricing page';
+COMMENT ON FUNCTION flux._pricing_table() IS 'The body of flux_pricing_table (its JSON as text)';
+-- Plan x feature, for people in psql:
+--   SELECT feature, plan, included FROM flux.plan_matrix \crosstabview
+CREATE VIEW flux.plan_matrix AS
+    SELECT f.key AS feature, f.kind, p.key AS plan, p.rank,
+           CASE WHEN g.plan IS NULL OR NOT g.enabled THEN '-'
+                WHEN f.kind OPERATOR(pg_catalog.=) 'boolean' THEN 'yes'
+                ELSE COALESCE(g."limit"::pg_catalog.text, 'unlimited')
+                     OPERATOR(pg_catalog.||) COALESCE(' / ' OPERATOR(pg_catalog.||) g.period, '')
+                     OPERATOR(pg_catalog.||) CASE WHEN NOT g.overage THEN ''
+                          WHEN g.overage_cap IS NULL THEN ' + overage'
+                          ELSE ' + ' OPERATOR(pg_catalog.||) g.overage_cap::pg_catalog.text OPERATOR(pg_catalog.||) ' overage' END
+           END AS included,
+           g."limit", g.period, g.value, p.listed
+      FROM flux.features f CROSS JOIN flux.plans p
+      LEFT JOIN flux.grants g ON g.plan OPERATOR(pg_catalog.=) p.key AND g.feature OPERATOR(pg_catalog.=) f.key
+     ORDER BY f.key, p.rank, p.key;
+COMMENT ON VIEW flux.plan_matrix IS 'Admin: every plan x feature with what the plan includes (yes, 1000 / month, unlimited, + 500 overage, - for nothing); SELECT feature, plan, included FROM flux.plan_matrix \crosstabview shows the matrix';
+COMMENT ON COLUMN flux.plan_matrix.included IS 'What the plan grants, for people: yes (boolean), the limit and its period, unlimited, the overage past it; - when the plan does not grant it';
+GRANT SELECT ON flux.plan_matrix TO flux_admin;
+COMMENT ON FUNCTION flux_schedule_change(text, text, timestamptz) IS 'Admin: move the tenant to plan when the clock reaches at (default: its current_period_end), with no job; returns the instant; replaces a change already scheduled';
+COMMENT ON FUNCTION flux_cancel_scheduled_change(text) IS 'Admin: drop the tenant''s scheduled plan change; false when there was none (a change whose instant has passed is in force)';
+COMMENT ON FUNCTION flux_preview(text, text) IS 'Per feature: allowed and limit now and on plan (addons, overrides and the subscription''s state as they are), what the tenant uses, and over_by the new limit';
+COMMENT ON FUNCTION flux_plan_impact(text, text, bigint) IS 'Admin: the plan''s tenants that limit, as its grant of feature, would put over it this period (used, over_by), most over first';
+COMMENT ON FUNCTION flux_copy_plan(text, text, text, integer) IS 'Admin: a new, unlisted plan with source''s grants and overage settings (grandfathering: copy, move the old customers, then change the original)';
+COMMENT ON FUNCTION flux_move_tenants(text, text, timestamptz) IS 'Admin: move every tenant on from_plan to to_plan now, or schedule the move at at; returns how many; one audited change per tenant';
+REVOKE EXECUTE ON FUNCTION flux_schedule_change, flux_cancel_scheduled_change, flux_plan_impact,
+    flux_copy_plan, flux_move_tenants FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION flux_schedule_change, flux_cancel_scheduled_change, flux_plan_impact,
+    flux_copy_plan, flux_move_tenants TO flux_admin;
+COMMENT ON FUNCTION flux._tenants_validate() IS 'Trigger: keeps past_due_since in step with status, makes a due scheduled plan change the plan (a write that sets the plan replaces one to come), and validates the subscription (flux._check_tenant)';
+
 -- Comments that changed.
 COMMENT ON FUNCTION flux._audit() IS 'Trigger: appends the change to flux.audit_log (role: the real role; actor: flux.actor or the role) and announces it with NOTIFY flux_changes (entity, key, tenant, action) at commit; runs only on the flux tables';
 COMMENT ON FUNCTION flux._enforce_limit() IS 'Trigger made by flux_enforce_limit (arguments: feature, tenant column): refuses a row that would take its tenant past the limit of a feature, counting under a row lock of flux.limit_locks; runs only under the trigger names flux_enforce_limit gives';

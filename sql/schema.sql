@@ -76,12 +76,14 @@ CREATE TABLE flux.plans (
     is_default   boolean NOT NULL DEFAULT false,
     grace_period interval
                  CONSTRAINT plans_grace_period_check CHECK (grace_period IS NULL OR grace_period >= interval '0'),
-    created_at   timestamptz NOT NULL DEFAULT now()
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    listed       boolean NOT NULL DEFAULT true
 );
 -- At most one default plan: the free tier that tenants fall back to.
 CREATE UNIQUE INDEX plans_one_default ON flux.plans (is_default) WHERE is_default;
 COMMENT ON TABLE flux.plans IS 'Named bundles of grants; rank orders them cheapest first; at most one is_default plan applies to tenants with no live subscription';
 COMMENT ON COLUMN flux.plans.rank IS 'Order of plans, cheapest first; upgrade_plans lists plans by rank';
+COMMENT ON COLUMN flux.plans.listed IS 'Shown by flux_pricing_table; false for plans not sold any more (flux_copy_plan''s grandfathered copies)';
 COMMENT ON COLUMN flux.plans.is_default IS 'The fallback (free) plan for tenants whose subscription is not live; at most one plan';
 COMMENT ON COLUMN flux.plans.grace_period IS 'How long a past_due subscription stays live; NULL uses the setting flux.default_grace_period';
 COMMENT ON INDEX flux.plans_one_default IS 'Enforces at most one default plan';
@@ -121,9 +123,13 @@ CREATE TABLE flux.tenants (
     past_due_since       timestamptz,
     grace_until          timestamptz,
     billing_customer     text CONSTRAINT tenants_billing_customer_key UNIQUE,
-    created_at           timestamptz NOT NULL DEFAULT now()
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    scheduled_plan       text REFERENCES flux.plans (key) ON UPDATE CASCADE ON DELETE RESTRICT,
+    scheduled_at         timestamptz,
+    CONSTRAINT tenants_scheduled_check CHECK ((scheduled_plan IS NULL) = (scheduled_at IS NULL))
 );
 CREATE INDEX tenants_plan ON flux.tenants (plan);
+CREATE INDEX tenants_scheduled_plan ON flux.tenants (scheduled_plan) WHERE scheduled_plan IS NOT NULL;
 COMMENT ON TABLE flux.tenants IS 'Accounts that pay, by id, each with one subscription: plan, status, trial and period timestamps';
 COMMENT ON COLUMN flux.tenants.plan IS 'The subscribed plan; NULL means no subscription (the default plan applies). A plan with tenants cannot be deleted';
 COMMENT ON COLUMN flux.tenants.status IS 'trialing, active, past_due, canceled or paused; see flux_decide for when each is live';
@@ -133,6 +139,8 @@ COMMENT ON COLUMN flux.tenants.current_period_end IS 'End of the current billing
 COMMENT ON COLUMN flux.tenants.cancel_at_period_end IS 'true: an active subscription stops being live at current_period_end';
 COMMENT ON COLUMN flux.tenants.past_due_since IS 'Set from the clock when status becomes past_due, cleared when it leaves it';
 COMMENT ON COLUMN flux.tenants.billing_customer IS 'The billing system''s customer id (Stripe cus_...), unique; how events without tenant metadata find their tenant';
+COMMENT ON COLUMN flux.tenants.scheduled_plan IS 'A plan change to come (flux_schedule_change): the plan from scheduled_at on, by the clock, with no job; a write that sets plan replaces it';
+COMMENT ON COLUMN flux.tenants.scheduled_at IS 'When scheduled_plan takes effect (set together with it); the row''s next write after it makes it the plan';
 COMMENT ON COLUMN flux.tenants.grace_until IS 'past_due: live until this moment; NULL means past_due_since + the plan''s grace period';
 
 CREATE TABLE flux.addons (
@@ -583,6 +591,22 @@ BEGIN
         NEW.past_due_since := NULL;
         NEW.grace_until := NULL;
     END IF;
+    -- A scheduled plan change (flux_schedule_change) is in force from its
+    -- instant by the clock with no job (decisions read it). The row's next
+    -- write after that instant makes it the plan, unless the write sets the
+    -- plan itself: a plan changed by hand, or by a billing event, replaces
+    -- the change still pending.
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
+       AND coalesce(NEW.plan OPERATOR(pg_catalog.<>) OLD.plan, (NEW.plan IS NULL) OPERATOR(pg_catalog.<>) (OLD.plan IS NULL))
+       AND coalesce(NEW.scheduled_at OPERATOR(pg_catalog.=) OLD.scheduled_at, NEW.scheduled_at IS NULL AND OLD.scheduled_at IS NULL)
+       AND coalesce(NEW.scheduled_plan OPERATOR(pg_catalog.=) OLD.scheduled_plan, NEW.scheduled_plan IS NULL AND OLD.scheduled_plan IS NULL) THEN
+        NEW.scheduled_plan := NULL;
+        NEW.scheduled_at := NULL;
+    ELSIF NEW.scheduled_at OPERATOR(pg_catalog.<=) flux._clock() THEN
+        NEW.plan := NEW.scheduled_plan;
+        NEW.scheduled_plan := NULL;
+        NEW.scheduled_at := NULL;
+    END IF;
     PERFORM flux._check_tenant(NEW.id, NEW.plan, NEW.status, NEW.trial_ends_at,
                                NEW.current_period_start, NEW.current_period_end,
                                CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN OLD.id END);
@@ -728,7 +752,7 @@ COMMENT ON FUNCTION flux._features_validate() IS 'Trigger: validates a feature r
 COMMENT ON FUNCTION flux._plans_validate() IS 'Trigger: validates a plan row (flux._check_plan)';
 COMMENT ON FUNCTION flux._plans_guard_delete() IS 'Trigger: refuses to delete a plan that tenants are on';
 COMMENT ON FUNCTION flux._grants_validate() IS 'Trigger: validates a grant and normalises its period (flux._check_grant)';
-COMMENT ON FUNCTION flux._tenants_validate() IS 'Trigger: keeps past_due_since in step with status and validates the subscription (flux._check_tenant)';
+COMMENT ON FUNCTION flux._tenants_validate() IS 'Trigger: keeps past_due_since in step with status, makes a due scheduled plan change the plan (a write that sets the plan replaces one to come), and validates the subscription (flux._check_tenant)';
 COMMENT ON FUNCTION flux._addons_validate() IS 'Trigger: validates an addon row';
 COMMENT ON FUNCTION flux._addons_guard_delete() IS 'Trigger: refuses to delete an addon that tenants hold';
 COMMENT ON FUNCTION flux._addon_grants_validate() IS 'Trigger: validates an addon grant';

@@ -111,6 +111,10 @@ fn datum(d: &mut Decision, c: Column) -> Option<pg_sys::Datum> {
 /// The decision as a `flux.decision` row, formed once (setting 14
 /// attributes by name formed the row 14 times, a tenth of flux_consume).
 pub fn to_composite(mut d: Decision) -> pgrx::composite_type!('static, "flux.decision") {
+    // A scheduled change's note follows the usage figures.
+    if let Some(note) = d.scheduled.take() {
+        d.message.push_str(&note);
+    }
     let cat = cache::catalogue().or_raise();
     // The type cache's descriptor, pinned and released with the row
     // (for_composite_type_by_oid copied it twice per call).

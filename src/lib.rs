@@ -28,7 +28,10 @@
 //! - `rollout`: the flag bucketing formula;
 //! - `audit`: the audit log and NOTIFY flux_changes;
 //! - `billing`: Stripe events and signatures;
-//! - `reports`: flux_limit_report (who is pushing their limit);
+//! - `reports`: flux_limit_report (who is pushing their limit) and the
+//!   billable usage view;
+//! - `pricing`: pricing changes (scheduled moves, previews, impact,
+//!   grandfathering, the pricing table);
 //! - `stats/`: decision statistics in shared memory (flux_decision_stats,
 //!   flux_denials), with shared_preload_libraries;
 //! - `gucs`: the flux.* settings and the clock;
@@ -46,7 +49,7 @@
 //! 4. the entitle step: `entitle`
 //! 5. usage: `usage`
 //! 6. SQL functions: `reads`, `admin`, `rls`, `row_limits`, `billing`, `reports`,
-//!    `removed`
+//!    `pricing`, `removed`
 
 use pgrx::prelude::*;
 
@@ -64,6 +67,7 @@ pub mod identity;
 pub mod model;
 pub mod pgver;
 pub mod prepared;
+pub mod pricing;
 pub mod privilege;
 pub mod reads;
 pub mod removed;

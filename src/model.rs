@@ -151,6 +151,9 @@ pub struct PlanGrant {
     /// A soft limit (flux_set_overage): None, hard; Some(cap), consumes
     /// may go past the limit by cap (None: no cap).
     pub overage: Option<Option<i64>>,
+    /// The plan is sold (flux.plans.listed): offered in upgrade_plans and
+    /// messages; a grandfathered copy is not.
+    pub listed: bool,
 }
 
 /// What the catalogue says about one feature.
@@ -234,6 +237,43 @@ pub struct TenantFacts {
     pub plan_grace: Option<Span>,
     pub addons: Vec<AddonGrant>,
     pub override_: Option<Override>,
+    /// A plan change scheduled for a later instant (flux_schedule_change).
+    pub scheduled: Option<Scheduled>,
+}
+
+/// A plan change that takes effect when the clock reaches `at`, with no
+/// job: every decision from then on uses `plan`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduled {
+    pub plan: String,
+    pub at: i64,
+    /// The new plan's grace_period (filled when cached, as plan_grace).
+    pub grace: Option<Span>,
+    /// The new plan's rank against the current one's (filled when cached).
+    pub direction: std::cmp::Ordering,
+}
+
+impl TenantFacts {
+    /// The plan in force at `now`: the scheduled one from its instant on.
+    pub fn plan_at(&self, now: i64) -> Option<&str> {
+        match &self.scheduled {
+            Some(s) if now >= s.at => Some(&s.plan),
+            _ => self.plan.as_deref(),
+        }
+    }
+
+    /// The grace_period of the plan in force at `now`.
+    pub fn grace_at(&self, now: i64) -> Option<Span> {
+        match &self.scheduled {
+            Some(s) if now >= s.at => s.grace,
+            _ => self.plan_grace,
+        }
+    }
+
+    /// A change still to come at `now`.
+    pub fn pending(&self, now: i64) -> Option<&Scheduled> {
+        self.scheduled.as_ref().filter(|s| now < s.at)
+    }
 }
 
 /// The API key current in the transaction (flux_authenticate): read once
@@ -390,6 +430,11 @@ pub struct Decision {
     /// Where the grant came from, for messages. Not in the type.
     #[serde(skip)]
     pub source: Option<Source>,
+    /// What a scheduled plan change will do to this feature ("; downgrades
+    /// to starter on 2027-01-01, 3 seats"), added to the message when the
+    /// decision is returned (after the usage figures). Not in the type.
+    #[serde(skip)]
+    pub scheduled: Option<String>,
 }
 
 /// Where a grant came from. Phrased only for a message that says it.

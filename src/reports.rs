@@ -7,14 +7,16 @@
 
 use crate::decision::decide;
 use crate::error::{FluxError, FluxResult, OrRaise};
-use crate::model::{AddonGrant, FeatureFacts, Kind, Override, Period, Status, TenantFacts};
+use crate::model::{
+    AddonGrant, FeatureFacts, Kind, Override, Period, Scheduled, Status, TenantFacts,
+};
 use crate::usage::rules::{meter_for, period_bounds, Meter};
 use pgrx::datum::{AnyNumeric, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
 /// Every counter row of a tenant with its tenant's rows. Holds past their
 /// ttl that no writer has given back yet (usage/holds.rs) are not counted.
-const COUNTERS: &str = "SELECT u.tenant, u.feature, u.period_start, \
+pub(crate) const COUNTERS: &str = "SELECT u.tenant, u.feature, u.period_start, \
         (u.used OPERATOR(pg_catalog.-) LEAST(COALESCE((SELECT pg_catalog.sum(hc.amount) \
             FROM flux.hold_charges hc \
            WHERE hc.tenant OPERATOR(pg_catalog.=) u.tenant AND hc.feature OPERATOR(pg_catalog.=) u.feature \
@@ -22,7 +24,7 @@ const COUNTERS: &str = "SELECT u.tenant, u.feature, u.period_start, \
              AND hc.open AND hc.expires_at OPERATOR(pg_catalog.<=) flux._clock()), 0), u.used))::pg_catalog.int8 AS used, \
         t.plan, t.status, t.trial_ends_at, t.current_period_start, t.current_period_end, \
         t.cancel_at_period_end, t.past_due_since, t.grace_until, a.addons, a.quantities, \
-        o.enabled, o.\"limit\", o.starts_at, o.expires_at \
+        o.enabled, o.\"limit\", o.starts_at, o.expires_at, t.scheduled_plan, t.scheduled_at \
    FROM flux.usage u \
    JOIN flux.tenants t ON t.id OPERATOR(pg_catalog.=) u.tenant \
    LEFT JOIN flux.overrides o ON o.tenant OPERATOR(pg_catalog.=) u.tenant \
@@ -41,22 +43,25 @@ const CURRENT: &str = " WHERE u.used OPERATOR(pg_catalog.>) 0 \
 
 /// One counter row of COUNTERS: whose, of what, and the tenant's facts as
 /// the decision takes them.
-struct CounterRow {
-    tenant: String,
-    feature: std::rc::Rc<FeatureFacts>,
-    start: i64,
-    used: i64,
-    facts: TenantFacts,
+pub(crate) struct CounterRow {
+    pub tenant: String,
+    pub feature: std::rc::Rc<FeatureFacts>,
+    pub start: i64,
+    pub used: i64,
+    pub facts: TenantFacts,
 }
 
 /// Read every row of `sql` (COUNTERS, filtered) of a limit or metered
 /// feature, as the table's owner.
-fn counter_rows(sql: &str) -> FluxResult<Vec<CounterRow>> {
+pub(crate) fn counter_rows(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> FluxResult<Vec<CounterRow>> {
     let cat = crate::cache::catalogue()?;
     let _owner = crate::privilege::AsOwner::enter()?;
     let mut out = Vec::new();
     Spi::connect(|c| {
-        for r in c.select(sql, None, &[])? {
+        for r in c.select(sql, None, args)? {
             let (Some(tenant), Some(feature), Some(start), Some(used)) = (
                 r.get::<String>(1)?,
                 r.get::<String>(2)?,
@@ -109,11 +114,9 @@ fn counter_rows(sql: &str) -> FluxResult<Vec<CounterRow>> {
                 None => None,
             };
             let status = Status::parse(&r.get::<String>(6)?.unwrap_or_default())?;
-            let t = TenantFacts {
+            let mut t = TenantFacts {
                 id: tenant.clone(),
-                plan_grace: plan
-                    .as_deref()
-                    .and_then(|p| cat.plan_grace.get(p).copied().flatten()),
+                plan_grace: None,
                 plan,
                 status,
                 trial_ends_at: ts(r.get::<TimestampWithTimeZone>(7)?),
@@ -124,7 +127,20 @@ fn counter_rows(sql: &str) -> FluxResult<Vec<CounterRow>> {
                 grace_until: ts(r.get::<TimestampWithTimeZone>(12)?),
                 addons,
                 override_,
+                scheduled: match (
+                    r.get::<String>(19)?,
+                    ts(r.get::<TimestampWithTimeZone>(20)?),
+                ) {
+                    (Some(plan), Some(at)) => Some(Scheduled {
+                        plan,
+                        at,
+                        grace: None,
+                        direction: std::cmp::Ordering::Equal,
+                    }),
+                    _ => None,
+                },
             };
+            crate::cache::with_plan_terms(&cat, &mut t);
             out.push(CounterRow {
                 tenant,
                 feature: f.clone(),
@@ -161,7 +177,7 @@ fn report(threshold: AnyNumeric) -> FluxResult<Vec<(AnyNumeric, Row)>> {
         start,
         used,
         facts: t,
-    } in counter_rows(&format!("{COUNTERS}{CURRENT}"))?
+    } in counter_rows(&format!("{COUNTERS}{CURRENT}"), &[])?
     {
         let feature = f.key.clone();
         // Flags and API keys are the caller's, not the plan's: left out.
@@ -282,7 +298,7 @@ fn tstz(t: Option<i64>) -> Option<TimestampWithTimeZone> {
 /// grace) is a question of access; what it had bought for a period is
 /// not, and an invoice run after the period ended must not bill it on the
 /// default plan.
-fn subscribed(t: &TenantFacts) -> TenantFacts {
+pub(crate) fn subscribed(t: &TenantFacts) -> TenantFacts {
     TenantFacts {
         status: Status::Active,
         trial_ends_at: None,
@@ -302,7 +318,7 @@ fn subscribed(t: &TenantFacts) -> TenantFacts {
 /// feature's count is standing, shown in the current billing period.
 fn billable() -> FluxResult<Vec<Billable>> {
     let ctx = crate::entitle::context(false)?;
-    let mut rows = counter_rows(COUNTERS)?;
+    let mut rows = counter_rows(COUNTERS, &[])?;
     rows.sort_by(|a, b| {
         (&a.tenant, &a.feature.key, a.start).cmp(&(&b.tenant, &b.feature.key, b.start))
     });

@@ -112,7 +112,8 @@ pub struct Catalogue {
     /// Feature keys in the database's order (collation), for
     /// flux_entitlements: sorted when first asked for (see `keys`).
     keys: std::cell::OnceCell<Vec<String>>,
-    pub plan_grace: HashMap<String, Option<Span>>,
+    /// By plan: its grace_period and rank.
+    pub plan_grace: HashMap<String, (Option<Span>, i32)>,
     /// By feature: what one unit of each addon grants.
     pub addon_grants: HashMap<String, Vec<AddonUnit>>,
     pub flags: HashMap<String, FlagEntry>,
@@ -131,14 +132,15 @@ pub struct Catalogue {
     pub namespace: pg_sys::Oid,
 }
 
-const PLANS_SQL: &str = "SELECT key, is_default, grace_period FROM flux.plans";
+const PLANS_SQL: &str = "SELECT key, is_default, grace_period, rank FROM flux.plans";
 /// subject_limit read through to_jsonb, which a 0.1.0 schema (no such
 /// column) answers with NULL.
 const GRANTS_SQL: &str =
     "SELECT g.feature, g.plan, p.rank, g.\"limit\", g.period, g.value::pg_catalog.text, \
             (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'subject_limit')::pg_catalog.int8, \
             COALESCE((pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'overage')::pg_catalog.bool, false), \
-            (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'overage_cap')::pg_catalog.int8 \
+            (pg_catalog.to_jsonb(g) OPERATOR(pg_catalog.->>) 'overage_cap')::pg_catalog.int8, \
+            COALESCE((pg_catalog.to_jsonb(p) OPERATOR(pg_catalog.->>) 'listed')::pg_catalog.bool, true) \
      FROM flux.grants g JOIN flux.plans p ON p.key OPERATOR(pg_catalog.=) g.plan \
      WHERE g.enabled ORDER BY g.feature, p.rank, p.key";
 /// cost_pool and cost_credits read through to_jsonb, which a 0.1.0 schema
@@ -274,7 +276,7 @@ fn held_features(namespace: pg_sys::Oid) -> FluxResult<Vec<String>> {
 type CatalogueRows = (
     (
         HashMap<String, std::rc::Rc<FeatureFacts>>,
-        HashMap<String, Option<Span>>,
+        HashMap<String, (Option<Span>, i32)>,
         HashMap<String, Vec<AddonUnit>>,
         HashMap<String, FlagEntry>,
         HashMap<String, (String, i64)>,
@@ -360,8 +362,9 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                 if r.get::<bool>(2)?.unwrap_or(false) {
                     default_plan = Some(key.clone());
                 }
+                let rank = r.get::<i32>(4)?.unwrap_or(0);
                 cat.plan_grace
-                    .insert(key, r.get::<Interval>(3)?.map(span_of));
+                    .insert(key, (r.get::<Interval>(3)?.map(span_of), rank));
             }
             let mut grants: HashMap<String, Vec<PlanGrant>> = HashMap::new();
             let mut keys = Vec::new();
@@ -381,6 +384,7 @@ fn load_catalogue_sql() -> FluxResult<CatalogueRows> {
                             .unwrap_or(false)
                             .then(|| r.get::<i64>(9))
                             .transpose()?,
+                        listed: r.get::<bool>(10)?.unwrap_or(true),
                     });
             }
             for r in c.select(&*kept(c, FEATURES_SQL, &[], false)?, None, &[])? {
@@ -495,6 +499,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     // until ALTER EXTENSION UPDATE).
     const SUBJECT_LIMIT: [(&str, pg_sys::Oid); 1] = [("subject_limit", pg_sys::INT8OID)];
     // 0.2's columns too.
+    const LISTED: [(&str, pg_sys::Oid); 1] = [("listed", pg_sys::BOOLOID)];
     const OVERAGE: [(&str, pg_sys::Oid); 2] = [
         ("overage", pg_sys::BOOLOID),
         ("overage_cap", pg_sys::INT8OID),
@@ -545,6 +550,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
     };
     let subject_limit_at = grants.columns(&SUBJECT_LIMIT).map(|c| c[0]);
     let overage_at = grants.columns(&OVERAGE);
+    let listed_at = plans.columns(&LISTED).map(|c| c[0]);
     let costs_at = features.columns(&COSTS);
     let snapshot = LoadSnapshot::take();
     let snap = snapshot.0;
@@ -560,16 +566,22 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         if row.int(pc[2]).is_some_and(|b| b != 0) {
             default_plan = Some(key.clone());
         }
-        plan_grace.insert(key.clone(), row.interval(pc[3]).map(span_of));
-        plan_rows.push((rank, key));
+        plan_grace.insert(key.clone(), (row.interval(pc[3]).map(span_of), rank));
+        let listed = listed_at.is_none_or(|at| row.int(at).is_none_or(|b| b != 0));
+        plan_rows.push((rank, key, listed));
         Ok(())
     })?;
     plan_rows.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| collate(&a.1, &b.1)));
     // Each plan's name is shared by its grants (one allocation per plan).
-    let place: HashMap<&str, (usize, i32, std::rc::Rc<str>)> = plan_rows
+    let place: HashMap<&str, (usize, i32, std::rc::Rc<str>, bool)> = plan_rows
         .iter()
         .enumerate()
-        .map(|(i, (rank, key))| (key.as_str(), (i, *rank, std::rc::Rc::from(key.as_str()))))
+        .map(|(i, (rank, key, listed))| {
+            (
+                key.as_str(),
+                (i, *rank, std::rc::Rc::from(key.as_str()), *listed),
+            )
+        })
         .collect();
 
     let mut by_feature: HashMap<String, Vec<(usize, PlanGrant)>> = HashMap::new();
@@ -579,7 +591,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
         }
         let plan = row.str(gc[1]).ok_or_else(|| null("grants.plan"))?;
         // The inner join: a grant of a plan that is not there is not listed.
-        let Some((at, rank, name)) = place.get(plan) else {
+        let Some((at, rank, name, listed)) = place.get(plan) else {
             return Ok(());
         };
         let grant = (
@@ -594,6 +606,7 @@ fn load_catalogue_direct(namespace: pg_sys::Oid) -> FluxResult<Option<CatalogueR
                 overage: overage_at.and_then(|[on, cap]| {
                     row.int(on).is_some_and(|b| b != 0).then(|| row.int(cap))
                 }),
+                listed: *listed,
             },
         );
         // Looked up by the borrowed text: one allocation per feature, not
@@ -728,9 +741,13 @@ impl TenantEntry {
     }
 }
 
+// The scheduled change's columns through to_jsonb: NULL under a 0.1.0
+// schema, which has none.
 const TENANT_SQL: &str = "SELECT plan, status, trial_ends_at, current_period_start, \
-     current_period_end, cancel_at_period_end, past_due_since, grace_until \
-     FROM flux.tenants WHERE id OPERATOR(pg_catalog.=) $1";
+     current_period_end, cancel_at_period_end, past_due_since, grace_until, \
+     pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'scheduled_plan', \
+     (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'scheduled_at')::pg_catalog.timestamptz \
+     FROM flux.tenants t WHERE id OPERATOR(pg_catalog.=) $1";
 const TENANT_ADDONS_SQL: &str =
     "SELECT addon, quantity FROM flux.tenant_addons WHERE tenant OPERATOR(pg_catalog.=) $1";
 const TENANT_OVERRIDES_SQL: &str =
@@ -752,6 +769,18 @@ fn tenant_base(id: &str, r: &SpiHeapTupleData, at: usize) -> FluxResult<TenantFa
         plan_grace: None,
         addons: Vec::new(),
         override_: None,
+        scheduled: scheduled(text(r, at + 8)?, ts(r, at + 9)?),
+    })
+}
+
+/// A scheduled change from its two columns (both set, or neither: a CHECK
+/// constraint); its grace and direction are filled when it is cached.
+fn scheduled(plan: Option<String>, at: Option<i64>) -> Option<Scheduled> {
+    Some(Scheduled {
+        plan: plan?,
+        at: at?,
+        grace: None,
+        direction: std::cmp::Ordering::Equal,
     })
 }
 
@@ -828,6 +857,11 @@ const TENANT_COLS: [(&str, pg_sys::Oid); 9] = [
     ("past_due_since", pg_sys::TIMESTAMPTZOID),
     ("grace_until", pg_sys::TIMESTAMPTZOID),
 ];
+/// Added in 0.2.0: a tenant's scheduled plan change (none when missing).
+const SCHEDULE_COLS: [(&str, pg_sys::Oid); 2] = [
+    ("scheduled_plan", pg_sys::TEXTOID),
+    ("scheduled_at", pg_sys::TIMESTAMPTZOID),
+];
 const ADDON_COLS: [(&str, pg_sys::Oid); 3] = [
     ("tenant", pg_sys::TEXTOID),
     ("addon", pg_sys::TEXTOID),
@@ -871,6 +905,7 @@ fn load_tenant_direct(namespace: pg_sys::Oid, id: &str) -> FluxResult<Option<Opt
     ) else {
         return Ok(None);
     };
+    let sc = tenants.columns(&SCHEDULE_COLS);
     let snapshot = LoadSnapshot::take();
     let mut base = None;
     tenants.probe(tk, tc[0], id, snapshot.0, |row| {
@@ -887,6 +922,9 @@ fn load_tenant_direct(namespace: pg_sys::Oid, id: &str) -> FluxResult<Option<Opt
             plan_grace: None,
             addons: Vec::new(),
             override_: None,
+            scheduled: sc
+                .as_ref()
+                .and_then(|c| scheduled(row.text(c[0]), row.int(c[1]))),
         });
         Ok(())
     })?;

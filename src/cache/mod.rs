@@ -219,6 +219,19 @@ pub fn catalogue() -> FluxResult<Rc<Catalogue>> {
 }
 
 /// The tenant's cache entry, and whether it was loaded just now.
+/// Fill in what a tenant's rows take from its plans: the plan's grace
+/// period, and a scheduled change's new grace and direction (by rank).
+pub fn with_plan_terms(cat: &Catalogue, t: &mut TenantFacts) {
+    let terms = |p: Option<&str>| p.and_then(|p| cat.plan_grace.get(p)).copied();
+    let now = terms(t.plan.as_deref());
+    t.plan_grace = now.and_then(|g| g.0);
+    if let Some(s) = t.scheduled.as_mut() {
+        let after = terms(Some(&s.plan));
+        s.grace = after.and_then(|g| g.0);
+        s.direction = after.map(|g| g.1).cmp(&now.map(|g| g.1));
+    }
+}
+
 fn tenant_entry(id: &str, cat: &Catalogue) -> FluxResult<(Option<Rc<TenantEntry>>, bool)> {
     let capacity = crate::gucs::cache_tenants();
     let held = STATE.with(|st| TENANTS.with(|t| t.borrow_mut().get(id, capacity, &st.buckets)));
@@ -235,11 +248,7 @@ fn tenant_entry(id: &str, cat: &Catalogue) -> FluxResult<(Option<Rc<TenantEntry>
         st.buckets[bucket].get()
     });
     let loaded = loads::load_tenant(cat.namespace, id)?.map(|mut e| {
-        e.base.plan_grace = e
-            .base
-            .plan
-            .as_ref()
-            .and_then(|p| cat.plan_grace.get(p).copied().flatten());
+        with_plan_terms(cat, &mut e.base);
         Rc::new(e)
     });
     TENANTS.with(|t| {

@@ -23,7 +23,7 @@ pub struct Context {
 /// Why a subscription is not live, as a sentence fragment; None when live.
 pub fn not_live_because(t: &TenantFacts, ctx: &Context) -> Option<String> {
     let id = &t.id;
-    if t.plan.is_none() {
+    if t.plan_at(ctx.now).is_none() {
         return Some(format!("{id} has no subscription"));
     }
     match t.status {
@@ -60,7 +60,7 @@ pub fn not_live_because(t: &TenantFacts, ctx: &Context) -> Option<String> {
 pub fn grace_deadline(t: &TenantFacts, ctx: &Context) -> Option<i64> {
     t.grace_until.or_else(|| {
         t.past_due_since
-            .map(|since| add_span(since, t.plan_grace.unwrap_or(ctx.default_grace)))
+            .map(|since| add_span(since, t.grace_at(ctx.now).unwrap_or(ctx.default_grace)))
     })
 }
 
@@ -80,6 +80,7 @@ pub fn steady_window(t: Option<&TenantFacts>, ctx: &Context) -> (i64, i64) {
         grace_deadline(t, ctx),
         o.and_then(|o| o.starts_at),
         o.and_then(|o| o.expires_at),
+        t.scheduled.as_ref().map(|s| s.at),
     ];
     instants
         .into_iter()
@@ -190,6 +191,7 @@ fn blank(tenant: &str, feature: &str, subject: Option<&str>) -> Decision {
         value: None,
         period: None,
         source: None,
+        scheduled: None,
     }
 }
 
@@ -199,6 +201,76 @@ fn blank(tenant: &str, feature: &str, subject: Option<&str>) -> Decision {
 /// allowances where usage is counted (usage/).
 #[allow(clippy::too_many_arguments)]
 pub fn decide(
+    tenant_id: &str,
+    feature_key: &str,
+    subject: Option<&str>,
+    feature: Option<&FeatureFacts>,
+    tenant: Option<&TenantFacts>,
+    flag: Option<&FlagFacts>,
+    key: Option<&KeyFacts>,
+    ctx: &Context,
+) -> Decision {
+    let mut d = decide_now(
+        tenant_id,
+        feature_key,
+        subject,
+        feature,
+        tenant,
+        flag,
+        key,
+        ctx,
+    );
+    if let (true, Some(t)) = (ctx.detail, tenant) {
+        if let Some(s) = t.pending(ctx.now) {
+            // The same decision at the change's instant, on the new plan.
+            let mut after_t = t.clone();
+            after_t.plan = Some(s.plan.clone());
+            after_t.plan_grace = s.grace;
+            after_t.scheduled = None;
+            let at = Context { now: s.at, ..*ctx };
+            let after = decide_now(
+                tenant_id,
+                feature_key,
+                subject,
+                feature,
+                Some(&after_t),
+                flag,
+                key,
+                &at,
+            );
+            d.scheduled = scheduled_note(&d, &after, s);
+        }
+    }
+    d
+}
+
+/// What a scheduled change does to a decision, when it changes anything:
+/// "; downgrades to starter on 2027-01-01, which does not include it",
+/// "; downgrades to starter on 2027-01-01 (limit 3)".
+fn scheduled_note(now: &Decision, after: &Decision, s: &Scheduled) -> Option<String> {
+    let verb = match s.direction {
+        std::cmp::Ordering::Less => "downgrades",
+        std::cmp::Ordering::Greater => "upgrades",
+        std::cmp::Ordering::Equal => "moves",
+    };
+    let when = format!("{verb} to {} on {}", s.plan, format_date(s.at));
+    let limit =
+        |l: Option<i64>| l.map_or_else(|| "unlimited".to_string(), |l| format!("limit {l}"));
+    match (now.allowed, after.allowed) {
+        (true, false) => Some(format!("; {when}, which does not include it")),
+        (false, true) => Some(format!(
+            "; {when}, which includes it ({})",
+            limit(after.limit)
+        )),
+        (true, true) if now.limit != after.limit && now.kind.is_some_and(|k| k.has_limit()) => {
+            Some(format!("; {when} ({})", limit(after.limit)))
+        }
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide_now(
     tenant_id: &str,
     feature_key: &str,
     subject: Option<&str>,
@@ -253,7 +325,7 @@ pub fn decide(
     let why_not_live = not_live_because(t, ctx);
     let live = why_not_live.is_none();
     let plan = if live {
-        t.plan.as_deref()
+        t.plan_at(ctx.now)
     } else {
         f.default_plan.as_deref()
     };
@@ -319,7 +391,13 @@ pub fn decide(
             } else {
                 Reason::SubscriptionInactive
             };
-            let granting: Vec<String> = f.grants.iter().map(|g| g.plan.to_string()).collect();
+            // Plans that are sold: a grandfathered copy is not offered.
+            let granting: Vec<String> = f
+                .grants
+                .iter()
+                .filter(|g| g.listed)
+                .map(|g| g.plan.to_string())
+                .collect();
             let needs = if granting.is_empty() {
                 format!("{feature_key} is not included in any plan")
             } else {

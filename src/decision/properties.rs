@@ -89,6 +89,7 @@ prop_compose! {
                 .into_iter()
                 .collect(),
             override_,
+            scheduled: None,
         }
     }
 }

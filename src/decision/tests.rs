@@ -25,6 +25,7 @@ fn grant(plan: &str, rank: i32, limit: Option<i64>) -> PlanGrant {
         value: None,
         subject_limit: None,
         overage: None,
+        listed: true,
     }
 }
 
@@ -68,6 +69,7 @@ fn tenant(plan: &str, status: Status) -> TenantFacts {
         plan_grace: None,
         addons: vec![],
         override_: None,
+        scheduled: None,
     }
 }
 

@@ -638,6 +638,16 @@ fn flux_usage_v2(
     (|| -> FluxResult<Option<i64>> {
         crate::access::require_act_for("flux_usage", tenant)?;
         let mut x = entitle(tenant, feature, subject)?;
+        usage_now(&mut x, subject)
+    })()
+    .or_raise()
+}
+
+/// What flux_usage answers for a decision's tenant (or subject): the
+/// counter of the period of the plan in force, whether or not the tenant
+/// is entitled now.
+pub fn usage_now(x: &mut Decided, subject: Option<&str>) -> FluxResult<Option<i64>> {
+    {
         let (Some(f), Some(_)) = (x.facts.feature.clone(), x.tenant()) else {
             return Ok(None);
         };
@@ -661,9 +671,8 @@ fn flux_usage_v2(
                 (Some(format!("subject:{s}")), Some(own))
             }
         };
-        used_now(&x, meter(&x)?, caller.as_deref(), limit)
-    })()
-    .or_raise()
+        used_now(x, meter(x)?, caller.as_deref(), limit)
+    }
 }
 
 /// 0.1.0's flux_usage (STRICT, two arguments), for its install script.
