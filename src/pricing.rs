@@ -492,3 +492,64 @@ fn _pricing_table() -> String {
     })()
     .or_raise()
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// flux_preview against the decisions after the move is made: for
+    /// tenants with addons, overrides, usage and a canceled subscription,
+    /// allowed_after and limit_after are what flux_decide then says (its
+    /// entitlement: allowed, or only over the limit), and over_by is the
+    /// use past the new limit.
+    #[pg_test]
+    fn the_preview_is_the_decision_after_the_move() {
+        Spi::run(
+            "SET flux.now = '2026-12-10 12:00+00';
+             SELECT flux_define_feature('seats', 'limit');
+             SELECT flux_define_feature('api_calls', 'metered');
+             SELECT flux_define_feature('export');
+             SELECT flux_define_plan('free', rank => 0, is_default => true);
+             SELECT flux_define_plan('starter', rank => 1);
+             SELECT flux_define_plan('pro', rank => 2);
+             SELECT flux_grant('free', 'seats', 1);
+             SELECT flux_grant('starter', 'seats', 3);
+             SELECT flux_grant('starter', 'api_calls', 100, 'month');
+             SELECT flux_grant('pro', 'seats', 10);
+             SELECT flux_grant('pro', 'api_calls', 1000, 'month');
+             SELECT flux_grant('pro', 'export');
+             SELECT flux_define_addon('seat_pack');
+             SELECT flux_grant_addon('seat_pack', 'seats', 2);
+             SELECT flux_subscribe('t' || i, 'pro') FROM generate_series(1, 30) i;
+             SELECT flux_attach_addon('t' || i, 'seat_pack', 1) FROM generate_series(2, 30, 4) i;
+             SELECT flux_override('t' || i, 'seats', \"limit\" => 4) FROM generate_series(3, 30, 7) i;
+             SELECT flux_override('t' || i, 'export', enabled => false) FROM generate_series(5, 30, 9) i;
+             SELECT flux_consume('t' || i, 'seats', 1 + i % 9) FROM generate_series(1, 30) i;
+             SELECT flux_consume('t' || i, 'api_calls', (i * 37) % 300 + 1) FROM generate_series(1, 30) i;
+             UPDATE flux.tenants SET status = 'canceled' WHERE id IN ('t7', 't14');
+             CREATE TEMP TABLE previewed AS
+               SELECT t.id AS tenant, p.* FROM flux.tenants t, LATERAL flux_preview(t.id, 'starter') p;
+             SELECT flux_move_tenants('pro', 'starter');",
+        )
+        .unwrap();
+        let mismatches = Spi::get_one::<i64>(
+            "SELECT count(*) FROM previewed p, LATERAL flux_decide(p.tenant, p.feature) d
+              WHERE p.allowed_after IS DISTINCT FROM (d.allowed OR d.reason = 'limit_reached')
+                 OR p.limit_after IS DISTINCT FROM CASE WHEN d.allowed OR d.reason = 'limit_reached' THEN d.\"limit\" END
+                 OR (p.feature <> 'export' AND p.used IS DISTINCT FROM flux_usage(p.tenant, p.feature))
+                 OR p.over_by IS DISTINCT FROM CASE
+                      WHEN p.feature = 'export' THEN NULL
+                      WHEN NOT (d.allowed OR d.reason = 'limit_reached') THEN p.used
+                      ELSE GREATEST(p.used - COALESCE(d.\"limit\", p.used), 0) END",
+        )
+        .unwrap();
+        assert_eq!(mismatches, Some(0));
+        let over = Spi::get_one::<i64>("SELECT count(*) FROM previewed WHERE over_by > 0").unwrap();
+        assert!(
+            over.unwrap_or(0) > 5,
+            "the move puts tenants over: {over:?}"
+        );
+        Spi::run("RESET flux.now").unwrap();
+    }
+}

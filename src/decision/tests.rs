@@ -433,3 +433,71 @@ fn phrases() {
     );
     let _ = USECS_PER_DAY;
 }
+
+fn scheduled(plan: &str, at: i64, direction: std::cmp::Ordering) -> Option<Scheduled> {
+    Some(Scheduled {
+        plan: plan.into(),
+        at,
+        grace: None,
+        direction,
+    })
+}
+
+#[test]
+fn a_scheduled_change_applies_from_its_instant_and_says_so_before() {
+    let mut t = tenant("pro", Status::Active);
+    t.scheduled = scheduled("free", day(10), std::cmp::Ordering::Less);
+    let before = run(&seats(), &t, day(10) - 1);
+    assert_eq!(
+        (before.plan.as_deref(), before.limit),
+        (Some("pro"), Some(10))
+    );
+    assert_eq!(
+        before.scheduled.as_deref(),
+        Some("; downgrades to free on 2026-11-10 (limit 1)")
+    );
+    let after = run(&seats(), &t, day(10));
+    assert_eq!(
+        (after.plan.as_deref(), after.limit),
+        (Some("free"), Some(1))
+    );
+    assert_eq!(after.scheduled, None);
+    // Export: pro has it, free does not.
+    let e = run(&export(), &t, day(9));
+    assert!(e.allowed);
+    assert_eq!(
+        e.scheduled.as_deref(),
+        Some("; downgrades to free on 2026-11-10, which does not include it")
+    );
+    assert!(!run(&export(), &t, day(10)).allowed);
+    // Nothing to say when the feature does not change.
+    t.scheduled = scheduled("enterprise", day(10), std::cmp::Ordering::Greater);
+    assert_eq!(run(&export(), &t, day(9)).scheduled, None);
+    assert_eq!(
+        run(&seats(), &t, day(9)).scheduled.as_deref(),
+        Some("; upgrades to enterprise on 2026-11-10 (unlimited)")
+    );
+    // flux_check builds no message.
+    let quiet = decide(
+        &t.id,
+        "seats",
+        None,
+        Some(&seats()),
+        Some(&t),
+        None,
+        None,
+        &Context {
+            detail: false,
+            ..ctx(day(9))
+        },
+    );
+    assert_eq!(quiet.scheduled, None);
+}
+
+#[test]
+fn a_cached_answer_never_outlives_a_scheduled_change() {
+    let mut t = tenant("pro", Status::Active);
+    t.scheduled = scheduled("free", day(10), std::cmp::Ordering::Less);
+    assert_eq!(steady_window(Some(&t), &ctx(day(5))), (i64::MIN, day(10)));
+    assert_eq!(steady_window(Some(&t), &ctx(day(12))), (day(10), i64::MAX));
+}
