@@ -308,7 +308,11 @@ fn impact(plan: &str, feature: &str, limit: Option<i64>) -> FluxResult<Vec<(Stri
             )));
         }
     }
-    let sql = format!("{COUNTERS} WHERE u.feature OPERATOR(pg_catalog.=) $1");
+    // The plan's tenants, and those scheduled onto it (plan_at decides).
+    let sql = format!(
+        "{COUNTERS} WHERE u.feature OPERATOR(pg_catalog.=) $1 \
+           AND (t.plan OPERATOR(pg_catalog.=) $2 OR t.scheduled_plan OPERATOR(pg_catalog.=) $2)"
+    );
     let mut out = Vec::new();
     for CounterRow {
         tenant,
@@ -316,7 +320,7 @@ fn impact(plan: &str, feature: &str, limit: Option<i64>) -> FluxResult<Vec<(Stri
         used,
         facts,
         ..
-    } in counter_rows(&sql, &[feature.into()])?
+    } in counter_rows(&sql, &[feature.into(), plan.into()])?
     {
         if facts.plan_at(ctx.now) != Some(plan) {
             continue;
