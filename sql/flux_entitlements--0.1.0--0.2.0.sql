@@ -994,20 +994,22 @@ BEGIN
         NEW.grace_until := NULL;
     END IF;
     -- A scheduled plan change (flux_schedule_change) is in force from its
-    -- instant by the clock with no job (decisions read it). The row's next
-    -- write after that instant makes it the plan, unless the write sets the
-    -- plan itself: a plan changed by hand, or by a billing event, replaces
-    -- the change still pending.
-    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
-       AND coalesce(NEW.plan OPERATOR(pg_catalog.<>) OLD.plan, (NEW.plan IS NULL) OPERATOR(pg_catalog.<>) (OLD.plan IS NULL))
-       AND coalesce(NEW.scheduled_at OPERATOR(pg_catalog.=) OLD.scheduled_at, NEW.scheduled_at IS NULL AND OLD.scheduled_at IS NULL)
-       AND coalesce(NEW.scheduled_plan OPERATOR(pg_catalog.=) OLD.scheduled_plan, NEW.scheduled_plan IS NULL AND OLD.scheduled_plan IS NULL) THEN
-        NEW.scheduled_plan := NULL;
-        NEW.scheduled_at := NULL;
-    ELSIF NEW.scheduled_at OPERATOR(pg_catalog.<=) flux._clock() THEN
-        NEW.plan := NEW.scheduled_plan;
-        NEW.scheduled_plan := NULL;
-        NEW.scheduled_at := NULL;
+    -- instant by the clock with no job (decisions read it). The row's
+    -- first write after that instant makes it the plan, unless the write
+    -- sets another plan by hand: that plan replaces it. flux_subscribe,
+    -- billing events and flux_move_tenants drop a change themselves when
+    -- they set another plan; a plan key renamed (a cascade, from a
+    -- trigger) keeps it. A change still to come is never touched here.
+    IF NEW.scheduled_at OPERATOR(pg_catalog.<=) flux._clock() THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND pg_catalog.pg_trigger_depth() OPERATOR(pg_catalog.=) 1
+           AND coalesce(NEW.plan OPERATOR(pg_catalog.<>) OLD.plan, (NEW.plan IS NULL) OPERATOR(pg_catalog.<>) (OLD.plan IS NULL)) THEN
+            NEW.scheduled_plan := NULL;
+            NEW.scheduled_at := NULL;
+        ELSE
+            NEW.plan := NEW.scheduled_plan;
+            NEW.scheduled_plan := NULL;
+            NEW.scheduled_at := NULL;
+        END IF;
     END IF;
     PERFORM flux._check_tenant(NEW.id, NEW.plan, NEW.status, NEW.trial_ends_at,
                                NEW.current_period_start, NEW.current_period_end,

@@ -95,15 +95,27 @@ fn flux_subscribe(
         let tenant = need(tenant, "tenant")?;
         let status = need(status, "status")?;
         let cancel = need(cancel_at_period_end, "cancel_at_period_end")?;
+        // A plan other than the one in force replaces a change to come (or
+        // one already due); the same plan (a renewal) keeps it.
+        const KEEPS: &str = "EXCLUDED.plan IS NOT DISTINCT FROM CASE WHEN t.scheduled_at OPERATOR(pg_catalog.<=) \
+             flux._clock() THEN t.scheduled_plan ELSE t.plan END";
+        let schedule = if store::flux_has_column(c"tenants", c"scheduled_plan") {
+            format!(", scheduled_plan = CASE WHEN {KEEPS} THEN t.scheduled_plan END, \
+                     scheduled_at = CASE WHEN {KEEPS} THEN t.scheduled_at END")
+        } else {
+            String::new()
+        };
         store::exec(
-            "INSERT INTO flux.tenants AS t (id, plan, status, current_period_end, trial_ends_at, \
-                 current_period_start, cancel_at_period_end) \
-             VALUES ($1, $2, $3, $4, $5, coalesce($6, flux._clock()), $7) \
-             ON CONFLICT (id) DO UPDATE SET plan = EXCLUDED.plan, status = EXCLUDED.status, \
-                 current_period_end = EXCLUDED.current_period_end, \
-                 trial_ends_at = EXCLUDED.trial_ends_at, \
-                 current_period_start = coalesce($6, t.current_period_start), \
-                 cancel_at_period_end = EXCLUDED.cancel_at_period_end",
+            &format!(
+                "INSERT INTO flux.tenants AS t (id, plan, status, current_period_end, trial_ends_at, \
+                     current_period_start, cancel_at_period_end) \
+                 VALUES ($1, $2, $3, $4, $5, coalesce($6, flux._clock()), $7) \
+                 ON CONFLICT (id) DO UPDATE SET plan = EXCLUDED.plan, status = EXCLUDED.status, \
+                     current_period_end = EXCLUDED.current_period_end, \
+                     trial_ends_at = EXCLUDED.trial_ends_at, \
+                     current_period_start = coalesce($6, t.current_period_start), \
+                     cancel_at_period_end = EXCLUDED.cancel_at_period_end{schedule}"
+            ),
             &[
                 tenant.into(),
                 plan.into(),

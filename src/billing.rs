@@ -357,12 +357,28 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
     } else {
         None
     };
-    let sql = if exists {
+    // A plan other than the one in force replaces a scheduled change (the
+    // billing system moved the tenant); the same plan keeps it.
+    let schedule = if store::flux_has_column(c"tenants", c"scheduled_plan") {
+        const KEEPS: &str =
+            "$2 IS NOT DISTINCT FROM CASE WHEN scheduled_at OPERATOR(pg_catalog.<=) flux._clock() \
+             THEN scheduled_plan ELSE plan END";
+        format!(
+            ", scheduled_plan = CASE WHEN {KEEPS} THEN scheduled_plan END, \
+               scheduled_at = CASE WHEN {KEEPS} THEN scheduled_at END"
+        )
+    } else {
+        String::new()
+    };
+    let update = format!(
         "UPDATE flux.tenants SET plan = $2, status = $3, \
              trial_ends_at = pg_catalog.to_timestamp($4::pg_catalog.int8), \
              current_period_start = coalesce(pg_catalog.to_timestamp($5::pg_catalog.int8), current_period_start), \
              current_period_end = pg_catalog.to_timestamp($6::pg_catalog.int8), cancel_at_period_end = $7, \
-             billing_customer = coalesce($8, billing_customer) WHERE id OPERATOR(pg_catalog.=) $1"
+             billing_customer = coalesce($8, billing_customer){schedule} WHERE id OPERATOR(pg_catalog.=) $1"
+    );
+    let sql = if exists {
+        update.as_str()
     } else {
         "INSERT INTO flux.tenants (id, plan, status, trial_ends_at, current_period_start, current_period_end, \
              cancel_at_period_end, billing_customer) \

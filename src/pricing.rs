@@ -54,11 +54,13 @@ impl Subscription {
     }
 }
 
+/// The tenant's row, locked: a concurrent change of its plan is waited
+/// for and then read, never written over.
 fn subscription(tenant: &str) -> FluxResult<Subscription> {
-    let row = Spi::connect(|c| {
-        let t = c.select(
+    let row = Spi::connect_mut(|c| {
+        let t = c.update(
             "SELECT plan, current_period_end, scheduled_plan, scheduled_at \
-               FROM flux.tenants WHERE id OPERATOR(pg_catalog.=) $1",
+               FROM flux.tenants WHERE id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
             Some(1),
             &[tenant.into()],
         )?;
@@ -88,6 +90,12 @@ fn subscription(tenant: &str) -> FluxResult<Subscription> {
 
 /// The instant a change is scheduled for, which must be after the clock.
 fn future(at: i64, now: i64, what: &str) -> FluxResult<i64> {
+    if at == i64::MAX || at == i64::MIN {
+        return Err(FluxError::InvalidValue(format!(
+            "{what} must be a finite instant, not {}",
+            if at > 0 { "infinity" } else { "-infinity" }
+        )));
+    }
     if at <= now {
         return Err(FluxError::InvalidValue(format!(
             "{what} {} is not after the clock ({}): flux_subscribe moves a tenant now",
@@ -179,6 +187,18 @@ fn flux_cancel_scheduled_change(tenant: Option<&str>) -> Option<bool> {
     .or_raise()
 }
 
+/// Whether `plan` is listed, or is the tenant's own (now or scheduled).
+fn listed_or_own(tenant: &str, plan: &str) -> FluxResult<bool> {
+    let _owner = crate::privilege::AsOwner::enter()?;
+    Ok(store::one::<bool>(
+        "SELECT p.listed OR EXISTS (SELECT FROM flux.tenants t WHERE t.id OPERATOR(pg_catalog.=) $1 \
+                AND (t.plan OPERATOR(pg_catalog.=) $2 OR t.scheduled_plan OPERATOR(pg_catalog.=) $2)) \
+           FROM flux.plans p WHERE p.key OPERATOR(pg_catalog.=) $2",
+        &[tenant.into(), plan.into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// One row of flux_preview.
 type Preview = (
     String,
@@ -193,12 +213,19 @@ type Preview = (
 fn preview(tenant: &str, plan: &str) -> FluxResult<Vec<Preview>> {
     crate::access::require_act_for("flux_preview", tenant)?;
     let cat = crate::cache::catalogue()?;
-    let Some(&(grace, _)) = cat.plan_grace.get(plan) else {
-        return Err(FluxError::UnknownReference(format!(
+    let unknown = || {
+        FluxError::UnknownReference(format!(
             "unknown plan {}: define it first with flux_define_plan",
             shown(plan)
-        )));
+        ))
     };
+    let Some(&(grace, _)) = cat.plan_grace.get(plan) else {
+        return Err(unknown());
+    };
+    // A tenant's own session sees the plans that are sold, and its own.
+    if !crate::access::trusted_caller() && !listed_or_own(tenant, plan)? {
+        return Err(unknown());
+    }
     let mut out = Vec::with_capacity(cat.keys().len());
     for key in cat.keys() {
         let mut x = entitle_with(tenant, key, None, false)?;
@@ -224,7 +251,13 @@ fn preview(tenant: &str, plan: &str) -> FluxResult<Vec<Preview>> {
             &x.ctx,
         );
         let counted = matches!(f.kind, Kind::Limit | Kind::Metered);
-        let used = if f.kind.has_limit() && f.kind != Kind::Credits {
+        let (allowed_now, limit_now) = (x.d.allowed, x.d.limit);
+        // What the decision will count after the move: the counter of the
+        // new plan's period (a daily quota after a monthly one starts at
+        // the day's use).
+        let used = if counted {
+            x.d.plan = after.plan.clone();
+            x.d.period = after.period.clone();
             crate::usage::usage_now(&mut x, None)?
         } else {
             None
@@ -237,9 +270,9 @@ fn preview(tenant: &str, plan: &str) -> FluxResult<Vec<Preview>> {
         };
         out.push((
             key.clone(),
-            x.d.allowed,
+            allowed_now,
             after.allowed,
-            limit(x.d.allowed, x.d.limit),
+            limit(allowed_now, limit_now),
             limit(after.allowed, after.limit),
             used,
             over_by,
@@ -443,8 +476,8 @@ fn flux_move_tenants(
         let now = crate::gucs::clock()?;
         let sql = match at {
             None => format!(
-                "WITH m AS (UPDATE flux.tenants SET plan = $2 WHERE {IN_FORCE} OPERATOR(pg_catalog.=) $1 \
-                 RETURNING 1) SELECT pg_catalog.count(*) FROM m"
+                "WITH m AS (UPDATE flux.tenants SET plan = $2, scheduled_plan = NULL, scheduled_at = NULL \
+                  WHERE {IN_FORCE} OPERATOR(pg_catalog.=) $1 RETURNING 1) SELECT pg_catalog.count(*) FROM m"
             ),
             Some(_) => format!(
                 "WITH m AS (UPDATE flux.tenants SET plan = {IN_FORCE}, scheduled_plan = $2, scheduled_at = $4 \

@@ -92,3 +92,14 @@ pub fn table_and_column(tbl: pg_sys::Oid, column: &str) -> FluxResult<(String, S
     })?;
     Ok((table, coltype))
 }
+
+/// Whether flux.`table` has `column` (columns added by an upgrade are
+/// missing from a database still on an older install script).
+pub fn flux_has_column(table: &std::ffi::CStr, column: &std::ffi::CStr) -> bool {
+    // SAFETY: syscache lookups by name inside a transaction.
+    unsafe {
+        let ns = pgrx::pg_sys::get_namespace_oid(c"flux".as_ptr(), true);
+        let rel = pgrx::pg_sys::get_relname_relid(table.as_ptr(), ns);
+        rel != pgrx::pg_sys::InvalidOid && pgrx::pg_sys::get_attnum(rel, column.as_ptr()) > 0
+    }
+}

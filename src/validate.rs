@@ -270,8 +270,9 @@ mod flux {
             let _path = crate::privilege::Pinned::enter();
             let (n, example) = Spi::connect(|c| {
                 let t = c.select(
-                    "SELECT pg_catalog.count(*), pg_catalog.min(id) FROM flux.tenants \
-                     WHERE plan OPERATOR(pg_catalog.=) $1",
+                    "SELECT pg_catalog.count(*), pg_catalog.min(id) FROM flux.tenants t \
+                     WHERE t.plan OPERATOR(pg_catalog.=) $1 \
+                        OR (pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->>) 'scheduled_plan') OPERATOR(pg_catalog.=) $1",
                     Some(1),
                     &[key.into()],
                 )?;

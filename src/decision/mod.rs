@@ -253,16 +253,23 @@ fn scheduled_note(now: &Decision, after: &Decision, s: &Scheduled) -> Option<Str
         std::cmp::Ordering::Greater => "upgrades",
         std::cmp::Ordering::Equal => "moves",
     };
+    // At the instant the subscription may no longer be live (canceled at
+    // the period's end): then the new plan decides nothing.
+    if after.plan.as_deref() != Some(s.plan.as_str()) {
+        return None;
+    }
     let when = format!("{verb} to {} on {}", s.plan, format_date(s.at));
+    let limited = now.kind.is_some_and(|k| k.has_limit());
     let limit =
         |l: Option<i64>| l.map_or_else(|| "unlimited".to_string(), |l| format!("limit {l}"));
     match (now.allowed, after.allowed) {
         (true, false) => Some(format!("; {when}, which does not include it")),
-        (false, true) => Some(format!(
+        (false, true) if limited => Some(format!(
             "; {when}, which includes it ({})",
             limit(after.limit)
         )),
-        (true, true) if now.limit != after.limit && now.kind.is_some_and(|k| k.has_limit()) => {
+        (false, true) => Some(format!("; {when}, which includes it")),
+        (true, true) if now.limit != after.limit && limited => {
             Some(format!("; {when} ({})", limit(after.limit)))
         }
         _ => None,

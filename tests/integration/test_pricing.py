@@ -17,10 +17,12 @@ the change the plan (the tenants trigger).
    one audited update per tenant, the decisions (runtimes printed).
 3. flux_plan_impact over 100,000 tenants (bulk-loaded) agrees with the
    decisions once the new limit is granted (runtime printed).
-4. flux_preview against the decisions after the tenant really moved.
+4. flux_preview against the decisions after the tenant really moved (by
+   flux_subscribe, flux_move_tenants and a scheduled change), also to a
+   plan that counts the feature over another period.
 5. Concurrency: a committed schedule seen by another session's next
    transaction; flux_move_tenants racing flux_subscribe, both orders;
-   flux_schedule_change racing flux_subscribe.
+   flux_schedule_change racing flux_subscribe (no lost update).
 6. pg_dump / pg_restore keeps scheduled_plan, scheduled_at and plans.listed.
 7. A role without flux_admin: 42501 for the admin functions and the view,
    its own pricing table and preview only.
@@ -30,7 +32,6 @@ half and test 7 use the real clock.
 """
 import datetime
 import random
-import threading
 import time
 
 import psycopg
@@ -222,7 +223,12 @@ def test_moving_ten_thousand_tenants_now_and_scheduled(fresh_db):
     with clocked(fresh_db, "2026-12-10 00:00+00") as su:
         su.execute(CATALOGUE)
         su.execute("SELECT flux_copy_plan('pro', 'pro_2026', 'Pro (2026)')")
-        su.execute("SELECT count(flux_subscribe('m' || i, 'pro')) FROM generate_series(1, %s) i", (n - 2,))
+        # m1 .. m9998 on pro, loaded with the row triggers off (as test 3).
+        with su.transaction():
+            su.execute("SET LOCAL session_replication_role = replica")
+            su.execute("INSERT INTO flux.tenants (id, plan, status, current_period_start) "
+                       "SELECT 'm' || i, 'pro', 'active', '2026-12-01 00:00+00' FROM generate_series(1, %s) i", (n - 2,))
+        su.execute("ANALYZE flux.tenants")
         # Two more whose plan in force is pro by a scheduled change: one due
         # (on starter until its instant passed), one still pending away from
         # pro (the move replaces it). And one on starter with a pending move
@@ -479,6 +485,25 @@ def test_preview_agrees_with_the_decision_after_moving(fresh_db):
         }
 
 
+def test_preview_of_a_plan_counting_another_period_agrees_with_the_decision(fresh_db):
+    """calls: 1,000 a month on team, 50 a day on starter. 300 used this
+    month, all on 2026-12-14: on 2026-12-15 starter's counter (the day's)
+    is 0, so after the move the tenant is 0 of 50, not 250 over."""
+    with clocked(fresh_db, "2026-12-14 12:00+00") as su:
+        su.execute(CATALOGUE)
+        su.execute("SELECT flux_define_feature('calls', 'metered')")
+        su.execute("SELECT flux_grant('team', 'calls', 1000, 'month')")
+        su.execute("SELECT flux_grant('starter', 'calls', 50, 'day')")
+        su.execute("SELECT flux_subscribe('acme', 'team')")
+        assert one(su, "SELECT used FROM flux_consume('acme', 'calls', 300)") == 300
+        set_clock(su, PREVIEW_NOW)
+        p = preview(su, "acme", "starter")["calls"]
+        su.execute("SELECT flux_subscribe('acme', 'starter')")
+        d = decision(su, "acme", "calls", "allowed, \"limit\", used")
+        assert d == (True, 50, 0)
+        assert p == (True, True, 1000, 50, d[2], 0), p
+
+
 # ---------------------------------------------------------------------------
 # 5. Concurrency
 
@@ -500,7 +525,8 @@ def test_a_committed_schedule_is_seen_by_the_next_transaction(fresh_db):
         b.commit()
         assert decision(b, "acme", "export", "allowed, plan") == (True, "pro")
         a.commit()
-        # b's open transaction (read committed) sees it on its next statement;
+        # b's transaction, open since before the commit (read committed), sees
+        # it on its next statement (as test_cache.py's remembered answers);
         # its next transaction certainly.
         assert decision(b, "acme", "export", "allowed, plan") == (False, "starter")
         b.commit()
@@ -688,7 +714,7 @@ def test_a_plain_role_gets_its_pricing_table_and_own_preview_only(fresh_db, role
         assert e.value.sqlstate == "42501"
         assert "globex" in str(e.value), str(e.value)
         assert sqlstate_of(c, "SELECT flux_schedule_change('acme', 'team')") == "42501"
-        # Its own decision sees the other tenant's change? No: only its own.
+        # Nor the other tenant's decision (its scheduled change).
         assert sqlstate_of(c, "SELECT flux_decide('globex', 'seats')") == "42501"
     with connect(fresh_db) as su:
         assert su.execute("SELECT id, plan, scheduled_plan, scheduled_at FROM flux.tenants ORDER BY 1").fetchall() == tenants_before

@@ -67,6 +67,22 @@ SELECT flux_schedule_change('globex', 'starter', '2027-01-15');
 SET flux.now = '2027-01-16 00:00+00';
 SELECT try($$SELECT flux_cancel_scheduled_change('globex')$$);
 SELECT plan FROM flux_decide('globex', 'seats');
+-- Moving it back by hand after the instant: the stored plan (pro) is set
+-- again, and the change in force (starter) is replaced.
+SELECT flux_subscribe('globex', 'pro', current_period_start => '2027-01-01', current_period_end => '2027-02-01');
+SELECT plan, scheduled_plan FROM flux.tenants WHERE id = 'globex';
+SELECT plan FROM flux_decide('globex', 'seats');
+-- A plan renamed keeps the changes scheduled from and to it.
+SELECT flux_schedule_change('globex', 'starter', '2027-01-20');
+BEGIN;
+UPDATE flux.plans SET key = 'pro_v1' WHERE key = 'pro';
+UPDATE flux.plans SET key = 'starter_v1' WHERE key = 'starter';
+SELECT plan, scheduled_plan, scheduled_at FROM flux.tenants WHERE id = 'globex';
+SET LOCAL flux.now = '2027-01-21 00:00+00';
+UPDATE flux.plans SET key = 'pro' WHERE key = 'pro_v1';
+SELECT plan, scheduled_plan, scheduled_at FROM flux.tenants WHERE id = 'globex';
+ROLLBACK;
+SELECT flux_cancel_scheduled_change('globex');
 -- An explicit plan change replaces a change still pending.
 SELECT flux_schedule_change('initech', 'starter', '2027-02-01');
 SELECT flux_subscribe('initech', 'pro', status => 'active');
@@ -122,6 +138,8 @@ SELECT try($$SELECT flux_schedule_change('hooli', 'pro')$$);
 SELECT try($$SELECT flux_schedule_change('acme', 'starter', '2027-06-01')$$);
 SELECT try($$SELECT flux_schedule_change('acme', 'pro', '2027-01-01')$$);
 SELECT try($$SELECT flux_schedule_change('acme', NULL)$$);
+SELECT try($$SELECT flux_schedule_change('acme', 'pro', 'infinity')$$);
+SELECT try($$SELECT flux_move_tenants('pro', 'starter', 'infinity')$$);
 SELECT try($$SELECT flux_cancel_scheduled_change('nobody')$$);
 SELECT try($$SELECT flux_copy_plan('pro', 'starter')$$);
 SELECT try($$SELECT flux_copy_plan('gold', 'gold_2026')$$);
@@ -142,6 +160,8 @@ SET ROLE pricing_app;
 SET flux.tenant = 'acme';
 SELECT feature, allowed_now, allowed_after, over_by FROM flux_preview('acme', 'pro');
 SELECT try($$SELECT * FROM flux_preview('hooli', 'pro')$$);
+-- A grandfathered plan it is not on is not shown to it.
+SELECT try($$SELECT * FROM flux_preview('acme', 'pro_2026')$$);
 SELECT jsonb_array_length(flux_pricing_table() -> 'plans') AS plans;
 SELECT try($$SELECT flux_schedule_change('acme', 'pro')$$);
 SELECT try($$SELECT flux_cancel_scheduled_change('acme')$$);
