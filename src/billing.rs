@@ -422,6 +422,119 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
     Ok(("applied", Some(tenant)))
 }
 
+/// The plan a price (id or lookup key) is mapped to, if any.
+fn plan_of_price(price: &str, lookup_key: Option<&str>) -> FluxResult<Option<String>> {
+    let _path = crate::privilege::Pinned::enter();
+    Ok(store::one::<String>(
+        "SELECT plan FROM flux.billing_prices \
+         WHERE (price OPERATOR(pg_catalog.=) $1 OR price OPERATOR(pg_catalog.=) $2) AND plan IS NOT NULL \
+         ORDER BY price OPERATOR(pg_catalog.=) $1 DESC LIMIT 1",
+        &[price.into(), lookup_key.into()],
+    )?)
+}
+
+/// The next phase of a subscription schedule: its start (Unix seconds) and
+/// the plan its first mapped price maps to. The phase after the current
+/// one (`current_phase.start_date`), else the first starting after the
+/// event.
+pub fn next_phase(o: &Value, created: i64) -> Vec<(i64, Vec<(String, Option<String>)>)> {
+    let after = int_at(o, &["current_phase", "start_date"]).unwrap_or(created);
+    let mut phases: Vec<(i64, Vec<(String, Option<String>)>)> = o
+        .get("phases")
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| {
+                    let start = int_at(p, &["start_date"])?;
+                    let prices = p
+                        .get("items")
+                        .and_then(Value::as_array)
+                        .map(|items| {
+                            items
+                                .iter()
+                                .map(|it| match it.get("price") {
+                                    Some(Value::String(s)) => (s.clone(), None),
+                                    Some(p) => (
+                                        str_at(p, &["id"]).unwrap_or_default().to_string(),
+                                        str_at(p, &["lookup_key"]).map(str::to_string),
+                                    ),
+                                    None => (String::new(), None),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Some((start, prices))
+                })
+                .filter(|(start, _)| *start > after)
+                .collect()
+        })
+        .unwrap_or_default();
+    phases.sort_by_key(|p| p.0);
+    phases.truncate(1);
+    phases
+}
+
+/// subscription_schedule.* (Stripe's way of changing a plan at a later
+/// date): an active or not yet started schedule whose next phase maps to a
+/// plan schedules the move at that phase's start (flux_schedule_change's
+/// columns); a schedule released, canceled, completed or aborted, or one
+/// with no next phase, drops a change still to come. The phase itself is
+/// applied by the customer.subscription.updated event Stripe sends then.
+fn apply_schedule(ev: &Event) -> FluxResult<(&'static str, Option<String>)> {
+    let o = &ev.object;
+    let id = str_at(o, &["id"]).ok_or_else(|| malformed("the schedule has no \"id\""))?;
+    let status = str_at(o, &["status"]).unwrap_or("active");
+    let Some((tenant, true)) = resolve_tenant(
+        tenant_from_metadata(o.get("metadata")).as_deref(),
+        customer_of(o).as_deref(),
+    )?
+    else {
+        return Ok(("unmapped", None));
+    };
+    if !store::flux_has_column(c"tenants", c"scheduled_plan") {
+        return Ok(("ignored", Some(tenant)));
+    }
+    if is_stale(id, ev.created)? {
+        return Ok(("stale", Some(tenant)));
+    }
+    let mut next = None;
+    if matches!(status, "active" | "not_started") {
+        for (start, prices) in next_phase(o, ev.created) {
+            for (price, lookup_key) in prices {
+                if let Some(plan) = plan_of_price(&price, lookup_key.as_deref())? {
+                    next = Some((start, plan));
+                    break;
+                }
+            }
+        }
+    }
+    let clock = crate::gucs::clock()?;
+    match next {
+        Some((start, plan))
+            if start.saturating_sub(946_684_800).saturating_mul(1_000_000) > clock =>
+        {
+            // Unix seconds to PostgreSQL's epoch (2000-01-01).
+            store::exec(
+                "UPDATE flux.tenants SET \
+                     plan = CASE WHEN scheduled_at OPERATOR(pg_catalog.<=) flux._clock() THEN scheduled_plan ELSE plan END, \
+                     scheduled_plan = $2, scheduled_at = pg_catalog.to_timestamp($3::pg_catalog.int8) \
+                 WHERE id OPERATOR(pg_catalog.=) $1",
+                &[tenant.as_str().into(), plan.as_str().into(), start.into()],
+            )?;
+        }
+        Some(_) => return Ok(("stale", Some(tenant))),
+        None => {
+            store::exec(
+                "UPDATE flux.tenants SET scheduled_plan = NULL, scheduled_at = NULL \
+                 WHERE id OPERATOR(pg_catalog.=) $1 AND scheduled_at OPERATOR(pg_catalog.>) flux._clock()",
+                &[tenant.as_str().into()],
+            )?;
+        }
+    }
+    mark_applied(id, &tenant, ev.created)?;
+    Ok(("applied", Some(tenant)))
+}
+
 fn apply_invoice(ev: &Event, paid: bool) -> FluxResult<(&'static str, Option<String>)> {
     let (subscription, meta) = invoice_subscription(&ev.object);
     let customer = customer_of(&ev.object);
@@ -484,6 +597,12 @@ pub fn apply(text: &str) -> FluxResult<&'static str> {
         "customer.subscription.deleted" => apply_subscription(&ev, true),
         "invoice.payment_failed" => apply_invoice(&ev, false),
         "invoice.paid" => apply_invoice(&ev, true),
+        "subscription_schedule.created"
+        | "subscription_schedule.updated"
+        | "subscription_schedule.released"
+        | "subscription_schedule.canceled"
+        | "subscription_schedule.completed"
+        | "subscription_schedule.aborted" => apply_schedule(&ev),
         _ => Ok(("ignored", None)),
     };
     crate::identity::set_local("flux.actor", &previous_actor)?;

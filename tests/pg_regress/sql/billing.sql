@@ -126,6 +126,32 @@ SELECT left(try(format('SELECT flux_apply_stripe_event(%L::jsonb)', repeat('[', 
 SELECT try(format('SELECT flux_apply_stripe_event(%L)', ev('evt_big', 'customer.created', 1, jsonb_build_object('pad', repeat('x', 1000000)))));
 SELECT count(*) AS events FROM flux.billing_events;
 
+-- Subscription schedules (Stripe's plan change at a later date): the next
+-- phase's mapped price schedules the move at its start_date; released or
+-- canceled drops the change still to come.
+SET flux.now = '2026-11-20 00:00+00';
+SELECT flux_subscribe('wayne', 'pro', current_period_start => '2026-11-18', current_period_end => '2026-12-18');
+SELECT flux_apply_stripe_event(ev('evt_w2', 'subscription_schedule.created', 1795000100,
+       '{"id": "sub_sched_1", "object": "subscription_schedule", "status": "active",
+         "metadata": {"tenant_id": "wayne"}, "subscription": "sub_1Pgc6rB7WZ01zgkWNy0Cn5nw",
+         "current_phase": {"start_date": 1795000000, "end_date": 1797592000},
+         "phases": [{"start_date": 1795000000, "end_date": 1797592000, "items": [{"price": "price_1PgafmB7WZ01zgkW6dKueIc5", "quantity": 1}]},
+                    {"start_date": 1797592000, "end_date": null, "items": [{"price": {"id": "price_enterprise"}, "quantity": 1}]}]}'));
+SELECT plan, scheduled_plan, scheduled_at FROM flux.tenants WHERE id = 'wayne';
+SELECT allowed, plan, message FROM flux_decide('wayne', 'sso');
+SET flux.now = '2026-12-18 12:00+00';
+SELECT allowed, plan FROM flux_decide('wayne', 'sso');
+SET flux.now = '2026-11-20 00:00+00';
+-- An older delivery is stale; a release drops the change.
+SELECT flux_apply_stripe_event(ev('evt_w0', 'subscription_schedule.updated', 1795000050,
+       '{"id": "sub_sched_1", "status": "active", "metadata": {"tenant_id": "wayne"}, "phases": []}'));
+SELECT flux_apply_stripe_event(ev('evt_w3', 'subscription_schedule.released', 1795000200,
+       '{"id": "sub_sched_1", "status": "released", "metadata": {"tenant_id": "wayne"}, "phases": []}'));
+SELECT plan, scheduled_plan, scheduled_at FROM flux.tenants WHERE id = 'wayne';
+SELECT flux_apply_stripe_event(ev('evt_w4', 'subscription_schedule.updated', 1795000300,
+       '{"id": "sub_sched_2", "status": "active", "metadata": {"tenant_id": "nobody"}, "phases": []}'));
+RESET flux.now;
+
 -- Signatures (vectors computed with Python's hmac; secret whsec_flux_regress).
 SET flux.now = '2026-11-18 11:08:20+00';   -- 100 s after t = 1795000000
 SELECT flux_verify_stripe_signature('{"id":"evt_sig","type":"invoice.paid"}',
