@@ -425,12 +425,12 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
 /// The plan a price (id or lookup key) is mapped to, if any.
 fn plan_of_price(price: &str, lookup_key: Option<&str>) -> FluxResult<Option<String>> {
     let _path = crate::privilege::Pinned::enter();
-    Ok(store::one::<String>(
+    store::one::<String>(
         "SELECT plan FROM flux.billing_prices \
          WHERE (price OPERATOR(pg_catalog.=) $1 OR price OPERATOR(pg_catalog.=) $2) AND plan IS NOT NULL \
          ORDER BY price OPERATOR(pg_catalog.=) $1 DESC LIMIT 1",
         &[price.into(), lookup_key.into()],
-    )?)
+    )
 }
 
 /// The next phase of a subscription schedule: its start (Unix seconds) and
