@@ -433,13 +433,17 @@ fn plan_of_price(price: &str, lookup_key: Option<&str>) -> FluxResult<Option<Str
     )
 }
 
+/// A schedule's phase: its start (Unix seconds) and its items' prices (id,
+/// lookup key).
+pub type Phase = (i64, Vec<(String, Option<String>)>);
+
 /// The next phase of a subscription schedule: its start (Unix seconds) and
 /// the plan its first mapped price maps to. The phase after the current
 /// one (`current_phase.start_date`), else the first starting after the
 /// event.
-pub fn next_phase(o: &Value, created: i64) -> Vec<(i64, Vec<(String, Option<String>)>)> {
+pub fn next_phase(o: &Value, created: i64) -> Vec<Phase> {
     let after = int_at(o, &["current_phase", "start_date"]).unwrap_or(created);
-    let mut phases: Vec<(i64, Vec<(String, Option<String>)>)> = o
+    let mut phases: Vec<Phase> = o
         .get("phases")
         .and_then(Value::as_array)
         .map(|ps| {
