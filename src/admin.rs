@@ -97,8 +97,10 @@ fn flux_subscribe(
         let cancel = need(cancel_at_period_end, "cancel_at_period_end")?;
         // A plan other than the one in force replaces a change to come (or
         // one already due); the same plan (a renewal) keeps it.
-        const KEEPS: &str = "EXCLUDED.plan IS NOT DISTINCT FROM CASE WHEN t.scheduled_at OPERATOR(pg_catalog.<=) \
-             flux._clock() THEN t.scheduled_plan ELSE t.plan END";
+        // (IS NOT DISTINCT FROM, spelled out with the qualified =.)
+        const KEEPS: &str = "coalesce(EXCLUDED.plan OPERATOR(pg_catalog.=) CASE WHEN t.scheduled_at \
+             OPERATOR(pg_catalog.<=) flux._clock() THEN t.scheduled_plan ELSE t.plan END, \
+             EXCLUDED.plan IS NULL AND t.plan IS NULL)";
         let schedule = if store::flux_has_column(c"tenants", c"scheduled_plan") {
             format!(", scheduled_plan = CASE WHEN {KEEPS} THEN t.scheduled_plan END, \
                      scheduled_at = CASE WHEN {KEEPS} THEN t.scheduled_at END")

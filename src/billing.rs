@@ -360,9 +360,11 @@ fn apply_subscription(ev: &Event, deleted: bool) -> FluxResult<(&'static str, Op
     // A plan other than the one in force replaces a scheduled change (the
     // billing system moved the tenant); the same plan keeps it.
     let schedule = if store::flux_has_column(c"tenants", c"scheduled_plan") {
+        // (IS NOT DISTINCT FROM, spelled out with the qualified =; a
+        // mapped plan is never NULL.)
         const KEEPS: &str =
-            "$2 IS NOT DISTINCT FROM CASE WHEN scheduled_at OPERATOR(pg_catalog.<=) flux._clock() \
-             THEN scheduled_plan ELSE plan END";
+            "coalesce($2 OPERATOR(pg_catalog.=) CASE WHEN scheduled_at OPERATOR(pg_catalog.<=) flux._clock() \
+             THEN scheduled_plan ELSE plan END, false)";
         format!(
             ", scheduled_plan = CASE WHEN {KEEPS} THEN scheduled_plan END, \
                scheduled_at = CASE WHEN {KEEPS} THEN scheduled_at END"
