@@ -104,26 +104,24 @@ ms() { # script -> latency of one run, ms
     "$BIN/pgbench" -n -t 1 -h "$DIR" -p "$PORT" -U postgres -f "benches/$1" flux_report 2>/dev/null |
         awk '/^latency average/ {print $4; exit}'
 }
-fl=(); bl=(); ratios=()
-for _ in $(seq "$ROUNDS"); do
-    a=$(ms report.sql); b=$(ms report_baseline.sql)
-    fl+=("$a"); bl+=("$b"); ratios+=("$(echo "$a / $b" | bc -l)")
-done
-f=$(printf '%s\n' "${fl[@]}" | median); b=$(printf '%s\n' "${bl[@]}" | median)
-r=$(printf '%s\n' "${ratios[@]}" | median)
-printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "flux_limit_report(0.8), 1M tenants, 200k counters / hand-written join, plan grants only (ms)" \
-    "$f" "$b" "$r" "<=" "3.00"
+# One run of a flux script and of its baseline, ROUNDS times interleaved;
+# the medians of the latencies and of their ratios (cost: lower is better).
+one_shot() { # name flux baseline goal
+    local fl=() bl=() ratios=() a b f r
+    for _ in $(seq "$ROUNDS"); do
+        a=$(ms "$2"); b=$(ms "$3")
+        fl+=("$a"); bl+=("$b"); ratios+=("$(echo "$a / $b" | bc -l)")
+    done
+    f=$(printf '%s\n' "${fl[@]}" | median); b=$(printf '%s\n' "${bl[@]}" | median)
+    r=$(printf '%s\n' "${ratios[@]}" | median)
+    printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "$1" "$f" "$b" "$r" "<=" "$4"
+}
+one_shot "flux_limit_report(0.8), 1M tenants, 200k counters / hand-written join, plan grants only (ms)" \
+    report.sql report_baseline.sql 3.00
 # flux_plan_impact: p2's 333,333 tenants (33,333 counters of calls this
 # month) against a new limit of 500 / the same tenants by a hand join.
-fl=(); bl=(); ratios=()
-for _ in $(seq "$ROUNDS"); do
-    a=$(ms impact.sql); b=$(ms impact_baseline.sql)
-    fl+=("$a"); bl+=("$b"); ratios+=("$(echo "$a / $b" | bc -l)")
-done
-f=$(printf '%s\n' "${fl[@]}" | median); b=$(printf '%s\n' "${bl[@]}" | median)
-r=$(printf '%s\n' "${ratios[@]}" | median)
-printf '%-92s %10.1f %10.1f %8.3f %3s%s\n' "flux_plan_impact, a plan of 333k tenants (33k counters) / hand-written join, plan grants only (ms)" \
-    "$f" "$b" "$r" "<=" "10.00"
+one_shot "flux_plan_impact, a plan of 333k tenants (33k counters) / hand-written join, plan grants only (ms)" \
+    impact.sql impact_baseline.sql 10.00
 fi
 
 # Statistics on / off (issue 19): a second, preloaded cluster
